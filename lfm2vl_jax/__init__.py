@@ -1,0 +1,1 @@
+"""LFM2-VL vision-language models in pure JAX."""
