@@ -1,0 +1,323 @@
+"""Frozen model configuration, parsed from a checkpoint's `config.json` in every layout seen in the wild.
+
+Two layouts exist:
+- transformers 5.x (`model_type` "lfm2_vl"): `image_token_id`, `text_config.layer_types`,
+  `text_config.rope_parameters`, `projector_use_layernorm`, `tie_word_embeddings`.
+- the older custom-code one (`model_type` "lfm2-vl", as released on the hub): `image_token_index`,
+  `vision_feature_layer`, `text_config.block_ff_dim` overriding `intermediate_size`, `full_attn_idxs`,
+  `tie_embedding`, `rope_theta`; no `projector_use_layernorm` (the projector always had a LayerNorm).
+
+Everything the checkpoint states is read from it; the defaults below are transformers' defaults, used only
+where a file is silent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+CONV = "conv"
+ATTENTION = "full_attention"
+
+
+class ConfigError(ValueError):
+    """A checkpoint's config.json cannot be parsed into a model we can build."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """SigLIP2-NaFlex vision tower."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    num_channels: int = 3
+    patch_size: int = 16
+    num_patches: int = 256  # learned position grid of sqrt(num_patches)^2 entries
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def position_grid_size(self) -> int:
+        return int(round(self.num_patches**0.5))
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """`repeats` consecutive copies of a motif of layer kinds, run as one `lax.scan` over stacked weights."""
+
+    motif: tuple[str, ...]
+    repeats: int
+    first_layer: int  # index, in the checkpoint's numbering, of the segment's first layer
+
+    def layer_index(self, repeat: int, position: int) -> int:
+        return self.first_layer + repeat * len(self.motif) + position
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """LFM2 hybrid text tower (gated short convolutions + GQA attention)."""
+
+    vocab_size: int = 65536
+    hidden_size: int = 1024
+    intermediate_size: int = 4608  # the MLP width actually built (after the auto-adjust rule)
+    num_heads: int = 16
+    num_kv_heads: int = 8
+    head_dim: int = 64
+    layer_types: tuple[str, ...] = (CONV, CONV, ATTENTION)
+    conv_kernel_size: int = 3  # `conv_L_cache`
+    conv_bias: bool = False
+    norm_eps: float = 1e-5
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 128_000
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        unknown = sorted(set(self.layer_types) - {CONV, ATTENTION})
+        if unknown:
+            raise ConfigError(f"text_config.layer_types: unsupported layer kinds {unknown}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_types)
+
+    @functools.cached_property
+    def segments(self) -> tuple[Segment, ...]:
+        return plan_segments(self.layer_types)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lfm2VlConfig:
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    image_token_id: int = 396
+    downsample_factor: int = 2
+    projector_hidden_size: int = 2560
+    projector_bias: bool = True
+    projector_use_layernorm: bool = True
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 7
+    pad_token_id: int | None = 0
+
+    @property
+    def projector_in_size(self) -> int:
+        return self.vision.hidden_size * self.downsample_factor**2
+
+    def replace(self, **changes: Any) -> Lfm2VlConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def plan_segments(layer_types: tuple[str, ...]) -> tuple[Segment, ...]:
+    """Splits a layer pattern into runs of repeated motifs, each to be scanned over its stacked weights.
+
+    Trace and compile time grow with the number of distinct layer bodies traced, i.e. the summed motif
+    lengths; a per-step `lax.cond` choosing the layer kind would keep compile time flat but halves decode
+    speed. So we pick, by dynamic programming, the decomposition with the smallest summed motif length
+    (ties: fewest segments). E.g. LFM2's 16 layers `cc a cc a cc a c a c a c a c` become
+    `[c,c,a]x3, [c,a]x3, [c]x1`: six traced layers instead of sixteen, independent of depth for regular
+    patterns.
+    """
+    n = len(layer_types)
+    # best[i] = (cost, segments, plan) for layer_types[i:]
+    best: list[tuple[int, int, tuple[Segment, ...]]] = [(0, 0, ())] * (n + 1)
+    for start in range(n - 1, -1, -1):
+        candidates = []
+        for motif_len in range(1, n - start + 1):
+            motif = tuple(layer_types[start : start + motif_len])
+            repeats = 1
+            while layer_types[start + repeats * motif_len : start + (repeats + 1) * motif_len] == motif:
+                repeats += 1
+            for r in range(1, repeats + 1):
+                rest_cost, rest_segments, rest_plan = best[start + r * motif_len]
+                segment = Segment(motif=motif, repeats=r, first_layer=start)
+                candidates.append((motif_len + rest_cost, 1 + rest_segments, (segment, *rest_plan)))
+        best[start] = min(candidates, key=lambda c: (c[0], c[1]))
+    return best[0][2]
+
+
+def mlp_width(intermediate_size: int, auto_adjust: bool, multiplier: float | None, multiple_of: int) -> int:
+    """LFM2's feed-forward width: transformers' `Lfm2MLP` auto-adjust rule (2/3 of the nominal width,
+    times the multiplier, rounded up to a multiple of `multiple_of`)."""
+    if not auto_adjust:
+        return intermediate_size
+    width = int(2 * intermediate_size / 3)
+    if multiplier is not None:
+        width = int(multiplier * width)
+        width = multiple_of * ((width + multiple_of - 1) // multiple_of)
+    return width
+
+
+def _text_config(raw: dict[str, Any], tie_default: bool) -> TextConfig:
+    num_layers = raw.get("num_hidden_layers", 32)
+    layer_types = raw.get("layer_types")
+    if layer_types is None:
+        attention_layers = raw.get("full_attn_idxs")
+        if attention_layers is None:
+            attention_layers = range(num_layers)
+        layer_types = [ATTENTION if i in set(attention_layers) else CONV for i in range(num_layers)]
+    if len(layer_types) != num_layers:
+        raise ConfigError(
+            f"text_config: layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}"
+        )
+
+    rope = raw.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type") or (raw.get("rope_scaling") or {}).get("rope_type")
+    if rope_type not in (None, "default"):
+        raise ConfigError(f"text_config: rope_type {rope_type!r} is not supported (only 'default')")
+    rope_theta = rope.get("rope_theta", raw.get("rope_theta", 1_000_000.0))
+
+    hidden = raw.get("hidden_size", 2560)
+    heads = raw.get("num_attention_heads", raw.get("num_heads", 32))
+    # The custom-code layout names the nominal MLP width `block_ff_dim`; it overrides `intermediate_size`.
+    nominal_width = raw.get("block_ff_dim", raw.get("intermediate_size", 12288))
+    tie = raw.get("tie_word_embeddings", raw.get("tie_embedding", tie_default))
+    return TextConfig(
+        vocab_size=raw.get("vocab_size", 65536),
+        hidden_size=hidden,
+        intermediate_size=mlp_width(
+            nominal_width,
+            raw.get("block_auto_adjust_ff_dim", True),
+            raw.get("block_ffn_dim_multiplier", 1.0),
+            raw.get("block_multiple_of", 256),
+        ),
+        num_heads=heads,
+        num_kv_heads=raw.get("num_key_value_heads", 8),
+        head_dim=raw.get("head_dim") or hidden // heads,
+        layer_types=tuple(layer_types),
+        conv_kernel_size=raw.get("conv_L_cache", 3),
+        conv_bias=raw.get("conv_bias", False),
+        norm_eps=raw.get("norm_eps", raw.get("block_norm_eps", 1e-5)),
+        rope_theta=float(rope_theta),
+        max_position_embeddings=raw.get("max_position_embeddings", 128_000),
+        tie_word_embeddings=bool(tie),
+    )
+
+
+def _vision_config(raw: dict[str, Any], feature_layer: int) -> VisionConfig:
+    hidden_act = raw.get("hidden_act", "gelu_pytorch_tanh")
+    if hidden_act not in ("gelu_pytorch_tanh", "gelu"):
+        raise ConfigError(f"vision_config.hidden_act {hidden_act!r} is not supported")
+    num_layers = raw.get("num_hidden_layers", 12)
+    # The custom-code model dropped the layers after `vision_feature_layer` (-1: keep all).
+    if feature_layer != -1:
+        num_layers = feature_layer % num_layers + 1
+    return VisionConfig(
+        hidden_size=raw.get("hidden_size", 768),
+        intermediate_size=raw.get("intermediate_size", 3072),
+        num_layers=num_layers,
+        num_heads=raw.get("num_attention_heads", 12),
+        num_channels=raw.get("num_channels", 3),
+        patch_size=raw.get("patch_size", 16),
+        num_patches=raw.get("num_patches", 256),
+        layer_norm_eps=raw.get("layer_norm_eps", 1e-6),
+        hidden_act=hidden_act,
+    )
+
+
+def config_from_dict(raw: dict[str, Any]) -> Lfm2VlConfig:
+    """Parses a checkpoint's config.json (either layout) into a `Lfm2VlConfig`."""
+    model_type = raw.get("model_type")
+    if model_type not in ("lfm2_vl", "lfm2-vl"):
+        raise ConfigError(f"config.json: model_type {model_type!r} is not an LFM2-VL model")
+    for key in ("text_config", "vision_config"):
+        if not isinstance(raw.get(key), dict):
+            raise ConfigError(f"config.json: missing {key!r}")
+    act = raw.get("projector_hidden_act", "gelu")
+    if act != "gelu":
+        raise ConfigError(f"config.json: projector_hidden_act {act!r} is not supported (only 'gelu')")
+    text_raw = raw["text_config"]
+    tie = raw.get("tie_word_embeddings", raw.get("tie_embedding", True))
+
+    def token_id(key: str, default: int | None) -> Any:
+        value = raw.get(key, text_raw.get(key, default))
+        return tuple(value) if isinstance(value, list) else value
+
+    return Lfm2VlConfig(
+        vision=_vision_config(raw["vision_config"], raw.get("vision_feature_layer", -1)),
+        text=_text_config(text_raw, tie_default=tie),
+        image_token_id=raw.get("image_token_id", raw.get("image_token_index", 396)),
+        downsample_factor=raw.get("downsample_factor", 2),
+        projector_hidden_size=raw.get("projector_hidden_size", 2560),
+        projector_bias=raw.get("projector_bias", True),
+        projector_use_layernorm=raw.get("projector_use_layernorm", True),
+        bos_token_id=token_id("bos_token_id", 1),
+        eos_token_id=token_id("eos_token_id", 7),
+        pad_token_id=token_id("pad_token_id", 0),
+    )
+
+
+def load_config(path: str | Path) -> Lfm2VlConfig:
+    """Reads `config.json` from a checkpoint directory (or the file itself)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no config.json at {path}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    return config_from_dict(raw)
+
+
+def config_to_dict(config: Lfm2VlConfig) -> dict[str, Any]:
+    """The transformers 5.x `config.json` for this model (MLP width written as built: no auto-adjust)."""
+    v, t = config.vision, config.text
+    eos = list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id
+    return {
+        "architectures": ["Lfm2VlForConditionalGeneration"],
+        "model_type": "lfm2_vl",
+        "image_token_id": config.image_token_id,
+        "downsample_factor": config.downsample_factor,
+        "projector_hidden_act": "gelu",
+        "projector_hidden_size": config.projector_hidden_size,
+        "projector_bias": config.projector_bias,
+        "projector_use_layernorm": config.projector_use_layernorm,
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "text_config": {
+            "model_type": "lfm2",
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "block_auto_adjust_ff_dim": False,
+            "num_hidden_layers": t.num_layers,
+            "num_attention_heads": t.num_heads,
+            "num_key_value_heads": t.num_kv_heads,
+            "layer_types": list(t.layer_types),
+            "conv_L_cache": t.conv_kernel_size,
+            "conv_bias": t.conv_bias,
+            "norm_eps": t.norm_eps,
+            "max_position_embeddings": t.max_position_embeddings,
+            "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta},
+            "tie_word_embeddings": t.tie_word_embeddings,
+            "bos_token_id": config.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": config.pad_token_id,
+        },
+        "vision_config": {
+            "model_type": "siglip2_vision_model",
+            "hidden_size": v.hidden_size,
+            "intermediate_size": v.intermediate_size,
+            "num_hidden_layers": v.num_layers,
+            "num_attention_heads": v.num_heads,
+            "num_channels": v.num_channels,
+            "patch_size": v.patch_size,
+            "num_patches": v.num_patches,
+            "hidden_act": v.hidden_act,
+            "layer_norm_eps": v.layer_norm_eps,
+            "vision_use_head": False,
+        },
+    }
