@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .config import CONV, ConfigError, Lfm2VlConfig, config_from_dict
-from .params import ParamSpec, Params, is_spec, param_specs
+from .params import Params, ParamSpec, is_spec, param_specs
 from .safetensors_io import SafetensorsError, SafetensorsFile
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ class CheckpointReader:
                 file = SafetensorsFile(path)
             except OSError as err:
                 raise CheckpointError(f"cannot read {path}: {err}") from None
-            for name in file.keys():
+            for name in file.keys():  # noqa: SIM118 (not a dict)
                 key = canonical_key(name)
                 if key in self.tensors:
                     other = self.tensors[key][0].path.name
@@ -272,7 +272,8 @@ def reconcile_config(config: Lfm2VlConfig, raw: dict[str, Any], reader: Checkpoi
         depth = min(max(layer_ids) + 1, vision.num_layers)
         if depth != vision.num_layers:
             warnings.warn(
-                f"config says {vision.num_layers} vision layers, the checkpoint holds {max(layer_ids) + 1}; using {depth}",
+                f"config says {vision.num_layers} vision layers, the checkpoint holds "
+                f"{max(layer_ids) + 1}; using {depth}",
                 stacklevel=3,
             )
             vision = dataclasses.replace(vision, num_layers=depth)
@@ -294,8 +295,8 @@ def reconcile_config(config: Lfm2VlConfig, raw: dict[str, Any], reader: Checkpoi
     if w1 in keys and reader.shape(w1)[0] != text.intermediate_size:
         width = reader.shape(w1)[0]
         warnings.warn(
-            f"MLP width from the config's auto-adjust rule is {text.intermediate_size}, the checkpoint's is {width}; "
-            f"using {width}",
+            f"MLP width from the config's auto-adjust rule is {text.intermediate_size}, "
+            f"the checkpoint's is {width}; using {width}",
             stacklevel=3,
         )
         changes["text"] = dataclasses.replace(text, intermediate_size=width)

@@ -160,7 +160,7 @@ def mlp_width(intermediate_size: int, auto_adjust: bool, multiplier: float | Non
     return width
 
 
-def _text_config(raw: dict[str, Any], tie_default: bool) -> TextConfig:
+def _text_config(raw: dict[str, Any], tie_word_embeddings: bool) -> TextConfig:
     num_layers = raw.get("num_hidden_layers", 32)
     layer_types = raw.get("layer_types")
     if layer_types is None:
@@ -183,7 +183,6 @@ def _text_config(raw: dict[str, Any], tie_default: bool) -> TextConfig:
     heads = raw.get("num_attention_heads", raw.get("num_heads", 32))
     # The custom-code layout names the nominal MLP width `block_ff_dim`; it overrides `intermediate_size`.
     nominal_width = raw.get("block_ff_dim", raw.get("intermediate_size", 12288))
-    tie = raw.get("tie_word_embeddings", raw.get("tie_embedding", tie_default))
     return TextConfig(
         vocab_size=raw.get("vocab_size", 65536),
         hidden_size=hidden,
@@ -202,7 +201,7 @@ def _text_config(raw: dict[str, Any], tie_default: bool) -> TextConfig:
         norm_eps=raw.get("norm_eps", raw.get("block_norm_eps", 1e-5)),
         rope_theta=float(rope_theta),
         max_position_embeddings=raw.get("max_position_embeddings", 128_000),
-        tie_word_embeddings=bool(tie),
+        tie_word_embeddings=tie_word_embeddings,
     )
 
 
@@ -239,7 +238,12 @@ def config_from_dict(raw: dict[str, Any]) -> Lfm2VlConfig:
     if act != "gelu":
         raise ConfigError(f"config.json: projector_hidden_act {act!r} is not supported (only 'gelu')")
     text_raw = raw["text_config"]
-    tie = raw.get("tie_word_embeddings", raw.get("tie_embedding", True))
+    # The top-level flag decides (transformers ties through the outer model's config); the text config's
+    # only where the top level is silent.
+    tie = next(
+        (bool(c[k]) for c in (raw, text_raw) for k in ("tie_word_embeddings", "tie_embedding") if k in c),
+        True,
+    )
 
     def token_id(key: str, default: int | None) -> Any:
         value = raw.get(key, text_raw.get(key, default))
@@ -247,7 +251,7 @@ def config_from_dict(raw: dict[str, Any]) -> Lfm2VlConfig:
 
     return Lfm2VlConfig(
         vision=_vision_config(raw["vision_config"], raw.get("vision_feature_layer", -1)),
-        text=_text_config(text_raw, tie_default=tie),
+        text=_text_config(text_raw, tie_word_embeddings=tie),
         image_token_id=raw.get("image_token_id", raw.get("image_token_index", 396)),
         downsample_factor=raw.get("downsample_factor", 2),
         projector_hidden_size=raw.get("projector_hidden_size", 2560),

@@ -115,7 +115,8 @@ def check_inputs(
             raise InputError("pixel_attention_mask/spatial_shapes given without pixel_values")
         if num_image_tokens:
             raise InputError(
-                f"input_ids hold {num_image_tokens} image tokens (id {config.image_token_id}) but no pixel_values"
+                f"input_ids hold {num_image_tokens} image tokens (id {config.image_token_id}) "
+                "but no pixel_values were given"
             )
         return
     if any(x is None for x in images):
@@ -125,7 +126,8 @@ def check_inputs(
     expected_patch = v.num_channels * v.patch_size**2
     if pixel_values.ndim != 3 or pixel_values.shape[2] != expected_patch:
         raise InputError(
-            f"pixel_values must be (images, patches, {expected_patch}) flattened patches, got {pixel_values.shape}"
+            f"pixel_values must be (images, patches, {expected_patch}) flattened patches, "
+            f"got {pixel_values.shape}"
         )
     if pixel_attention_mask.shape != (num_images, num_patches):
         raise InputError(
@@ -137,7 +139,8 @@ def check_inputs(
     for i, (rows, cols) in enumerate(np.asarray(spatial_shapes).tolist()):
         if rows <= 0 or cols <= 0 or rows % f or cols % f:
             raise InputError(
-                f"image {i}: spatial_shapes ({rows}, {cols}) must be positive multiples of downsample_factor {f}"
+                f"image {i}: spatial_shapes ({rows}, {cols}) must be positive multiples of "
+                f"downsample_factor {f}"
             )
         if rows * cols > num_patches:
             raise InputError(f"image {i}: spatial_shapes ({rows}, {cols}) exceed {num_patches} patch slots")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -132,10 +132,4 @@ def write_safetensors(
 def _write_array(f: BinaryIO, name: str, array: np.ndarray, dtype: np.dtype, shape: tuple[int, ...]) -> None:
     if array.dtype != dtype or tuple(array.shape) != tuple(shape):
         raise SafetensorsError(f"tensor {name!r}: got {array.dtype}{array.shape}, declared {dtype}{shape}")
-    f.write(np.ascontiguousarray(array).tobytes())
-
-
-def iter_tensors(files: Iterable[SafetensorsFile]) -> Iterator[tuple[str, SafetensorsFile]]:
-    for file in files:
-        for name in file.keys():
-            yield name, file
+    f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
