@@ -29,7 +29,8 @@ def resolve_checkpoint_dir(path_or_hub_id: str | Path) -> Path:
 
         return Path(snapshot_download(repo_id=name, allow_patterns=HUB_FILES))
     except Exception as err:  # network errors, offline mode, unknown repository, gated repository
+        reason = (str(err).strip().splitlines() or [""])[0]
         raise CheckpointNotFoundError(
-            f"could not fetch {name!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
+            f"could not fetch {name!r} from the Hugging Face Hub ({type(err).__name__}: {reason}). "
             "Download the checkpoint elsewhere and pass its local directory instead."
         ) from None
