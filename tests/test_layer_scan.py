@@ -40,6 +40,6 @@ def test_program_size_is_independent_of_depth_for_a_repeated_motif():
 
 
 def test_lfm2_pattern_lowers_each_motif_once():
-    lfm2 = (C, C, A, C, C, A, C, C, A, C, A, C, A, C, A, C)
-    deeper = lfm2[:9] * 3 + lfm2[9:] * 3  # 48 layers of the same motifs
+    lfm2 = (C, C, A) * 3 + (C, A) * 3 + (C,)  # LFM2-350M / 1.2B: attention at 2, 5, 8, 10, 12, 14
+    deeper = (C, C, A) * 9 + (C, A) * 9 + (C,)  # 46 layers of the same motifs
     assert lowered_size(deeper) == lowered_size(lfm2)
