@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
 
+from . import generate as engine
 from .checkpoint import load_hf_checkpoint
 from .config import Lfm2VlConfig
 from .hub import resolve_checkpoint_dir
 from .model import as_numpy_inputs, check_inputs, forward
 from .params import Params
+from .sampling import SamplingParams
+from .sharding import batch_sharding, param_shardings
+
+SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
 
 class CausalLMOutput(NamedTuple):
@@ -20,28 +29,43 @@ class CausalLMOutput(NamedTuple):
 
 
 class Lfm2VlForConditionalGeneration:
-    """An LFM2-VL model: a frozen config and a params pytree.
+    """An LFM2-VL model: a frozen config, a params pytree, and generation defaults.
 
     >>> model = Lfm2VlForConditionalGeneration.from_pretrained("LiquidAI/LFM2-VL-450M", dtype=jnp.bfloat16)
-    >>> logits = model(**processor_outputs).logits
+    >>> inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+    ...                                        return_dict=True)
+    >>> new_tokens = model.generate(**inputs, max_new_tokens=64)
+    >>> processor.batch_decode(new_tokens, skip_special_tokens=True)
     """
 
-    def __init__(self, config: Lfm2VlConfig, params: Params):
+    def __init__(
+        self,
+        config: Lfm2VlConfig,
+        params: Params,
+        generation_config: dict[str, Any] | None = None,
+        mesh: Mesh | None = None,
+    ):
         self.config = config
         self.params = params
+        self.generation_config = generation_config or {}
+        self.mesh = mesh
 
     @classmethod
     def from_pretrained(
         cls,
         path_or_hub_id: str | Path,
         dtype: Any = jnp.float32,
-        shardings: Any = None,
+        mesh: Mesh | None = None,
         progress: bool = True,
     ) -> Lfm2VlForConditionalGeneration:
-        """Loads a transformers checkpoint from a local directory or a Hugging Face Hub id."""
+        """Loads a transformers checkpoint from a local directory or a Hugging Face Hub id; with a `mesh`
+        (see `sharding.make_mesh`) the weights are sharded over it as they load."""
         directory = resolve_checkpoint_dir(path_or_hub_id)
+        shardings = None if mesh is None else (lambda config: param_shardings(config, mesh))
         config, params = load_hf_checkpoint(directory, dtype=dtype, shardings=shardings, progress=progress)
-        return cls(config, params)
+        generation_file = directory / "generation_config.json"
+        generation = json.loads(generation_file.read_text()) if generation_file.exists() else {}
+        return cls(config, params, generation, mesh)
 
     @property
     def dtype(self) -> Any:
@@ -65,6 +89,112 @@ class Lfm2VlForConditionalGeneration:
         )
         check_inputs(self.config, **inputs)
         if inputs["attention_mask"] is None:
-            inputs["attention_mask"] = inputs["input_ids"] * 0 + 1
-        logits = forward(self.params, self.config, **inputs)
-        return CausalLMOutput(logits=logits)
+            inputs["attention_mask"] = np.ones_like(inputs["input_ids"])
+        return CausalLMOutput(logits=forward(self.params, self.config, **inputs))
+
+    # Generation -------------------------------------------------------------------------------------------
+
+    def _generation_setup(
+        self, inputs: dict[str, Any], options: dict[str, Any]
+    ) -> tuple[engine.PreparedBatch, SamplingParams, list[int], int]:
+        unknown = set(options) - set(SAMPLING_KEYS) - {"eos_token_id", "pad_token_id", "stop_token_ids"}
+        if unknown:
+            raise TypeError(f"generate() got unexpected arguments {sorted(unknown)}")
+        inputs = as_numpy_inputs(**inputs)
+        check_inputs(self.config, **inputs)
+        defaults = self.generation_config
+
+        def pick(key: str, fallback: Any) -> Any:
+            value = options.get(key)
+            return value if value is not None else defaults.get(key, fallback)
+
+        sampling = SamplingParams(
+            do_sample=bool(pick("do_sample", False)),
+            top_k=int(pick("top_k", 50) or 0),
+            temperature=float(pick("temperature", 1.0)),
+            top_p=float(pick("top_p", 1.0)),
+            min_p=float(pick("min_p", 0.0) or 0.0),
+            repetition_penalty=float(pick("repetition_penalty", 1.0)),
+        )
+        eos = pick("eos_token_id", self.config.eos_token_id)
+        stop = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        stop += list(options.get("stop_token_ids") or [])
+        pad = pick("pad_token_id", self.config.pad_token_id)
+        pad = int(pad if pad is not None else stop[0] if stop else 0)
+        batch = engine.prepare_batch(self.config, **inputs, pad_id=pad)
+        if self.mesh is not None:
+            batch = engine.PreparedBatch(
+                *(
+                    None if x is None else jax.device_put(x, batch_sharding(self.mesh, x.shape))
+                    for x in (
+                        batch.input_ids,
+                        batch.attention_mask,
+                        batch.pixel_values,
+                        batch.pixel_attention_mask,
+                        batch.spatial_shapes,
+                    )
+                ),
+                num_rows=batch.num_rows,
+            )
+        return batch, sampling, stop, pad
+
+    def generate(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        pixel_values: Any = None,
+        pixel_attention_mask: Any = None,
+        spatial_shapes: Any = None,
+        *,
+        max_new_tokens: int = 128,
+        seed: int = 0,
+        streamer: Callable[[np.ndarray], Any] | None = None,
+        loop: str = "host",
+        **options: Any,
+    ) -> np.ndarray:
+        """New tokens (batch, n), padded after each row's EOS/stop token.
+
+        Options as transformers' `generate`: do_sample, temperature, top_k, top_p, min_p,
+        repetition_penalty, eos_token_id, pad_token_id; plus `stop_token_ids` (extra stop tokens), `seed`,
+        `streamer` (called with each step's new tokens, shape (batch,)). Unset options come from the
+        checkpoint's generation_config.json, then transformers' defaults. Rows may differ in length and in
+        number and size of images: each gets exactly the tokens it would get alone.
+        """
+        inputs = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
+        )
+        batch, sampling, stop, pad = self._generation_setup(inputs, options)
+        return engine.generate(
+            self.params, self.config, batch, sampling, stop, pad, max_new_tokens, seed, loop, streamer
+        )
+
+    def stream(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        pixel_values: Any = None,
+        pixel_attention_mask: Any = None,
+        spatial_shapes: Any = None,
+        *,
+        max_new_tokens: int = 128,
+        seed: int = 0,
+        **options: Any,
+    ) -> Iterator[np.ndarray]:
+        """Like `generate`, yielding each step's new tokens (batch,) as they are produced; stops when every
+        row has emitted a stop token."""
+        inputs = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
+        )
+        batch, sampling, stop, pad = self._generation_setup(inputs, options)
+        for state in engine.run(self.params, self.config, batch, sampling, stop, pad, max_new_tokens, seed):
+            yield engine.latest_tokens(state, batch.num_rows)
+            if np.asarray(state.done).all():
+                return

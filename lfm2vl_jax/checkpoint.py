@@ -354,14 +354,15 @@ def _group_by_leaf(table: dict[str, TensorMapping]) -> dict[tuple, list[TensorMa
 def load_hf_checkpoint(
     directory: str | Path,
     dtype: Any = jnp.float32,
-    shardings: Any = None,
+    shardings: Callable[[Lfm2VlConfig], Any] | None = None,
     progress: bool = True,
 ) -> tuple[Lfm2VlConfig, Params]:
     """Reads a transformers checkpoint directory into (config, params); no torch needed.
 
     Tensors are read one at a time from memory-mapped files, laid out and cast on the host, and each
-    parameter leaf is put on its device(s) as soon as it is complete (`shardings`: optional pytree of
-    `jax.sharding.Sharding` matching the params), so peak host memory stays near one leaf.
+    parameter leaf is put on its device(s) as soon as it is complete (`shardings`: optional function of
+    the parsed config returning a pytree of `jax.sharding.Sharding` matching the params), so peak host
+    memory stays near one leaf.
     """
     directory = Path(directory)
     try:
@@ -376,6 +377,7 @@ def load_hf_checkpoint(
     _check_tensors(reader, table, config)
 
     specs = param_specs(config)
+    leaf_shardings = None if shardings is None else shardings(config)
     np_dtype = np.dtype(jnp.dtype(dtype))
     params = jax.tree.map(lambda _: None, specs, is_leaf=is_spec)
     bar = tqdm(total=len(table), desc=f"loading {directory.name}", unit="tensor", disable=not progress)
@@ -394,7 +396,7 @@ def load_hf_checkpoint(
             else:
                 leaf[m.index] = value
             bar.update()
-        sharding = None if shardings is None else _leaf_at(shardings, path)
+        sharding = None if leaf_shardings is None else _leaf_at(leaf_shardings, path)
         _set_leaf(params, path, jax.device_put(leaf, sharding))
     bar.close()
     return config, params

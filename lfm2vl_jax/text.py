@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from .attention import attention
+from .cache import Cache
 from .config import CONV, TextConfig
 from .layers import apply_rope, rms_norm
 from .params import Params
@@ -147,27 +148,25 @@ def text_forward(
     cfg: TextConfig,
     embeds: jax.Array,
     token_mask: jax.Array,
-    cache_blocks: list | None = None,
-    cache_lengths: jax.Array | None = None,
+    cache: Cache | None = None,
     unroll: int | bool = 1,
 ) -> tuple[jax.Array, list]:
     """Runs the text tower over new positions (B, T, D), right-padded per `token_mask`.
 
     Without a cache, positions start at 0 (the reference's plain forward). With one, row b's new tokens
-    sit at positions `cache_lengths[b]` onwards and also attend to the first `cache_lengths[b]` cached
-    keys. Returns the final-normed hidden states and the new cache entries (see `run_layers`).
+    sit at positions `cache.lengths[b]` onwards and also attend to the first `cache.lengths[b]` cached
+    keys. Returns the final-normed hidden states and the new cache entries (see `run_layers`), which
+    `cache.append` folds into a cache.
     """
     batch, seq_len = token_mask.shape
     token_mask = token_mask.astype(bool)
-    offsets = jnp.zeros((batch,), jnp.int32) if cache_lengths is None else cache_lengths
+    offsets = jnp.zeros((batch,), jnp.int32) if cache is None else cache.lengths
     positions = offsets[:, None] + jnp.arange(seq_len)[None, :]
     causal = jnp.tril(jnp.ones((seq_len, seq_len), bool))
     cache_mask = None
-    if cache_blocks is not None:
-        max_len = _cache_capacity(cache_blocks)
-        cache_mask = jnp.broadcast_to(
-            (jnp.arange(max_len)[None, :] < offsets[:, None])[:, None, :], (batch, seq_len, max_len)
-        )
+    if cache is not None:
+        held = jnp.arange(cache.capacity)[None, :] < offsets[:, None]
+        cache_mask = jnp.broadcast_to(held[:, None, :], (batch, seq_len, cache.capacity))
     ctx = StepContext(
         positions=positions,
         token_mask=token_mask,
@@ -175,16 +174,9 @@ def text_forward(
         self_mask=causal[None] & token_mask[:, None, :],
         cache_mask=cache_mask,
     )
+    cache_blocks = None if cache is None else cache.blocks
     h, entries = run_layers(params["blocks"], embeds, ctx, cache_blocks, cfg, unroll)
     return rms_norm(h, params["final_norm"]["scale"], cfg.norm_eps), entries
-
-
-def _cache_capacity(cache_blocks: list) -> int:
-    for segment in cache_blocks:
-        for entry in segment:
-            if isinstance(entry, dict):
-                return entry["k"].shape[2]  # (R, B, S, K, H)
-    return 0
 
 
 def lm_logits(params: Params, h: jax.Array) -> jax.Array:

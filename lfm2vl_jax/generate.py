@@ -1,0 +1,306 @@
+"""Generation: a jitted prefill, then a jitted decode step that takes and returns a `DecodeState` pytree
+(cache donated, so it is updated in place).
+
+The loop is driven from the host by default: the steps are dispatched asynchronously and the host looks
+at the `done` flags only every few steps, so the device never waits on Python. `loop="device"` runs the
+same step inside one `lax.while_loop` instead; `benchmarks/bench_generate.py` compares the two.
+
+Shapes are bucketed (batch rows, prompt length, image count, cache length) so that a stream of varied
+requests compiles a bounded number of programs; padding rows and images are dropped from the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .cache import Cache, append, init_cache
+from .config import Lfm2VlConfig
+from .model import embed_inputs
+from .params import Params
+from .sampling import SamplingParams, next_token
+from .text import embed_tokens, lm_logits, text_forward
+
+HOST_CHECK_EVERY = 8  # host loop: decode steps dispatched between looks at the `done` flags
+
+
+@flax.struct.dataclass
+class DecodeState:
+    cache: Cache
+    tokens: jax.Array  # (B, max_new) generated tokens, pad after a row's stop token
+    num_generated: jax.Array  # () int32
+    done: jax.Array  # (B,) bool: the row has emitted a stop token
+    seen: jax.Array  # (B, V) bool: tokens of the prompt or generated so far (repetition penalty)
+    key: jax.Array
+
+
+def _record(state: DecodeState, token: jax.Array, stop_ids: jax.Array, pad_id: int) -> DecodeState:
+    token = jnp.where(state.done, pad_id, token)
+    rows = jnp.arange(token.shape[0])
+    return state.replace(
+        tokens=state.tokens.at[:, state.num_generated].set(token),
+        num_generated=state.num_generated + 1,
+        done=state.done | jnp.isin(token, stop_ids),
+        seen=state.seen.at[rows, token].set(True),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_len", "max_new_tokens", "pad_id", "unroll"))
+def prefill(
+    params: Params,
+    config: Lfm2VlConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    pixel_values: jax.Array | None,
+    pixel_attention_mask: jax.Array | None,
+    spatial_shapes: jax.Array | None,
+    key: jax.Array,
+    sampling: SamplingParams,
+    stop_ids: jax.Array,
+    done: jax.Array,
+    *,
+    max_len: int,
+    max_new_tokens: int,
+    pad_id: int,
+    unroll: int | bool = 1,
+) -> DecodeState:
+    """Vision tower + projector + text tower over right-padded prompts; fills a fresh cache of `max_len`
+    positions and samples each row's first token from the logits at its last prompt position."""
+    batch = input_ids.shape[0]
+    mask = attention_mask.astype(bool)
+    embeds = embed_inputs(params, config, input_ids, pixel_values, pixel_attention_mask, spatial_shapes)
+    hidden, entries = text_forward(params["text"], config.text, embeds, mask, unroll=unroll)
+    lengths = mask.sum(axis=1).astype(jnp.int32)
+    cache = append(init_cache(config.text, batch, max_len, hidden.dtype), entries, lengths)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    logits = lm_logits(params["text"], last)
+    rows = jnp.arange(batch)[:, None]
+    seen = jnp.zeros((batch, config.text.vocab_size), bool).at[rows, input_ids].max(mask)
+    key, subkey = jax.random.split(key)
+    state = DecodeState(
+        cache=cache,
+        tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+        num_generated=jnp.zeros((), jnp.int32),
+        done=done,
+        seen=seen,
+        key=key,
+    )
+    return _record(state, next_token(logits, seen, subkey, sampling), stop_ids, pad_id)
+
+
+def _decode(
+    params: Params,
+    config: Lfm2VlConfig,
+    state: DecodeState,
+    sampling: SamplingParams,
+    stop_ids: jax.Array,
+    pad_id: int,
+    unroll: int | bool,
+) -> DecodeState:
+    batch = state.tokens.shape[0]
+    last = jax.lax.dynamic_index_in_dim(state.tokens, state.num_generated - 1, axis=1)  # (B, 1)
+    new = jnp.ones((batch, 1), bool)
+    hidden, entries = text_forward(
+        params["text"], config.text, embed_tokens(params["text"], last), new, cache=state.cache, unroll=unroll
+    )
+    cache = append(state.cache, entries, jnp.ones((batch,), jnp.int32))
+    logits = lm_logits(params["text"], hidden[:, 0])
+    key, subkey = jax.random.split(state.key)
+    token = next_token(logits, state.seen, subkey, sampling)
+    return _record(state.replace(cache=cache, key=key), token, stop_ids, pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "pad_id", "unroll"), donate_argnames=("state",))
+def decode_step(
+    params: Params,
+    config: Lfm2VlConfig,
+    state: DecodeState,
+    sampling: SamplingParams,
+    stop_ids: jax.Array,
+    pad_id: int,
+    unroll: int | bool = 1,
+) -> DecodeState:
+    """One new token per row; the state (and its cache) is donated and updated in place."""
+    return _decode(params, config, state, sampling, stop_ids, pad_id, unroll)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "pad_id", "unroll"), donate_argnames=("state",))
+def decode_loop(
+    params: Params,
+    config: Lfm2VlConfig,
+    state: DecodeState,
+    sampling: SamplingParams,
+    stop_ids: jax.Array,
+    limit: jax.Array,
+    pad_id: int,
+    unroll: int | bool = 1,
+) -> DecodeState:
+    """Decode steps on the device until every row is done or `limit` tokens exist."""
+
+    def running(s: DecodeState) -> jax.Array:
+        return ~jnp.all(s.done) & (s.num_generated < limit)
+
+    return jax.lax.while_loop(
+        running, lambda s: _decode(params, config, s, sampling, stop_ids, pad_id, unroll), state
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host side: validation, bucketing, the loop.
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5x them) that is >= n: at most
+    ~33% padding, and a logarithmic number of distinct shapes."""
+    n = max(n, minimum)
+    power = 1 << max(0, math.ceil(math.log2(n)) - 1)
+    return next(size for size in (power, power * 3 // 2, power * 2) if size >= n)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedBatch:
+    """Right-padded, bucketed inputs; rows past `num_rows` and the trailing padding images are inert."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    pixel_values: np.ndarray | None
+    pixel_attention_mask: np.ndarray | None
+    spatial_shapes: np.ndarray | None
+    num_rows: int
+
+
+def prepare_batch(
+    config: Lfm2VlConfig,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray | None,
+    pixel_values: np.ndarray | None,
+    pixel_attention_mask: np.ndarray | None,
+    spatial_shapes: np.ndarray | None,
+    pad_id: int,
+) -> PreparedBatch:
+    """Moves each row's tokens to the left (whatever side the processor padded), buckets the batch size,
+    prompt length and image count, and pads with inert rows and images."""
+    mask = np.ones_like(input_ids, bool) if attention_mask is None else attention_mask.astype(bool)
+    lengths = mask.sum(axis=1)
+    if (lengths == 0).any():
+        raise ValueError(f"rows {np.flatnonzero(lengths == 0).tolist()} have no tokens")
+    rows = bucket(len(input_ids))
+    seq = bucket(int(lengths.max()), minimum=16)
+    ids = np.full((rows, seq), pad_id, np.int32)
+    new_mask = np.zeros((rows, seq), np.int32)
+    for i, (row, row_mask) in enumerate(zip(input_ids, mask, strict=True)):
+        ids[i, : lengths[i]] = row[row_mask]
+        new_mask[i, : lengths[i]] = 1
+    new_mask[len(input_ids) :, 0] = 1  # padding rows: one pad token, finished from the start
+    if pixel_values is None:
+        return PreparedBatch(ids, new_mask, None, None, None, len(input_ids))
+
+    images = len(pixel_values)
+    slots = bucket(images)
+    f = config.downsample_factor
+    values = np.zeros((slots, *pixel_values.shape[1:]), pixel_values.dtype)
+    values[:images] = pixel_values
+    patch_mask = np.zeros((slots, pixel_values.shape[1]), np.int32)
+    patch_mask[:images] = pixel_attention_mask
+    patch_mask[images:, : f * f] = 1  # padding images: one f x f block, its token never placed
+    shapes = np.full((slots, 2), f, np.int64)
+    shapes[:images] = spatial_shapes
+    return PreparedBatch(ids, new_mask, values, patch_mask, shapes, len(input_ids))
+
+
+def run(
+    params: Params,
+    config: Lfm2VlConfig,
+    batch: PreparedBatch,
+    sampling: SamplingParams,
+    stop_ids: list[int],
+    pad_id: int,
+    max_new_tokens: int,
+    seed: int = 0,
+    loop: str = "host",
+    unroll: int | bool = 1,
+) -> Iterator[DecodeState]:
+    """Prefill then decode; yields the state after every token (host loop) so callers can stream.
+
+    Cache capacity and the token buffer are bucketed; the loop stops at `max_new_tokens` or when every
+    real row is done.
+    """
+    if loop not in ("host", "device"):
+        raise ValueError(f"loop must be 'host' or 'device', got {loop!r}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    rows, seq = batch.input_ids.shape
+    new_bucket = bucket(max_new_tokens, minimum=16)
+    stop = jnp.asarray(sorted(set(stop_ids)), jnp.int32)
+    done = jnp.asarray(np.arange(rows) >= batch.num_rows)
+    state = prefill(
+        params,
+        config,
+        batch.input_ids,
+        batch.attention_mask,
+        batch.pixel_values,
+        batch.pixel_attention_mask,
+        batch.spatial_shapes,
+        jax.random.key(seed),
+        sampling,
+        stop,
+        done,
+        max_len=seq + new_bucket,
+        max_new_tokens=new_bucket,
+        pad_id=pad_id,
+        unroll=unroll,
+    )
+    yield state
+    if loop == "device":
+        yield decode_loop(params, config, state, sampling, stop, jnp.int32(max_new_tokens), pad_id, unroll)
+        return
+    for generated in range(1, max_new_tokens):
+        if generated % HOST_CHECK_EVERY == 0 and np.asarray(state.done).all():
+            return
+        state = decode_step(params, config, state, sampling, stop, pad_id, unroll)
+        yield state
+
+
+def latest_tokens(state: DecodeState, num_rows: int) -> np.ndarray:
+    """The token each real row produced in the last step (pad for rows already done)."""
+    return np.asarray(state.tokens)[:num_rows, int(state.num_generated) - 1]
+
+
+def generate(
+    params: Params,
+    config: Lfm2VlConfig,
+    batch: PreparedBatch,
+    sampling: SamplingParams,
+    stop_ids: list[int],
+    pad_id: int,
+    max_new_tokens: int,
+    seed: int = 0,
+    loop: str = "host",
+    streamer: Callable[[np.ndarray], Any] | None = None,
+    unroll: int | bool = 1,
+) -> np.ndarray:
+    """New tokens (num_rows, n), pad after each row's stop token; n <= max_new_tokens is the longest row.
+
+    `streamer`, if given, is called after every step with the new token of each real row (pad for rows
+    already done); it makes the host wait for each step.
+    """
+    if streamer is not None and loop == "device":
+        raise ValueError("streaming needs the host loop (loop='host')")
+    state = None
+    for state in run(params, config, batch, sampling, stop_ids, pad_id, max_new_tokens, seed, loop, unroll):
+        if streamer is not None:
+            streamer(latest_tokens(state, batch.num_rows))
+    # Slicing on the host: a device-side slice would compile a program per output length.
+    tokens = np.asarray(state.tokens)[: batch.num_rows, : int(state.num_generated)]
+    stopped = np.isin(tokens, stop_ids)
+    if stopped.any(axis=1).all():  # trim to the longest row
+        tokens = tokens[:, : int(stopped.argmax(axis=1).max()) + 1]
+    return tokens

@@ -1,0 +1,75 @@
+"""Sharding: one table of logical-axis rules maps every param and cache axis to a mesh axis.
+
+The mesh has a `data` axis (batch rows; in training also fully-sharded weights) and a `tensor` axis
+(attention heads, MLP and conv channels, vocabulary: Megatron-style column/row splits, so each layer needs
+one all-reduce). The same rules serve inference and training; a mesh axis of size 1 is a no-op. A
+dimension not divisible by its mesh axis stays replicated, so any mesh works with any checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from .cache import cache_axes, cache_shapes
+from .config import Lfm2VlConfig
+from .params import is_spec, param_specs
+
+DATA, TENSOR = "data", "tensor"
+
+LOGICAL_RULES: dict[str, str | None] = {
+    "batch": DATA,
+    "vocab": TENSOR,
+    "heads": TENSOR,
+    "kv_heads": TENSOR,
+    "mlp": TENSOR,
+    "conv": TENSOR,
+    "vision_heads": TENSOR,
+    "vision_mlp": TENSOR,
+    "projector_hidden": TENSOR,
+    # replicated: layers, embed, head_dim, cache_seq, vision_embed, patch, projector_in
+}
+
+
+def make_mesh(data: int = 1, tensor: int = 1, devices: list | None = None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    if data * tensor > len(devices):
+        raise ValueError(f"a {data}x{tensor} mesh needs {data * tensor} devices, {len(devices)} available")
+    grid = np.array(devices[: data * tensor]).reshape(data, tensor)
+    # Auto axes: XLA propagates shardings through the model from those of the params and inputs.
+    return Mesh(grid, (DATA, TENSOR), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def partition_spec(shape: tuple[int, ...], axes: tuple[str | None, ...], mesh: Mesh) -> PartitionSpec:
+    parts = []
+    for size, axis in zip(shape, axes, strict=True):
+        mesh_axis = LOGICAL_RULES.get(axis) if axis else None
+        ok = mesh_axis in mesh.shape and size % mesh.shape[mesh_axis] == 0
+        parts.append(mesh_axis if ok else None)
+    return PartitionSpec(*parts)
+
+
+def param_shardings(config: Lfm2VlConfig, mesh: Mesh) -> Any:
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, partition_spec(s.shape, s.axes, mesh)),
+        param_specs(config),
+        is_leaf=is_spec,
+    )
+
+
+def cache_shardings(config: Lfm2VlConfig, batch: int, max_len: int, mesh: Mesh) -> list:
+    shapes = cache_shapes(config.text, batch, max_len)
+    return jax.tree.map(
+        lambda shape, axes: NamedSharding(mesh, partition_spec(shape, axes, mesh)),
+        shapes,
+        cache_axes(config.text),
+        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x),
+    )
+
+
+def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """Leading axis over `data` (when divisible), the rest replicated."""
+    return NamedSharding(mesh, partition_spec(shape, ("batch",) + (None,) * (len(shape) - 1), mesh))
