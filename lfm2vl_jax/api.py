@@ -56,13 +56,22 @@ class Lfm2VlForConditionalGeneration:
         path_or_hub_id: str | Path,
         dtype: Any = jnp.float32,
         mesh: Mesh | None = None,
+        scan_layers: bool = True,
         progress: bool = True,
     ) -> Lfm2VlForConditionalGeneration:
-        """Loads a transformers checkpoint from a local directory or a Hugging Face Hub id; with a `mesh`
-        (see `sharding.make_mesh`) the weights are sharded over it as they load."""
+        """Loads a transformers checkpoint from a local directory or a Hugging Face Hub id.
+
+        mesh: shard the weights over it as they load (see `sharding.make_mesh`); generation then shards
+            the batch and cache over it too.
+        scan_layers: stack the text layers of each repeated motif and run them with `lax.scan` (compile
+            time independent of depth); False keeps one array per layer, run by a Python loop, which
+            decodes faster where slicing stacked weights costs a copy (measured on CPU: see README).
+        """
         directory = resolve_checkpoint_dir(path_or_hub_id)
-        shardings = None if mesh is None else (lambda config: param_shardings(config, mesh))
-        config, params = load_hf_checkpoint(directory, dtype=dtype, shardings=shardings, progress=progress)
+        shardings = None if mesh is None else (lambda config, stacked: param_shardings(config, mesh, stacked))
+        config, params = load_hf_checkpoint(
+            directory, dtype=dtype, shardings=shardings, progress=progress, scan_layers=scan_layers
+        )
         generation_file = directory / "generation_config.json"
         generation = json.loads(generation_file.read_text()) if generation_file.exists() else {}
         return cls(config, params, generation, mesh)
@@ -121,7 +130,8 @@ class Lfm2VlForConditionalGeneration:
         stop += list(options.get("stop_token_ids") or [])
         pad = pick("pad_token_id", self.config.pad_token_id)
         pad = int(pad if pad is not None else stop[0] if stop else 0)
-        batch = engine.prepare_batch(self.config, **inputs, pad_id=pad)
+        data_size = 1 if self.mesh is None else self.mesh.shape["data"]
+        batch = engine.prepare_batch(self.config, **inputs, pad_id=pad, row_multiple=data_size)
         if self.mesh is not None:
             batch = engine.PreparedBatch(
                 *(
@@ -169,7 +179,17 @@ class Lfm2VlForConditionalGeneration:
         )
         batch, sampling, stop, pad = self._generation_setup(inputs, options)
         return engine.generate(
-            self.params, self.config, batch, sampling, stop, pad, max_new_tokens, seed, loop, streamer
+            self.params,
+            self.config,
+            batch,
+            sampling,
+            stop,
+            pad,
+            max_new_tokens,
+            seed,
+            loop,
+            streamer,
+            self.mesh,
         )
 
     def stream(
@@ -194,7 +214,45 @@ class Lfm2VlForConditionalGeneration:
             spatial_shapes=spatial_shapes,
         )
         batch, sampling, stop, pad = self._generation_setup(inputs, options)
-        for state in engine.run(self.params, self.config, batch, sampling, stop, pad, max_new_tokens, seed):
+        for state in engine.run(
+            self.params, self.config, batch, sampling, stop, pad, max_new_tokens, seed, mesh=self.mesh
+        ):
             yield engine.latest_tokens(state, batch.num_rows)
             if np.asarray(state.done).all():
                 return
+
+    # Export -----------------------------------------------------------------------------------------------
+
+    def save_pretrained(
+        self,
+        out_dir: str | Path,
+        dtype: Any = None,
+        overwrite: bool = False,
+        max_shard_size: int | str = "50GB",
+        processor: Any = None,
+        source_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> Path:
+        """Writes a transformers checkpoint directory (config.json, model.safetensors or shards with an
+        index, generation_config.json) that transformers' and our `from_pretrained` load; see
+        `export.save_hf_checkpoint`. Crash-safe (written beside `out_dir`, verified, then renamed); an
+        existing `out_dir` is replaced only with `overwrite=True`.
+
+        dtype: weights' dtype on disk (default: as held). processor: e.g. an `Lfm2VlProcessor`, saved in
+        too. source_dir: a checkpoint directory whose tokenizer, processor and chat-template files are
+        copied over.
+        """
+        from .export import save_hf_checkpoint
+
+        return save_hf_checkpoint(
+            out_dir,
+            self.config,
+            self.params,
+            dtype=dtype,
+            overwrite=overwrite,
+            max_shard_size=max_shard_size,
+            source_dir=source_dir,
+            generation_config=self.generation_config,
+            processor=processor,
+            progress=progress,
+        )

@@ -1,8 +1,8 @@
-"""The decoding cache: a pytree with one entry per layer kind, laid out like the params' `blocks`.
+"""The decoding cache: a pytree with one entry per layer, laid out like the params' text `blocks`
+(stacked over a segment's repeats, or a list of per-layer entries, as the params are):
 
-    blocks[segment][motif position] =
-        conv layer:       (R, B, L-1, D)   the short convolution's last L-1 inputs
-        attention layer:  {"k", "v"}: (R, B, S, K, H)   keys/values, S = the cache's capacity
+    conv layer:       (B, L-1, D)   the short convolution's last L-1 inputs
+    attention layer:  {"k", "v"}: (B, S, K, H)   keys/values, S = the cache's capacity
     lengths: (B,) tokens held per row; row b's next token goes to position lengths[b]
 
 Rows are independent: each attends to its own first `lengths[b]` keys, so a ragged batch needs no
@@ -19,6 +19,10 @@ import jax.numpy as jnp
 
 from .config import CONV, TextConfig
 
+# Logical axes of one layer's cache entries, mapped to mesh axes by the same rules as the params.
+CONV_STATE_AXES = ("batch", None, "conv")
+KV_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
+
 
 @flax.struct.dataclass
 class Cache:
@@ -27,77 +31,66 @@ class Cache:
 
     @property
     def capacity(self) -> int:
-        return cache_capacity(self.blocks)
+        """Positions each row can hold (0 for a model without attention layers)."""
+
+        def find(node: Any) -> int:
+            if isinstance(node, dict):
+                return node["k"].shape[-3]  # (..., B, S, K, H)
+            return next((n for n in map(find, node) if n), 0) if isinstance(node, list) else 0
+
+        return find(self.blocks)
 
 
-def cache_capacity(blocks: list) -> int:
-    for segment in blocks:
-        for entry in segment:
-            if isinstance(entry, dict):
-                return entry["k"].shape[2]
-    return 0
+def _is_shape(x: Any) -> bool:
+    return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
 
 
-def cache_shapes(cfg: TextConfig, batch: int, max_len: int) -> list:
-    """Shapes of `Cache.blocks` (tuples), for allocation and sharding."""
+def cache_layout(cfg: TextConfig, batch: int, max_len: int, scan_layers: bool = True) -> list:
+    """Per layer entry: (shape, logical axes) pairs, in the layout of `Cache.blocks`."""
     d, k, h = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim
-    blocks = []
-    for segment in cfg.segments:
-        r = segment.repeats
-        blocks.append(
-            [
-                (r, batch, cfg.conv_kernel_size - 1, d)
-                if kind == CONV
-                else {"k": (r, batch, max_len, k, h), "v": (r, batch, max_len, k, h)}
-                for kind in segment.motif
-            ]
-        )
-    return blocks
+    conv = ((batch, cfg.conv_kernel_size - 1, d), CONV_STATE_AXES)
+    kv = ((batch, max_len, k, h), KV_AXES)
+
+    def entry(kind: str, repeats: int) -> Any:
+        one = conv if kind == CONV else {"k": kv, "v": kv}
+        if not scan_layers:
+            return [one] * repeats
+        return jax.tree.map(lambda x: ((repeats, *x[0]), ("layers", *x[1])), one, is_leaf=is_layout)
+
+    return [[entry(kind, seg.repeats) for kind in seg.motif] for seg in cfg.segments]
 
 
-# Logical axes of cache entries, mapped to mesh axes by the same rules as the params.
-CONV_STATE_AXES = ("layers", "batch", None, "conv")
-KV_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+def is_layout(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and _is_shape(x[0])
 
 
-def cache_axes(cfg: TextConfig) -> list:
-    return jax.tree.map(
-        lambda shape: CONV_STATE_AXES if len(shape) == 4 else KV_AXES,
-        cache_shapes(cfg, 1, 1),
-        is_leaf=lambda x: isinstance(x, tuple),
-    )
-
-
-def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype: Any) -> Cache:
+def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype: Any, scan_layers: bool = True) -> Cache:
     blocks = jax.tree.map(
-        lambda shape: jnp.zeros(shape, dtype),
-        cache_shapes(cfg, batch, max_len),
-        is_leaf=lambda x: isinstance(x, tuple),
+        lambda x: jnp.zeros(x[0], dtype), cache_layout(cfg, batch, max_len, scan_layers), is_leaf=is_layout
     )
     return Cache(blocks=blocks, lengths=jnp.zeros((batch,), jnp.int32))
 
 
-def _write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """cache (R, B, S, ...) <- new (R, B, T, ...) at per-row offsets start (B,)."""
+def _write_rows(held: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """held (..., B, S, K, H) <- new (..., B, T, K, H) at per-row sequence offsets start (B,)."""
+    batch_axis = held.ndim - 4
 
     def write_row(c: jax.Array, n: jax.Array, s: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), s, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), s, axis=batch_axis)
 
-    return jax.vmap(write_row, in_axes=(1, 1, 0), out_axes=1)(cache, new, start)
+    return jax.vmap(write_row, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)(held, new, start)
 
 
 def append(cache: Cache, entries: list, num_new: jax.Array) -> Cache:
     """Folds the entries of a `text_forward` call into the cache: keys and values written at each row's
-    current length, conv states replaced, lengths advanced by the row's number of valid new tokens."""
-    blocks = []
-    for seg_cache, seg_entries in zip(cache.blocks, entries, strict=True):
-        new_seg = []
-        for held, entry in zip(seg_cache, seg_entries, strict=True):
-            if isinstance(held, dict):
-                new_seg.append(
-                    {name: _write_rows(held[name], entry[name], cache.lengths) for name in ("k", "v")}
-                )
-            else:
-                new_seg.append(entry.astype(held.dtype))
-        blocks.append(new_seg)
-    return Cache(blocks=blocks, lengths=cache.lengths + num_new.astype(jnp.int32))
+    current length, conv states replaced, lengths advanced by each row's number of valid new tokens.
+    The caller keeps lengths + new tokens within the capacity (a write past it would be clamped)."""
+
+    def fold(held: Any, entry: Any) -> Any:
+        if isinstance(held, list):
+            return [fold(h, e) for h, e in zip(held, entry, strict=True)]
+        if isinstance(held, dict):
+            return {name: _write_rows(held[name], entry[name], cache.lengths) for name in ("k", "v")}
+        return entry.astype(held.dtype)
+
+    return Cache(blocks=fold(cache.blocks, entries), lengths=cache.lengths + num_new.astype(jnp.int32))

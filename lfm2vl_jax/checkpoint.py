@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .config import CONV, ConfigError, Lfm2VlConfig, config_from_dict
-from .params import Params, ParamSpec, is_spec, param_specs
+from .params import Params, ParamSpec, is_spec, layers_are_stacked, param_specs
 from .safetensors_io import SafetensorsError, SafetensorsFile
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,9 @@ def _reshaper(shape: tuple[int, ...], hf_shape: tuple[int, ...]) -> tuple[Callab
     return (lambda x: x.reshape(shape)), (lambda x: x.reshape(hf_shape))
 
 
-def tensor_map(config: Lfm2VlConfig) -> dict[str, TensorMapping]:
-    """Every tensor of the model's 5.x state dict -> where and how it lives in our pytree."""
+def tensor_map(config: Lfm2VlConfig, scan_layers: bool = True) -> dict[str, TensorMapping]:
+    """Every tensor of the model's 5.x state dict -> where and how it lives in our pytree (in the
+    layout `scan_layers` selects, see `params.param_specs`)."""
     v, t = config.vision, config.text
     table: dict[str, TensorMapping] = {}
 
@@ -137,7 +138,8 @@ def tensor_map(config: Lfm2VlConfig) -> dict[str, TensorMapping]:
     )
     add_linear(f"{PROJECTOR_PREFIX}linear_2", ("projector", "fc2"), None, p_hidden, (t.hidden_size,), bias)
 
-    # Text tower: HF layer i lives at blocks[segment][motif position], index `repeat` on the stacked axis.
+    # Text tower: HF layer i lives at blocks[segment][motif position], then at index `repeat` of the
+    # stacked axis (scanned layout) or of the list of layers (per-layer layout).
     d, f, n, k, h = t.hidden_size, t.intermediate_size, t.num_heads, t.num_kv_heads, t.head_dim
     add(f"{TEXT_PREFIX}embed_tokens.weight", ("text", "embed"), None, (t.vocab_size, d))
     add(f"{TEXT_PREFIX}embedding_norm.weight", ("text", "final_norm", "scale"), None, (d,))
@@ -146,62 +148,100 @@ def tensor_map(config: Lfm2VlConfig) -> dict[str, TensorMapping]:
     for s, segment in enumerate(t.segments):
         for r in range(segment.repeats):
             for pos, kind in enumerate(segment.motif):
-                hf, path = f"{TEXT_PREFIX}layers.{segment.layer_index(r, pos)}", ("text", "blocks", s, pos)
-                add(f"{hf}.operator_norm.weight", (*path, "operator_norm", "scale"), r, (d,))
-                add(f"{hf}.ffn_norm.weight", (*path, "ffn_norm", "scale"), r, (d,))
+                hf = f"{TEXT_PREFIX}layers.{segment.layer_index(r, pos)}"
+                if scan_layers:
+                    path, index = ("text", "blocks", s, pos), r
+                else:
+                    path, index = ("text", "blocks", s, pos, r), None
+                add(f"{hf}.operator_norm.weight", (*path, "operator_norm", "scale"), index, (d,))
+                add(f"{hf}.ffn_norm.weight", (*path, "ffn_norm", "scale"), index, (d,))
                 add(
                     f"{hf}.feed_forward.w1.weight",
                     (*path, "mlp", "gate"),
-                    r,
+                    index,
                     (f, d),
                     (_transpose, _transpose),
                 )
-                add(f"{hf}.feed_forward.w3.weight", (*path, "mlp", "up"), r, (f, d), (_transpose, _transpose))
+                add(
+                    f"{hf}.feed_forward.w3.weight",
+                    (*path, "mlp", "up"),
+                    index,
+                    (f, d),
+                    (_transpose, _transpose),
+                )
                 add(
                     f"{hf}.feed_forward.w2.weight",
                     (*path, "mlp", "down"),
-                    r,
+                    index,
                     (d, f),
                     (_transpose, _transpose),
                 )
                 if kind == CONV:
                     conv = (*path, "conv")
                     size = t.conv_kernel_size
-                    add(f"{hf}.conv.in_proj.weight", (*conv, "in_proj"), r, (3 * d, d), _to_input_first(3, d))
+                    add(
+                        f"{hf}.conv.in_proj.weight",
+                        (*conv, "in_proj"),
+                        index,
+                        (3 * d, d),
+                        _to_input_first(3, d),
+                    )
                     add(
                         f"{hf}.conv.conv.weight",
                         (*conv, "kernel"),
-                        r,
+                        index,
                         (d, 1, size),
                         (lambda w: w[:, 0, :].T, lambda x: x.T[:, None, :]),
                     )
                     add(
-                        f"{hf}.conv.out_proj.weight", (*conv, "out_proj"), r, (d, d), (_transpose, _transpose)
+                        f"{hf}.conv.out_proj.weight",
+                        (*conv, "out_proj"),
+                        index,
+                        (d, d),
+                        (_transpose, _transpose),
                     )
                     if t.conv_bias:
                         add(
                             f"{hf}.conv.in_proj.bias",
                             (*conv, "in_proj_bias"),
-                            r,
+                            index,
                             (3 * d,),
                             _reshaper((3, d), (3 * d,)),
                         )
-                        add(f"{hf}.conv.conv.bias", (*conv, "kernel_bias"), r, (d,))
-                        add(f"{hf}.conv.out_proj.bias", (*conv, "out_proj_bias"), r, (d,))
+                        add(f"{hf}.conv.conv.bias", (*conv, "kernel_bias"), index, (d,))
+                        add(f"{hf}.conv.out_proj.bias", (*conv, "out_proj_bias"), index, (d,))
                 else:
                     attn = (*path, "attn")
-                    add(f"{hf}.self_attn.q_proj.weight", (*attn, "q"), r, (n * h, d), _to_input_first(n, h))
-                    add(f"{hf}.self_attn.k_proj.weight", (*attn, "k"), r, (k * h, d), _to_input_first(k, h))
-                    add(f"{hf}.self_attn.v_proj.weight", (*attn, "v"), r, (k * h, d), _to_input_first(k, h))
+                    add(
+                        f"{hf}.self_attn.q_proj.weight",
+                        (*attn, "q"),
+                        index,
+                        (n * h, d),
+                        _to_input_first(n, h),
+                    )
+                    add(
+                        f"{hf}.self_attn.k_proj.weight",
+                        (*attn, "k"),
+                        index,
+                        (k * h, d),
+                        _to_input_first(k, h),
+                    )
+                    add(
+                        f"{hf}.self_attn.v_proj.weight",
+                        (*attn, "v"),
+                        index,
+                        (k * h, d),
+                        _to_input_first(k, h),
+                    )
                     add(
                         f"{hf}.self_attn.out_proj.weight",
                         (*attn, "o"),
-                        r,
+                        index,
                         (d, n * h),
                         _from_heads_first(d, n, h),
                     )
-                    add(f"{hf}.self_attn.q_layernorm.weight", (*attn, "q_norm"), r, (h,))
-                    add(f"{hf}.self_attn.k_layernorm.weight", (*attn, "k_norm"), r, (h,))
+                    add(f"{hf}.self_attn.q_layernorm.weight", (*attn, "q_norm"), index, (h,))
+                    add(f"{hf}.self_attn.k_layernorm.weight", (*attn, "k_norm"), index, (h,))
     return table
 
 
@@ -354,15 +394,16 @@ def _group_by_leaf(table: dict[str, TensorMapping]) -> dict[tuple, list[TensorMa
 def load_hf_checkpoint(
     directory: str | Path,
     dtype: Any = jnp.float32,
-    shardings: Callable[[Lfm2VlConfig], Any] | None = None,
+    shardings: Callable[[Lfm2VlConfig, bool], Any] | None = None,
     progress: bool = True,
+    scan_layers: bool = True,
 ) -> tuple[Lfm2VlConfig, Params]:
     """Reads a transformers checkpoint directory into (config, params); no torch needed.
 
     Tensors are read one at a time from memory-mapped files, laid out and cast on the host, and each
     parameter leaf is put on its device(s) as soon as it is complete (`shardings`: optional function of
-    the parsed config returning a pytree of `jax.sharding.Sharding` matching the params), so peak host
-    memory stays near one leaf.
+    the parsed config and `scan_layers` returning a pytree of `jax.sharding.Sharding` matching the
+    params), so peak host memory stays near one leaf. `scan_layers` picks the text layers' layout.
     """
     directory = Path(directory)
     try:
@@ -373,11 +414,11 @@ def load_hf_checkpoint(
         raise ConfigError(f"{directory / 'config.json'} is not valid JSON: {err}") from None
     reader = CheckpointReader(directory)
     config = reconcile_config(config_from_dict(raw), raw, reader)
-    table = tensor_map(config)
+    table = tensor_map(config, scan_layers)
     _check_tensors(reader, table, config)
 
-    specs = param_specs(config)
-    leaf_shardings = None if shardings is None else shardings(config)
+    specs = param_specs(config, scan_layers)
+    leaf_shardings = None if shardings is None else shardings(config, scan_layers)
     np_dtype = np.dtype(jnp.dtype(dtype))
     params = jax.tree.map(lambda _: None, specs, is_leaf=is_spec)
     bar = tqdm(total=len(table), desc=f"loading {directory.name}", unit="tensor", disable=not progress)
@@ -406,7 +447,7 @@ def iter_hf_tensors(
     config: Lfm2VlConfig, params: Params, dtype: Any = None
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Our params as transformers 5.x state-dict tensors, one at a time, in key order."""
-    table = tensor_map(config)
+    table = tensor_map(config, layers_are_stacked(params))
     for key in sorted(table):
         m = table[key]
         leaf = _leaf_at(params, m.path)

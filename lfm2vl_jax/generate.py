@@ -21,12 +21,14 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from .cache import Cache, append, init_cache
 from .config import Lfm2VlConfig
 from .model import embed_inputs
-from .params import Params
+from .params import Params, layers_are_stacked
 from .sampling import SamplingParams, next_token
+from .sharding import cache_shardings
 from .text import embed_tokens, lm_logits, text_forward
 
 HOST_CHECK_EVERY = 8  # host loop: decode steps dispatched between looks at the `done` flags
@@ -53,7 +55,7 @@ def _record(state: DecodeState, token: jax.Array, stop_ids: jax.Array, pad_id: i
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_len", "max_new_tokens", "pad_id", "unroll"))
+@functools.partial(jax.jit, static_argnames=("config", "max_len", "max_new_tokens", "pad_id", "mesh"))
 def prefill(
     params: Params,
     config: Lfm2VlConfig,
@@ -70,16 +72,23 @@ def prefill(
     max_len: int,
     max_new_tokens: int,
     pad_id: int,
-    unroll: int | bool = 1,
+    mesh: Mesh | None = None,
 ) -> DecodeState:
     """Vision tower + projector + text tower over right-padded prompts; fills a fresh cache of `max_len`
-    positions and samples each row's first token from the logits at its last prompt position."""
+    positions and samples each row's first token from the logits at its last prompt position. With a
+    mesh, the cache is laid out by the logical sharding rules (rows over `data`, heads over `tensor`)."""
     batch = input_ids.shape[0]
     mask = attention_mask.astype(bool)
     embeds = embed_inputs(params, config, input_ids, pixel_values, pixel_attention_mask, spatial_shapes)
-    hidden, entries = text_forward(params["text"], config.text, embeds, mask, unroll=unroll)
+    hidden, entries = text_forward(params["text"], config.text, embeds, mask)
     lengths = mask.sum(axis=1).astype(jnp.int32)
-    cache = append(init_cache(config.text, batch, max_len, hidden.dtype), entries, lengths)
+    stacked = layers_are_stacked(params)
+    cache = append(init_cache(config.text, batch, max_len, hidden.dtype, stacked), entries, lengths)
+    if mesh is not None:
+        blocks = jax.lax.with_sharding_constraint(
+            cache.blocks, cache_shardings(config, batch, max_len, mesh, stacked)
+        )
+        cache = cache.replace(blocks=blocks)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     logits = lm_logits(params["text"], last)
     rows = jnp.arange(batch)[:, None]
@@ -103,13 +112,12 @@ def _decode(
     sampling: SamplingParams,
     stop_ids: jax.Array,
     pad_id: int,
-    unroll: int | bool,
 ) -> DecodeState:
     batch = state.tokens.shape[0]
     last = jax.lax.dynamic_index_in_dim(state.tokens, state.num_generated - 1, axis=1)  # (B, 1)
     new = jnp.ones((batch, 1), bool)
     hidden, entries = text_forward(
-        params["text"], config.text, embed_tokens(params["text"], last), new, cache=state.cache, unroll=unroll
+        params["text"], config.text, embed_tokens(params["text"], last), new, cache=state.cache
     )
     cache = append(state.cache, entries, jnp.ones((batch,), jnp.int32))
     logits = lm_logits(params["text"], hidden[:, 0])
@@ -118,7 +126,7 @@ def _decode(
     return _record(state.replace(cache=cache, key=key), token, stop_ids, pad_id)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "pad_id", "unroll"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("config", "pad_id"), donate_argnames=("state",))
 def decode_step(
     params: Params,
     config: Lfm2VlConfig,
@@ -126,13 +134,12 @@ def decode_step(
     sampling: SamplingParams,
     stop_ids: jax.Array,
     pad_id: int,
-    unroll: int | bool = 1,
 ) -> DecodeState:
     """One new token per row; the state (and its cache) is donated and updated in place."""
-    return _decode(params, config, state, sampling, stop_ids, pad_id, unroll)
+    return _decode(params, config, state, sampling, stop_ids, pad_id)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "pad_id", "unroll"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("config", "pad_id"), donate_argnames=("state",))
 def decode_loop(
     params: Params,
     config: Lfm2VlConfig,
@@ -141,7 +148,6 @@ def decode_loop(
     stop_ids: jax.Array,
     limit: jax.Array,
     pad_id: int,
-    unroll: int | bool = 1,
 ) -> DecodeState:
     """Decode steps on the device until every row is done or `limit` tokens exist."""
 
@@ -149,7 +155,7 @@ def decode_loop(
         return ~jnp.all(s.done) & (s.num_generated < limit)
 
     return jax.lax.while_loop(
-        running, lambda s: _decode(params, config, s, sampling, stop_ids, pad_id, unroll), state
+        running, lambda s: _decode(params, config, s, sampling, stop_ids, pad_id), state
     )
 
 
@@ -185,14 +191,16 @@ def prepare_batch(
     pixel_attention_mask: np.ndarray | None,
     spatial_shapes: np.ndarray | None,
     pad_id: int,
+    row_multiple: int = 1,
 ) -> PreparedBatch:
-    """Moves each row's tokens to the left (whatever side the processor padded), buckets the batch size,
-    prompt length and image count, and pads with inert rows and images."""
+    """Moves each row's tokens to the left (whatever side the processor padded), buckets the batch size
+    (then rounds it up to `row_multiple`, e.g. the mesh's data-axis size), prompt length and image count,
+    and pads with inert rows and images."""
     mask = np.ones_like(input_ids, bool) if attention_mask is None else attention_mask.astype(bool)
     lengths = mask.sum(axis=1)
     if (lengths == 0).any():
         raise ValueError(f"rows {np.flatnonzero(lengths == 0).tolist()} have no tokens")
-    rows = bucket(len(input_ids))
+    rows = -(-bucket(len(input_ids)) // row_multiple) * row_multiple
     seq = bucket(int(lengths.max()), minimum=16)
     ids = np.full((rows, seq), pad_id, np.int32)
     new_mask = np.zeros((rows, seq), np.int32)
@@ -226,7 +234,7 @@ def run(
     max_new_tokens: int,
     seed: int = 0,
     loop: str = "host",
-    unroll: int | bool = 1,
+    mesh: Mesh | None = None,
 ) -> Iterator[DecodeState]:
     """Prefill then decode; yields the state after every token (host loop) so callers can stream.
 
@@ -256,16 +264,16 @@ def run(
         max_len=seq + new_bucket,
         max_new_tokens=new_bucket,
         pad_id=pad_id,
-        unroll=unroll,
+        mesh=mesh,
     )
     yield state
     if loop == "device":
-        yield decode_loop(params, config, state, sampling, stop, jnp.int32(max_new_tokens), pad_id, unroll)
+        yield decode_loop(params, config, state, sampling, stop, jnp.int32(max_new_tokens), pad_id)
         return
     for generated in range(1, max_new_tokens):
         if generated % HOST_CHECK_EVERY == 0 and np.asarray(state.done).all():
             return
-        state = decode_step(params, config, state, sampling, stop, pad_id, unroll)
+        state = decode_step(params, config, state, sampling, stop, pad_id)
         yield state
 
 
@@ -285,7 +293,7 @@ def generate(
     seed: int = 0,
     loop: str = "host",
     streamer: Callable[[np.ndarray], Any] | None = None,
-    unroll: int | bool = 1,
+    mesh: Mesh | None = None,
 ) -> np.ndarray:
     """New tokens (num_rows, n), pad after each row's stop token; n <= max_new_tokens is the longest row.
 
@@ -295,7 +303,7 @@ def generate(
     if streamer is not None and loop == "device":
         raise ValueError("streaming needs the host loop (loop='host')")
     state = None
-    for state in run(params, config, batch, sampling, stop_ids, pad_id, max_new_tokens, seed, loop, unroll):
+    for state in run(params, config, batch, sampling, stop_ids, pad_id, max_new_tokens, seed, loop, mesh):
         if streamer is not None:
             streamer(latest_tokens(state, batch.num_rows))
     # Slicing on the host: a device-side slice would compile a program per output length.

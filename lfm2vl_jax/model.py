@@ -72,7 +72,7 @@ def embed_inputs(
     return merge_image_features(embeds, input_ids, config.image_token_id, features, valid)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "unroll"))
+@functools.partial(jax.jit, static_argnames=("config",))
 def forward(
     params: Params,
     config: Lfm2VlConfig,
@@ -81,11 +81,10 @@ def forward(
     pixel_values: jax.Array | None = None,
     pixel_attention_mask: jax.Array | None = None,
     spatial_shapes: jax.Array | None = None,
-    unroll: int | bool = 1,
 ) -> jax.Array:
     """Logits (B, S, V) in float32 for right-padded `input_ids` (B, S); the reference's plain forward."""
     embeds = embed_inputs(params, config, input_ids, pixel_values, pixel_attention_mask, spatial_shapes)
-    hidden, _ = text_forward(params["text"], config.text, embeds, attention_mask, unroll=unroll)
+    hidden, _ = text_forward(params["text"], config.text, embeds, attention_mask)
     return lm_logits(params["text"], hidden)
 
 

@@ -8,8 +8,10 @@ Layout (nested dicts and lists of arrays; kernels are stored input-first, `x @ k
                 post_ln{scale, bias}
     projector:  [ln{scale, bias}], fc1{kernel (E*f*f, P), bias}, fc2{kernel (P, D), bias}
     text:       embed (V, D), final_norm{scale}, [lm_head (D, V) when untied],
-                blocks: one list per `Segment` of the layer plan (see `config.plan_segments`), holding one
-                layer dict per motif position, stacked on a leading `layers` axis of length `repeats`:
+                blocks: one list per `Segment` of the layer plan (see `config.plan_segments`), holding per
+                motif position either one layer dict stacked on a leading `layers` axis of length
+                `repeats` (scan_layers=True: run by `lax.scan`) or a list of `repeats` unstacked layer
+                dicts (scan_layers=False: run by a Python loop, no per-step weight slicing):
                   conv layer: operator_norm, conv{in_proj (D, 3, D), kernel (L, D), out_proj (D, D)
                               [+ biases]}, ffn_norm, mlp{gate (D, F), up (D, F), down (F, D)}
                   attention:  operator_norm, attn{q (D,N,H), k (D,K,H), v (D,K,H), o (N,H,D),
@@ -142,7 +144,7 @@ def _stack(tree: Any, n: int) -> Any:
     return jax.tree.map(lambda s: s.stacked(n), tree, is_leaf=lambda x: isinstance(x, ParamSpec))
 
 
-def param_specs(config: Lfm2VlConfig) -> Params:
+def param_specs(config: Lfm2VlConfig, scan_layers: bool = True) -> Params:
     """The whole model's parameter pytree, as `ParamSpec` leaves."""
     v, t = config.vision, config.text
     patch_dim = v.num_channels * v.patch_size**2
@@ -162,7 +164,13 @@ def param_specs(config: Lfm2VlConfig) -> Params:
     text: dict[str, Any] = {
         "embed": ParamSpec((t.vocab_size, t.hidden_size), ("vocab", "embed"), "normal", 1.0),
         "blocks": [
-            [_stack(text_layer_specs(t, kind), seg.repeats) for kind in seg.motif] for seg in t.segments
+            [
+                _stack(text_layer_specs(t, kind), seg.repeats)
+                if scan_layers
+                else [text_layer_specs(t, kind) for _ in range(seg.repeats)]
+                for kind in seg.motif
+            ]
+            for seg in t.segments
         ],
         "final_norm": _norm(t.hidden_size, "embed"),
     }
@@ -186,22 +194,26 @@ def is_spec(x: Any) -> bool:
     return isinstance(x, ParamSpec)
 
 
-def abstract_params(config: Lfm2VlConfig, dtype: Any = jnp.float32) -> Params:
+def abstract_params(config: Lfm2VlConfig, dtype: Any = jnp.float32, scan_layers: bool = True) -> Params:
     """`jax.ShapeDtypeStruct` leaves: what `jax.eval_shape` sees, without allocating anything."""
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(config), is_leaf=is_spec)
+    specs = param_specs(config, scan_layers)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), specs, is_leaf=is_spec)
 
 
-def logical_axes(config: Lfm2VlConfig) -> Params:
-    return jax.tree.map(lambda s: s.axes, param_specs(config), is_leaf=is_spec)
+def layers_are_stacked(params: Params) -> bool:
+    """Which text-layer layout a params pytree uses (see the module docstring)."""
+    return not isinstance(params["text"]["blocks"][0][0], list)
 
 
 def count_params(config: Lfm2VlConfig) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(config)))
 
 
-def init_params(config: Lfm2VlConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
+def init_params(
+    config: Lfm2VlConfig, key: jax.Array, dtype: Any = jnp.float32, scan_layers: bool = True
+) -> Params:
     """Random weights of realistic scale (kernels ~ N(0, 1/fan_in)), for tests and benchmarks."""
-    specs, treedef = jax.tree.flatten(param_specs(config), is_leaf=is_spec)
+    specs, treedef = jax.tree.flatten(param_specs(config, scan_layers), is_leaf=is_spec)
     keys = jax.random.split(key, len(specs))
 
     def init(spec: ParamSpec, k: jax.Array) -> jax.Array:

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from .cache import cache_axes, cache_shapes
+from .cache import cache_layout, is_layout
 from .config import Lfm2VlConfig
 from .params import is_spec, param_specs
 
@@ -52,21 +52,21 @@ def partition_spec(shape: tuple[int, ...], axes: tuple[str | None, ...], mesh: M
     return PartitionSpec(*parts)
 
 
-def param_shardings(config: Lfm2VlConfig, mesh: Mesh) -> Any:
+def param_shardings(config: Lfm2VlConfig, mesh: Mesh, scan_layers: bool = True) -> Any:
     return jax.tree.map(
         lambda s: NamedSharding(mesh, partition_spec(s.shape, s.axes, mesh)),
-        param_specs(config),
+        param_specs(config, scan_layers),
         is_leaf=is_spec,
     )
 
 
-def cache_shardings(config: Lfm2VlConfig, batch: int, max_len: int, mesh: Mesh) -> list:
-    shapes = cache_shapes(config.text, batch, max_len)
+def cache_shardings(
+    config: Lfm2VlConfig, batch: int, max_len: int, mesh: Mesh, scan_layers: bool = True
+) -> list:
     return jax.tree.map(
-        lambda shape, axes: NamedSharding(mesh, partition_spec(shape, axes, mesh)),
-        shapes,
-        cache_axes(config.text),
-        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x),
+        lambda x: NamedSharding(mesh, partition_spec(*x, mesh)),
+        cache_layout(config.text, batch, max_len, scan_layers),
+        is_leaf=is_layout,
     )
 
 

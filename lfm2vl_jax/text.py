@@ -3,7 +3,7 @@ SwiGLU MLP, pre-RMSNorm residuals, a final `embedding_norm`, and the LM head.
 
 The irregular layer pattern runs as a few `lax.scan`s, one per `Segment` of repeated motifs (see
 `config.plan_segments`): the traced program holds each motif once, whatever the depth, with no per-layer
-`lax.cond`.
+`lax.cond`. With unstacked weights (`scan_layers=False`) the same segments run as a Python loop instead.
 
 One function, `text_forward`, serves the plain forward pass (no cache), prefill (no cache; the per-layer
 entries it returns fill a fresh cache) and cached decoding of one or more new tokens per row.
@@ -112,20 +112,20 @@ def decoder_layer(
 
 
 def run_layers(
-    blocks: list,
-    h: jax.Array,
-    ctx: StepContext,
-    cache_blocks: list | None,
-    cfg: TextConfig,
-    unroll: int | bool,
+    blocks: list, h: jax.Array, ctx: StepContext, cache_blocks: list | None, cfg: TextConfig
 ) -> tuple[jax.Array, list]:
-    """Runs every segment's scan. Returns the hidden state and, per segment and motif position, the
-    layers' new cache entries stacked over repeats (conv: state (R, B, L-1, D); attention: k, v)."""
+    """Runs every segment of the layer plan. Returns the hidden state and each layer's new cache entry
+    (conv: state (B, L-1, D); attention: k, v), in the layout of the params' blocks: stacked over a
+    segment's repeats when its weights are stacked (one `lax.scan`), else a list over repeats (a Python
+    loop over unstacked weights, which reads each weight in place instead of slicing a stack)."""
     entries = []
     for s, segment in enumerate(cfg.segments):
+        seg_params = blocks[s]
         seg_cache = None if cache_blocks is None else cache_blocks[s]
 
-        def body(h: jax.Array, xs: tuple, motif: tuple[str, ...] = segment.motif) -> tuple[jax.Array, list]:
+        def motif_body(
+            h: jax.Array, xs: tuple, motif: tuple[str, ...] = segment.motif
+        ) -> tuple[jax.Array, list]:
             layer_params, layer_cache = xs
             new = []
             for i, kind in enumerate(motif):
@@ -134,7 +134,15 @@ def run_layers(
                 new.append(entry)
             return h, new
 
-        h, seg_entries = jax.lax.scan(body, h, (blocks[s], seg_cache), unroll=unroll)
+        if not isinstance(seg_params[0], list):
+            h, seg_entries = jax.lax.scan(motif_body, h, (seg_params, seg_cache))
+        else:
+            per_repeat = []
+            for r in range(segment.repeats):
+                layer_cache = None if seg_cache is None else [position[r] for position in seg_cache]
+                h, new = motif_body(h, ([position[r] for position in seg_params], layer_cache))
+                per_repeat.append(new)
+            seg_entries = [list(position) for position in zip(*per_repeat, strict=True)]
         entries.append(seg_entries)
     return h, entries
 
@@ -149,7 +157,6 @@ def text_forward(
     embeds: jax.Array,
     token_mask: jax.Array,
     cache: Cache | None = None,
-    unroll: int | bool = 1,
 ) -> tuple[jax.Array, list]:
     """Runs the text tower over new positions (B, T, D), right-padded per `token_mask`.
 
@@ -175,7 +182,7 @@ def text_forward(
         cache_mask=cache_mask,
     )
     cache_blocks = None if cache is None else cache.blocks
-    h, entries = run_layers(params["blocks"], embeds, ctx, cache_blocks, cfg, unroll)
+    h, entries = run_layers(params["blocks"], embeds, ctx, cache_blocks, cfg)
     return rms_norm(h, params["final_norm"]["scale"], cfg.norm_eps), entries
 
 

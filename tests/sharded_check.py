@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from lfm2vl_jax import Lfm2VlForConditionalGeneration
+from lfm2vl_jax import generate as engine
 from lfm2vl_jax.sharding import make_mesh
 
 
@@ -25,15 +26,24 @@ def main(directory: str, inputs_file: str) -> None:
     )
     options = dict(max_new_tokens=24, repetition_penalty=2.0)
     ours = sharded.generate(**inputs, **options)
+    per_layer = Lfm2VlForConditionalGeneration.from_pretrained(
+        directory, mesh=mesh, scan_layers=False, progress=False
+    )
     logits = np.asarray(sharded(**inputs).logits)
     reference_logits = np.asarray(single(**inputs).logits)
+    # The cache prefill lays out: rows over `data`; kv heads (2) do not divide tensor=4, so replicated.
+    batch, sampling, stop, pad = sharded._generation_setup(inputs, {})
+    state = next(engine.run(sharded.params, sharded.config, batch, sampling, stop, pad, 4, mesh=mesh))
+    kv = next(e for segment in state.cache.blocks for e in segment if isinstance(e, dict))["k"]
     result = {
+        "cache_k_spec": str(kv.sharding.spec),
         "devices": len(jax.devices()),
         "mlp_gate_spec": str(mlp.sharding.spec),
         "mlp_gate_shards": len(mlp.addressable_shards),
         "attn_q_spec": str(attn["q"].sharding.spec),
         "attn_k_spec": str(attn["k"].sharding.spec),
         "tokens_equal": bool(np.array_equal(ours, single.generate(**inputs, **options))),
+        "per_layer_tokens_equal": bool(np.array_equal(ours, per_layer.generate(**inputs, **options))),
         "logits_relative_error": float(
             np.abs(logits - reference_logits).max() / np.abs(reference_logits).max()
         ),

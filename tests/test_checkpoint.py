@@ -51,6 +51,15 @@ def test_every_tensor_lands_where_the_export_reads_it_back(saved):
         np.testing.assert_array_equal(exported[key], value, err_msg=key)
 
 
+def test_per_layer_layout_reads_and_writes_every_tensor(saved):
+    directory, tensors = saved
+    config, params = load_hf_checkpoint(directory, progress=False, scan_layers=False)
+    exported = dict(iter_hf_tensors(config, params))
+    assert sorted(exported) == sorted(tensors)
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
+
+
 def test_sharded_checkpoint_with_index(saved, tmp_path):
     directory, tensors = saved
     shutil.copy(directory / "config.json", tmp_path)

@@ -132,6 +132,17 @@ def test_ragged_batch_rows_equal_each_row_alone_and_transformers(pair, pad_side)
         assert_same_tokens(batch[i : i + 1, : alone.shape[1]], expected)
 
 
+def test_per_layer_layout_generates_the_same_tokens(pair, tmp_path):
+    config, reference, model = pair
+    save_reference(reference, tmp_path)
+    per_layer = Lfm2VlForConditionalGeneration.from_pretrained(tmp_path, scan_layers=False, progress=False)
+    batch = ragged_batch(row_requests(config))
+    np.testing.assert_array_equal(
+        per_layer.generate(**batch, max_new_tokens=NEW_TOKENS, repetition_penalty=PENALTY),
+        model.generate(**batch, max_new_tokens=NEW_TOKENS, repetition_penalty=PENALTY),
+    )
+
+
 def test_cached_decode_logits_equal_full_recompute(pair):
     """Prefill a ragged batch (a text row and an image row), decode 6 tokens through the cache, and
     compare every step's logits with a full forward pass over prompt + tokens so far (float32, 1e-5)."""

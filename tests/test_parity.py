@@ -81,6 +81,13 @@ def test_one_small_image(pair):
     assert_logits_match(pair.model, pair.reference, image_inputs(pair.config, [3, (4, 6), 5]))
 
 
+def test_per_layer_layout_matches_too(pair):
+    """scan_layers=False (one array per layer, a Python loop) computes the same function."""
+    model = Lfm2VlForConditionalGeneration.from_pretrained(pair.directory, scan_layers=False, progress=False)
+    assert isinstance(model.params["text"]["blocks"][0][0], list)
+    assert_logits_match(model, pair.reference, image_inputs(pair.config, [3, (4, 6), 5]))
+
+
 def test_two_images_in_one_prompt(pair):
     inputs = image_inputs(pair.config, [2, (6, 4), 3, (8, 8), 4])  # an upscale and the grid's own size
     assert_logits_match(pair.model, pair.reference, inputs)

@@ -44,6 +44,9 @@ def test_generate_sharded_over_8_devices_matches_one_device(tmp_path):
     assert "tensor" in result["mlp_gate_spec"] and result["mlp_gate_shards"] == 8
     # 4 query heads split over tensor=4; 2 kv heads do not divide by 4 and stay replicated.
     assert "tensor" in result["attn_q_spec"] and "tensor" not in result["attn_k_spec"]
-    assert result["tokens_equal"]
+    assert result["tokens_equal"] and result["per_layer_tokens_equal"]
+    assert result["cache_k_spec"] == "P(None, 'data')", result[
+        "cache_k_spec"
+    ]  # (repeats, rows, seq, heads, dim)
     # Sharded matmuls sum their partial products in another order: float32 rounding only.
     assert result["logits_relative_error"] <= 1e-5
