@@ -20,7 +20,9 @@ different rounding and agrees on only ~77% of values for slight upscales.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -35,6 +37,8 @@ RESAMPLE_NAMES = {
     BOX: "box",
     HAMMING: "hamming",
 }
+# what torchvision resizes tensors with (box and hamming are PIL-only)
+SUPPORTED_RESAMPLE = (NEAREST, LANCZOS, BILINEAR, BICUBIC)
 
 
 def _triangle(x: np.ndarray) -> np.ndarray:
@@ -101,21 +105,59 @@ def _int16_weights(in_size: int, out_size: int, resample: int) -> tuple[np.ndarr
     return indices, int_weights, precision
 
 
-def _resample_axis(image: np.ndarray, out_size: int, axis: int, resample: int) -> np.ndarray:
-    indices, weights, precision = _int16_weights(image.shape[axis], out_size, resample)
-    shape = [1] * image.ndim
-    shape[axis] = out_size
-    acc = np.full(
-        tuple(out_size if d == axis else n for d, n in enumerate(image.shape)),
-        1 << (precision - 1),
-        dtype=np.int32,
-    )
+# Output rows per task: small enough that a task's int32 buffers stay in cache.
+_BLOCK_ROWS = 64
+
+
+@lru_cache(maxsize=1)
+def _thread_pool() -> ThreadPoolExecutor:
+    # numpy releases the GIL inside take and ufuncs, so row blocks run in parallel
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+
+
+def _convolve_block(
+    source: np.ndarray, axis: int, indices: np.ndarray, weights: np.ndarray, precision: int, out: np.ndarray
+) -> None:
+    """Along `axis` of 2-D uint8 `source`: out[i] = clamp((2**(p-1) + sum_k weights[i, k] *
+    source[indices[i, k]]) >> p, 0, 255), exact in int32, one tap at a time."""
+    acc = np.full(out.shape, 1 << (precision - 1), dtype=np.int32)
+    product = np.empty_like(acc)
+    gathered = np.empty(out.shape, dtype=np.uint8)
+    weight_shape = (-1, 1) if axis == 0 else (1, -1)
     for k in range(indices.shape[1]):
         if not weights[:, k].any():
             continue
-        acc += np.take(image, indices[:, k], axis=axis) * weights[:, k].reshape(shape)
+        np.take(source, indices[:, k], axis=axis, out=gathered)
+        np.multiply(gathered, weights[:, k].reshape(weight_shape), out=product)
+        acc += product
     np.right_shift(acc, precision, out=acc)
-    return np.clip(acc, 0, 255).astype(np.uint8)
+    np.clip(acc, 0, 255, out=out, casting="unsafe")
+
+
+def _convolve(
+    flat: np.ndarray, axis: int, indices: np.ndarray, weights: np.ndarray, precision: int
+) -> np.ndarray:
+    """`_convolve_block` over blocks of output rows (input rows for the horizontal pass, output rows for
+    the vertical one), on a thread pool when there is enough work."""
+    if axis == 1:
+        out = np.empty((flat.shape[0], indices.shape[0]), dtype=np.uint8)
+    else:
+        out = np.empty((indices.shape[0], flat.shape[1]), dtype=np.uint8)
+
+    def run_block(start: int) -> None:
+        rows = slice(start, start + _BLOCK_ROWS)
+        if axis == 1:
+            _convolve_block(flat[rows], 1, indices, weights, precision, out[rows])
+        else:
+            _convolve_block(flat, 0, indices[rows], weights[rows], precision, out[rows])
+
+    starts = range(0, out.shape[0], _BLOCK_ROWS)
+    if out.size < (1 << 18):
+        for start in starts:
+            run_block(start)
+    else:
+        list(_thread_pool().map(run_block, starts))
+    return out
 
 
 def _nearest_exact(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -136,11 +178,18 @@ def resize_uint8(image: np.ndarray, height: int, width: int, resample: int = BIL
         return _nearest_exact(image, height, width)
     if resample not in _AA_FILTERS:
         raise ValueError(
-            f"resample={resample} ({RESAMPLE_NAMES.get(resample, 'unknown')}) is not supported: the reference "
-            "(torchvision on tensors) supports nearest (0), lanczos (1), bilinear (2) and bicubic (3)"
+            f"resample={resample} is not one of {SUPPORTED_RESAMPLE} (nearest, lanczos, bilinear, bicubic)"
         )
-    if width != image.shape[1]:
-        image = _resample_axis(image, width, axis=1, resample=resample)
-    if height != image.shape[0]:
-        image = _resample_axis(image, height, axis=0, resample=resample)
-    return image
+    in_height, in_width, channels = image.shape
+    # Work on (H, W*C) so that every numpy loop runs over long rows, not over 3 channels.
+    flat = image.reshape(in_height, in_width * channels)
+    if width != in_width:
+        indices, weights, precision = _int16_weights(in_width, width, resample)
+        # one column per (output x, channel): source column x_in * C + c
+        channel_indices = (indices[:, None, :] * channels + np.arange(channels)[None, :, None]).reshape(
+            -1, indices.shape[1]
+        )
+        flat = _convolve(flat, 1, channel_indices, np.repeat(weights, channels, axis=0), precision)
+    if height != in_height:
+        flat = _convolve(flat, 0, *_int16_weights(in_height, height, resample))
+    return flat.reshape(height, width, channels)

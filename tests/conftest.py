@@ -1,0 +1,50 @@
+"""Processor fixtures: checkpoint directories with the stand-in tokenizer, ours and transformers'
+processors on the same files. The builders live in `processor_fixtures.py` (benchmarks reuse them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from processor_fixtures import PIXEL_PARITY, make_checkpoint_dir, make_reference_processor
+
+from lfm2vl_jax.processing import Lfm2VlProcessor
+
+
+@pytest.fixture(scope="session")
+def checkpoint_450m(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Released 450M processor files (use_thumbnail false) + stand-in tokenizer.json."""
+    return make_checkpoint_dir(tmp_path_factory.mktemp("lfm2-vl-450m"), "lfm2-vl-450m")
+
+
+@pytest.fixture(scope="session")
+def checkpoint_1_6b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Reconstructed 1.6B processor files (use_thumbnail true, no preprocessor_config.json)."""
+    return make_checkpoint_dir(tmp_path_factory.mktemp("lfm2-vl-1.6b"), "lfm2-vl-1.6b")
+
+
+@pytest.fixture(scope="session")
+def processor(checkpoint_450m: Path) -> Lfm2VlProcessor:
+    return Lfm2VlProcessor.from_pretrained(checkpoint_450m)
+
+
+@pytest.fixture(scope="session")
+def reference_processor(checkpoint_450m: Path):
+    return make_reference_processor(checkpoint_450m)
+
+
+@pytest.fixture(scope="session")
+def processor_thumbnail(checkpoint_1_6b: Path) -> Lfm2VlProcessor:
+    return Lfm2VlProcessor.from_pretrained(checkpoint_1_6b)
+
+
+@pytest.fixture(scope="session")
+def reference_processor_thumbnail(checkpoint_1_6b: Path):
+    return make_reference_processor(checkpoint_1_6b)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if PIXEL_PARITY:
+        terminalreporter.section("processor pixel parity: share of pixel values equal to transformers'")
+        for case, share in sorted(PIXEL_PARITY.items()):
+            terminalreporter.write_line(f"{share:9.5%}  {case}")

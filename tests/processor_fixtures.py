@@ -1,0 +1,195 @@
+"""Processor test material: a stand-in LFM2-VL tokenizer and checkpoint directory, transformers' reference
+processor built from the same files, synthetic images and the pixel-parity check. Plain module, so that
+benchmarks import it too (`sys.path` + `import processor_fixtures`).
+
+No `tokenizer.json` of the released models is available offline, so we train a small byte-level BPE and
+place every added token of the reference `tokenizer_config.json` at the id that file lists (pad 0, bos 1,
+`<image>` 396, `<|img_row_R_col_C|>` 397.., `<|image_start|>` 498, ...). Plain BPE tokens fill the free
+ids, unreachable filler tokens pad the vocabulary to the checkpoint's size, so both our processor and
+transformers' load the very same files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+REFERENCE_DIR = SHARED_DIR / "reference"
+IMAGES_DIR = SHARED_DIR / "images"
+
+CHECKPOINT_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "processor_config.json",
+    "preprocessor_config.json",
+)
+
+_CORPUS = """\
+Describe this image in detail. What is shown in the picture? The photo shows a woman in a naval uniform.
+A logo with blue letters on a white background. A gift box wrapped in blue paper with a ribbon.
+How many objects are there in the scene? There are three objects: a cat, a dog and a small red ball.
+Please answer the question about the image. You are a helpful assistant that describes pictures.
+The quick brown fox jumps over the lazy dog. Grace Hopper was a computer scientist and admiral.
+def main():\n    print("hello world")\n    return 0\n
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2025. Punctuation: , . ! ? ; : ' " ( ) [ ] { } - _ / \\
+Élan, naïve, café, Zürich, 東京, 北京, Москва, emoji 🙂 and symbols ± × ÷ ≤ ≥.
+"""
+
+
+def reference_dir(name: str = "lfm2-vl-450m") -> Path:
+    path = REFERENCE_DIR / name
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"reference configs not found at {path}: the tests expect the shared material in ../shared "
+            "beside the repository checkout (../shared/reference and ../shared/images)"
+        )
+    return path
+
+
+def image_path(name: str) -> Path:
+    path = IMAGES_DIR / name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"test image not found at {path}: the tests expect the shared material in ../shared "
+            "beside the repository checkout"
+        )
+    return path
+
+
+def build_tokenizer(tokenizer_config: dict, vocab_size: int = 65536, bpe_vocab_size: int = 1200) -> Tokenizer:
+    """Byte-level BPE with the config's added tokens at their listed ids."""
+    trainer = trainers.BpeTrainer(
+        vocab_size=bpe_vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trained.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    trained_model = json.loads(trained.to_str())["model"]
+
+    added = {int(i): spec for i, spec in tokenizer_config["added_tokens_decoder"].items()}
+    free_ids = (i for i in range(vocab_size) if i not in added)
+    vocab = {spec["content"]: i for i, spec in added.items()}
+    for token, _ in sorted(trained_model["vocab"].items(), key=lambda item: item[1]):
+        vocab[token] = next(free_ids)
+    for i in free_ids:  # never produced: no merge leads to them
+        vocab[f"<|filler_{i}|>"] = i
+
+    spec = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [{"id": i, **{k: v for k, v in s.items()}} for i, s in sorted(added.items())],
+        "normalizer": None,
+        "pre_tokenizer": json.loads(pre_tokenizers.ByteLevel(add_prefix_space=False).__getstate__()),
+        "post_processor": json.loads(
+            processors.TemplateProcessing(
+                single=f"{tokenizer_config['bos_token']} $A",
+                pair=f"{tokenizer_config['bos_token']} $A $B",
+                special_tokens=[(tokenizer_config["bos_token"], vocab[tokenizer_config["bos_token"]])],
+            ).__getstate__()
+        ),
+        "decoder": json.loads(decoders.ByteLevel().__getstate__()),
+        "model": {**trained_model, "vocab": vocab},
+    }
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def make_checkpoint_dir(out_dir: Path, reference: str = "lfm2-vl-450m") -> Path:
+    """Copy a reference checkpoint's processor files to `out_dir` and add the stand-in `tokenizer.json`."""
+    source = reference_dir(reference)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in CHECKPOINT_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out_dir / name)
+    tokenizer_config = json.loads((source / "tokenizer_config.json").read_text())
+    vocab_size = json.loads((source / "config.json").read_text())["text_config"]["vocab_size"]
+    build_tokenizer(tokenizer_config, vocab_size=vocab_size).save(str(out_dir / "tokenizer.json"))
+    return out_dir
+
+
+def make_reference_processor(directory: Path, **image_overrides: Any) -> Any:
+    """transformers' `Lfm2VlProcessor` from the files of `directory`.
+
+    transformers cannot load the released 450M `preprocessor_config.json` (it names Siglip2ImageProcessor
+    and then asks for remote code), so its image processor is built from the files' values directly, with
+    `do_convert_rgb=True`: the files say null, with which the reference fails on non-RGB images.
+    `image_overrides` replace file values (e.g. `resample=3`)."""
+    from transformers import Lfm2VlImageProcessor, Lfm2VlProcessor, PreTrainedTokenizerFast
+
+    values: dict[str, Any] = {}
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        if (directory / name).is_file():
+            values.update(json.loads((directory / name).read_text()))
+    # `input_data_format: channels_last` (450M file) would make the reference permute the CHW tensors it
+    # decodes file paths to; ours reads arrays as channels-last anyway.
+    accepted = set(Lfm2VlImageProcessor.valid_kwargs.__annotations__) - {
+        "return_tensors",
+        "input_data_format",
+    }
+    image_kwargs = {key: value for key, value in values.items() if key in accepted and value is not None}
+    image_kwargs.update(do_convert_rgb=True, **image_overrides)
+    processor = Lfm2VlProcessor(
+        image_processor=Lfm2VlImageProcessor(**image_kwargs),
+        tokenizer=PreTrainedTokenizerFast.from_pretrained(str(directory)),
+        chat_template=(directory / "chat_template.jinja").read_text(),
+    )
+    # a processor-level setting the constructor does not take; __call__ reads the attribute
+    processor.use_image_special_tokens = values.get("use_image_special_tokens", True)
+    return processor
+
+
+def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Deterministic photo-like (H, W, 3) uint8: smooth gradients, edges and noise, so that every resize
+    filter tap matters."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    base = np.stack(
+        [
+            127 + 100 * np.sin(x / max(width, 1) * 7 + y / max(height, 1) * 3),
+            255 * x / max(width - 1, 1),
+            np.where((x // 37 + y // 29) % 2 == 0, 60.0, 200.0),
+        ],
+        axis=-1,
+    )
+    return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+
+
+# one uint8 level, after (x/255 - 0.5) / 0.5 normalisation
+PIXEL_TOLERANCE = 2 / 255
+# share of pixel values that must be exactly equal to the reference's
+MIN_EXACT_SHARE = 0.999
+# case name -> share of exactly equal pixel values, printed at the end of the test session
+PIXEL_PARITY: dict[str, float] = {}
+
+
+def assert_processor_outputs_match(ours: dict[str, Any], reference: Any, case: str) -> None:
+    """Token ids, masks and spatial shapes equal; pixel values within one uint8 step with >= 99.9% exact."""
+    assert set(ours) == set(reference.keys()), (sorted(ours), sorted(reference.keys()))
+    for key in ("input_ids", "attention_mask", "pixel_attention_mask", "spatial_shapes"):
+        if key in ours:
+            np.testing.assert_array_equal(ours[key], np.asarray(reference[key]), err_msg=f"{case}: {key}")
+            assert ours[key].dtype == np.asarray(reference[key]).dtype, (case, key)
+    if "pixel_values" in ours:
+        assert_pixels_match(ours["pixel_values"], np.asarray(reference["pixel_values"]), case)
+
+
+def assert_pixels_match(ours: np.ndarray, reference: np.ndarray, case: str) -> None:
+    assert ours.shape == reference.shape and ours.dtype == reference.dtype, (
+        case,
+        ours.shape,
+        reference.shape,
+    )
+    exact = float(np.mean(ours == reference))
+    worst = float(np.max(np.abs(ours - reference), initial=0.0))
+    assert worst <= PIXEL_TOLERANCE + 1e-6, f"{case}: max |diff| {worst} is more than one uint8 step"
+    assert exact >= MIN_EXACT_SHARE, f"{case}: only {exact:.5%} of pixel values equal the reference's"
+    PIXEL_PARITY[case] = exact
