@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .config import CONV, ConfigError, Lfm2VlConfig, config_from_dict
+from .errors import Lfm2VlError
 from .params import Params, ParamSpec, is_spec, layers_are_stacked, param_specs
 from .safetensors_io import SafetensorsError, SafetensorsFile
 
@@ -40,7 +41,7 @@ PROJECTOR_PREFIX = "model.multi_modal_projector."
 UNUSED_TENSORS = re.compile(r"^model\.vision_tower\.head\.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(Lfm2VlError):
     """A checkpoint whose tensors do not fit the model its config describes."""
 
 

@@ -19,11 +19,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .errors import Lfm2VlError
+
 CONV = "conv"
 ATTENTION = "full_attention"
 
 
-class ConfigError(ValueError):
+class ConfigError(Lfm2VlError):
     """A checkpoint's config.json cannot be parsed into a model we can build."""
 
 

@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 
 from .cache import Cache, append, init_cache
 from .config import Lfm2VlConfig
+from .errors import Lfm2VlError
 from .model import embed_inputs
 from .params import Params, layers_are_stacked
 from .sampling import SamplingParams, next_token
@@ -199,7 +200,7 @@ def prepare_batch(
     mask = np.ones_like(input_ids, bool) if attention_mask is None else attention_mask.astype(bool)
     lengths = mask.sum(axis=1)
     if (lengths == 0).any():
-        raise ValueError(f"rows {np.flatnonzero(lengths == 0).tolist()} have no tokens")
+        raise Lfm2VlError(f"rows {np.flatnonzero(lengths == 0).tolist()} have no tokens")
     rows = -(-bucket(len(input_ids)) // row_multiple) * row_multiple
     seq = bucket(int(lengths.max()), minimum=16)
     ids = np.full((rows, seq), pad_id, np.int32)
@@ -242,9 +243,9 @@ def run(
     real row is done.
     """
     if loop not in ("host", "device"):
-        raise ValueError(f"loop must be 'host' or 'device', got {loop!r}")
+        raise Lfm2VlError(f"loop must be 'host' or 'device', got {loop!r}")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise Lfm2VlError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     rows, seq = batch.input_ids.shape
     new_bucket = bucket(max_new_tokens, minimum=16)
     stop = jnp.asarray(sorted(set(stop_ids)), jnp.int32)
@@ -301,7 +302,7 @@ def generate(
     already done); it makes the host wait for each step.
     """
     if streamer is not None and loop == "device":
-        raise ValueError("streaming needs the host loop (loop='host')")
+        raise Lfm2VlError("streaming needs the host loop (loop='host')")
     state = None
     for state in run(params, config, batch, sampling, stop_ids, pad_id, max_new_tokens, seed, loop, mesh):
         if streamer is not None:

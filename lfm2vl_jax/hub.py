@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+from .errors import Lfm2VlError
+
+MODEL_FILES = ("*.json", "*.safetensors", "*.jinja")
+PROCESSOR_FILES = ("*.json", "*.jinja")
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(Lfm2VlError, FileNotFoundError):
     pass
 
 
-def resolve_checkpoint_dir(path_or_hub_id: str | Path) -> Path:
-    """A local directory as is; otherwise a Hugging Face Hub id, downloaded (or found in the local hub
-    cache) with `huggingface_hub`. Offline or unknown ids give one error saying what to do."""
+def resolve_checkpoint_dir(path_or_hub_id: str | Path, files: tuple[str, ...] = MODEL_FILES) -> Path:
+    """A local directory as is; otherwise a Hugging Face Hub id, whose `files` (glob patterns) are
+    downloaded (or found in the local hub cache) with `huggingface_hub`. Offline or unknown ids give one
+    error saying what to do."""
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return path
@@ -27,7 +31,7 @@ def resolve_checkpoint_dir(path_or_hub_id: str | Path) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id=name, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(repo_id=name, allow_patterns=list(files)))
     except Exception as err:  # network errors, offline mode, unknown repository, gated repository
         reason = (str(err).strip().splitlines() or [""])[0]
         raise CheckpointNotFoundError(

@@ -21,12 +21,13 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from lfm2vl_jax.errors import Lfm2VlError
 from lfm2vl_jax.resize import BILINEAR, RESAMPLE_NAMES, SUPPORTED_RESAMPLE, resize_uint8
 
 ImageInput = Image.Image | np.ndarray | str | os.PathLike
 
 
-class ProcessorError(ValueError):
+class ProcessorError(Lfm2VlError):
     """Bad input or configuration for the LFM2-VL processor."""
 
 

@@ -15,13 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Lfm2VlConfig
+from .errors import Lfm2VlError
 from .params import Params
 from .projector import image_tokens_per_image, project
 from .text import embed_tokens, lm_logits, text_forward
 from .vision import vision_tower
 
 
-class InputError(ValueError):
+class InputError(Lfm2VlError):
     """Model inputs that cannot go together (shapes, image token counts)."""
 
 

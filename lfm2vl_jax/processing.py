@@ -28,7 +28,7 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer, models
 
-from lfm2vl_jax.hub import resolve_checkpoint_dir
+from lfm2vl_jax.hub import PROCESSOR_FILES, resolve_checkpoint_dir
 from lfm2vl_jax.image_processing import (
     ImageInput,
     Lfm2VlImageProcessor,
@@ -235,7 +235,7 @@ class Lfm2VlProcessor:
 
         `overrides` may set image-processor settings (e.g. `use_thumbnail=True`) and
         `use_image_special_tokens`, `padding_side`, `max_length`."""
-        directory = resolve_checkpoint_dir(path)
+        directory = resolve_checkpoint_dir(path, PROCESSOR_FILES)
         tokenizer_file = directory / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise ProcessorError(f"{directory} has no tokenizer.json")

@@ -18,6 +18,8 @@ from typing import Any, BinaryIO
 import ml_dtypes
 import numpy as np
 
+from .errors import Lfm2VlError
+
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
@@ -34,7 +36,7 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(Lfm2VlError):
     """A safetensors file that is truncated, corrupt or not what it claims."""
 
 

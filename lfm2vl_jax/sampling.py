@@ -11,6 +11,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from .errors import Lfm2VlError
+
 
 @flax.struct.dataclass
 class SamplingParams:
@@ -36,7 +38,7 @@ class SamplingParams:
         for name, ok in valid.items():
             value = getattr(self, name)
             if isinstance(value, (int, float)) and not ok(value):  # not when traced
-                raise ValueError(f"invalid sampling parameter {name}={value}")
+                raise Lfm2VlError(f"invalid sampling parameter {name}={value}")
 
 
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array | float) -> jax.Array:

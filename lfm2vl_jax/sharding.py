@@ -16,6 +16,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from .cache import cache_layout, is_layout
 from .config import Lfm2VlConfig
+from .errors import Lfm2VlError
 from .params import is_spec, param_specs
 
 DATA, TENSOR = "data", "tensor"
@@ -37,7 +38,7 @@ LOGICAL_RULES: dict[str, str | None] = {
 def make_mesh(data: int = 1, tensor: int = 1, devices: list | None = None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     if data * tensor > len(devices):
-        raise ValueError(f"a {data}x{tensor} mesh needs {data * tensor} devices, {len(devices)} available")
+        raise Lfm2VlError(f"a {data}x{tensor} mesh needs {data * tensor} devices, {len(devices)} available")
     grid = np.array(devices[: data * tensor]).reshape(data, tensor)
     # Auto axes: XLA propagates shardings through the model from those of the params and inputs.
     return Mesh(grid, (DATA, TENSOR), axis_types=(AxisType.Auto, AxisType.Auto))

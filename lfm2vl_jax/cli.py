@@ -1,0 +1,96 @@
+"""Command line: `lfm2vl generate ...` (streamed answer to a prompt with images) and `lfm2vl convert ...`.
+
+Errors the user can fix (a missing model, an unreadable image, a bad flag value) print one line and exit
+with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+
+from .errors import Lfm2VlError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="answer a prompt about images, streaming the text")
+    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face Hub id")
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable; in prompt order)")
+    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument("--system", help="optional system message")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-scan-layers", dest="scan_layers", action="store_false", help="per-layer weights, Python loop"
+    )
+    p.set_defaults(run=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .api import Lfm2VlForConditionalGeneration
+    from .processing import Lfm2VlProcessor
+
+    content = [{"type": "image", "path": path} for path in args.image]
+    content.append({"type": "text", "text": args.prompt})
+    conversation = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": content}
+    ]
+    processor = Lfm2VlProcessor.from_pretrained(args.model)
+    inputs = processor.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    model = Lfm2VlForConditionalGeneration.from_pretrained(
+        args.model, dtype=DTYPES[args.dtype], scan_layers=args.scan_layers, progress=sys.stderr.isatty()
+    )
+    options = {
+        "do_sample": args.do_sample or None,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+    }
+    generated: list[int] = []
+    printed = ""
+    for step in model.stream(**inputs, max_new_tokens=args.max_new_tokens, seed=args.seed, **options):
+        generated.append(int(step[0]))
+        # Decode the whole answer each time: a character may span several tokens.
+        text = processor.decode(generated, skip_special_tokens=True)
+        if text.startswith(printed):
+            sys.stdout.write(text[len(printed) :])
+            sys.stdout.flush()
+            printed = text
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lfm2vl", description="LFM2-VL vision-language models in JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generate_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except Lfm2VlError as err:
+        print(f"lfm2vl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
