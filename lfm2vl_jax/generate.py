@@ -187,10 +187,11 @@ class PreparedBatch:
 def prepare_batch(
     config: Lfm2VlConfig,
     input_ids: np.ndarray,
-    attention_mask: np.ndarray | None,
-    pixel_values: np.ndarray | None,
-    pixel_attention_mask: np.ndarray | None,
-    spatial_shapes: np.ndarray | None,
+    attention_mask: np.ndarray | None = None,
+    pixel_values: np.ndarray | None = None,
+    pixel_attention_mask: np.ndarray | None = None,
+    spatial_shapes: np.ndarray | None = None,
+    *,
     pad_id: int,
     row_multiple: int = 1,
 ) -> PreparedBatch:

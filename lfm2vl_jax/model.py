@@ -92,10 +92,10 @@ def forward(
 def check_inputs(
     config: Lfm2VlConfig,
     input_ids: np.ndarray,
-    attention_mask: np.ndarray | None,
-    pixel_values: np.ndarray | None,
-    pixel_attention_mask: np.ndarray | None,
-    spatial_shapes: np.ndarray | None,
+    attention_mask: np.ndarray | None = None,
+    pixel_values: np.ndarray | None = None,
+    pixel_attention_mask: np.ndarray | None = None,
+    spatial_shapes: np.ndarray | None = None,
 ) -> None:
     """Host-side validation with errors that name the problem, before anything is traced."""
     if input_ids.ndim != 2:
