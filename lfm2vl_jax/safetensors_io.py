@@ -2,8 +2,9 @@
 
 The `safetensors` package's numpy backend cannot represent bfloat16, and its torch backend would make
 torch a run-time dependency, so we read the (simple) format ourselves: an 8-byte little-endian header
-length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw little-endian data. Reads are
-memory-mapped, one tensor at a time; writes stream tensor by tensor.
+length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw little-endian data. Reads copy one
+tensor at a time into a fresh array (a memory map would keep every page read resident in the process
+until it is closed: the whole file beside the params built from it); writes stream tensor by tensor.
 """
 
 from __future__ import annotations
@@ -80,7 +81,6 @@ class SafetensorsFile:
                     f"but the file holds only {data_size} data bytes"
                 )
             self._entries[name] = (dtype, shape, begin, end)
-        self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -92,10 +92,15 @@ class SafetensorsFile:
         return self._entries[name][0]
 
     def read(self, name: str) -> np.ndarray:
-        """The tensor as a read-only numpy array backed by the memory map (no copy)."""
+        """The tensor, read into a new array."""
         dtype, shape, begin, end = self._entries[name]
-        raw = self._map[self._data_start + begin : self._data_start + end]
-        return raw.view(dtype).reshape(shape)
+        out = np.empty(shape, dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            read = f.readinto(out.reshape(-1).view(np.uint8))
+        if read != end - begin:
+            raise SafetensorsError(f"{self.path}: truncated file: tensor {name!r} is cut short")
+        return out
 
 
 def _header(tensors: list[tuple[str, np.dtype, tuple[int, ...]]], metadata: dict[str, str] | None) -> bytes:
