@@ -159,14 +159,16 @@ class Lfm2VlForConditionalGeneration:
         max_new_tokens: int = 128,
         seed: int = 0,
         streamer: Callable[[np.ndarray], Any] | None = None,
-        loop: str = "host",
+        loop: str | None = None,
         **options: Any,
     ) -> np.ndarray:
         """New tokens (batch, n), padded after each row's EOS/stop token.
 
         Options as transformers' `generate`: do_sample, temperature, top_k, top_p, min_p,
         repetition_penalty, eos_token_id, pad_token_id; plus `stop_token_ids` (extra stop tokens), `seed`,
-        `streamer` (called with each step's new tokens, shape (batch,)). Unset options come from the
+        `streamer` (called with each step's new tokens, shape (batch,)), `loop` ("device": one
+        `lax.while_loop`, the default without a streamer; "host": jitted steps driven from Python, needed
+        for streaming; see `generate.py` for why). Unset options come from the
         checkpoint's generation_config.json, then transformers' defaults. Rows may differ in length and in
         number and size of images: each gets exactly the tokens it would get alone.
         """

@@ -2,7 +2,7 @@
 (stacked over a segment's repeats, or a list of per-layer entries, as the params are):
 
     conv layer:       (B, L-1, D)   the short convolution's last L-1 inputs
-    attention layer:  {"k", "v"}: (B, S, K, H)   keys/values, S = the cache's capacity
+    attention layer:  {"k", "v"}: (B, K, S, H)   keys/values (head-major), S = the cache's capacity
     lengths: (B,) tokens held per row; row b's next token goes to position lengths[b]
 
 Rows are independent: each attends to its own first `lengths[b]` keys, so a ragged batch needs no
@@ -21,7 +21,7 @@ from .config import CONV, TextConfig
 
 # Logical axes of one layer's cache entries, mapped to mesh axes by the same rules as the params.
 CONV_STATE_AXES = ("batch", None, "conv")
-KV_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
+KV_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")
 
 
 @flax.struct.dataclass
@@ -35,7 +35,7 @@ class Cache:
 
         def find(node: Any) -> int:
             if isinstance(node, dict):
-                return node["k"].shape[-3]  # (..., B, S, K, H)
+                return node["k"].shape[-2]  # (..., B, K, S, H)
             return next((n for n in map(find, node) if n), 0) if isinstance(node, list) else 0
 
         return find(self.blocks)
@@ -49,7 +49,7 @@ def cache_layout(cfg: TextConfig, batch: int, max_len: int, scan_layers: bool = 
     """Per layer entry: (shape, logical axes) pairs, in the layout of `Cache.blocks`."""
     d, k, h = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim
     conv = ((batch, cfg.conv_kernel_size - 1, d), CONV_STATE_AXES)
-    kv = ((batch, max_len, k, h), KV_AXES)
+    kv = ((batch, k, max_len, h), KV_AXES)
 
     def entry(kind: str, repeats: int) -> Any:
         one = conv if kind == CONV else {"k": kv, "v": kv}
@@ -72,19 +72,29 @@ def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype: Any, scan_layer
 
 
 def _write_rows(held: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """held (..., B, S, K, H) <- new (..., B, T, K, H) at per-row sequence offsets start (B,)."""
+    """held (..., B, K, S, H) <- new (..., B, K, T, H) at per-row sequence offsets start (B,)."""
     batch_axis = held.ndim - 4
 
-    def write_row(c: jax.Array, n: jax.Array, s: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), s, axis=batch_axis)
+    def write_row(c: jax.Array, n: jax.Array, s: jax.Array) -> jax.Array:  # c: (..., K, S, H)
+        return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), s, axis=batch_axis + 1)
 
     return jax.vmap(write_row, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)(held, new, start)
 
 
-def append(cache: Cache, entries: list, num_new: jax.Array) -> Cache:
+def append(cache: Cache, entries: list, num_new: jax.Array, after: Any = None) -> Cache:
     """Folds the entries of a `text_forward` call into the cache: keys and values written at each row's
     current length, conv states replaced, lengths advanced by each row's number of valid new tokens.
-    The caller keeps lengths + new tokens within the capacity (a write past it would be clamped)."""
+    The caller keeps lengths + new tokens within the capacity (a write past it would be clamped).
+
+    `after`: a value computed from every read of the old cache (e.g. the forward pass's output). The
+    writes are made to depend on it, which lets XLA update the (donated) cache in place; without a data
+    dependency it copies every cache buffer each step (twice, on the CPU) to protect reads it cannot prove
+    happen first. (An optimization barrier does not establish that order; a data dependency does.)
+    """
+    if after is not None:
+        probe = after.reshape(-1)[0]
+        one = (probe == probe).astype(jnp.float32)  # 1, unless the output is NaN anyway
+        entries = jax.tree.map(lambda e: e * one.astype(e.dtype), entries)
 
     def fold(held: Any, entry: Any) -> Any:
         if isinstance(held, list):

@@ -84,14 +84,14 @@ def attention_block(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """GQA attention with per-head RMSNorm on queries and keys before NeoX RoPE.
 
-    `cached`: {"k", "v"} (B, S, K, H) of earlier tokens, or None. Returns the output and this call's
-    keys and values (B, T, K, H), which the caller writes into the cache.
+    `cached`: {"k", "v"} (B, K, S, H) of earlier tokens, or None. Returns the output and this call's
+    keys and values (B, K, T, H), which the caller writes into the cache.
     """
     q = rms_norm(jnp.einsum("btd,dnh->btnh", x, p["q"]), p["q_norm"], cfg.norm_eps)
     k = rms_norm(jnp.einsum("btd,dkh->btkh", x, p["k"]), p["k_norm"], cfg.norm_eps)
-    v = jnp.einsum("btd,dkh->btkh", x, p["v"])
     q = apply_rope(q, ctx.positions, cfg.rope_theta)
-    k = apply_rope(k, ctx.positions, cfg.rope_theta)
+    k = jnp.swapaxes(apply_rope(k, ctx.positions, cfg.rope_theta), 1, 2)  # head-major, as cached
+    v = jnp.einsum("btd,dkh->bkth", x, p["v"])
     blocks = [(k, v, ctx.self_mask)]
     if cached is not None:
         blocks.insert(0, (cached["k"], cached["v"], ctx.cache_mask))

@@ -53,9 +53,10 @@ def resize_position_grid(grid: jax.Array, spatial_shapes: jax.Array, num_positio
 
 def _encoder_layer(p: Params, x: jax.Array, mask: jax.Array, cfg: VisionConfig) -> jax.Array:
     y = layer_norm(x, p["ln1"], cfg.layer_norm_eps)
-    q, k, v = (
-        jnp.einsum("ipe,enh->ipnh", y, p["attn"][name]["kernel"]) + p["attn"][name]["bias"]
-        for name in ("q", "k", "v")
+    q = jnp.einsum("ipe,enh->ipnh", y, p["attn"]["q"]["kernel"]) + p["attn"]["q"]["bias"]
+    k, v = (
+        jnp.einsum("ipe,enh->inph", y, p["attn"][name]["kernel"]) + p["attn"][name]["bias"][:, None]
+        for name in ("k", "v")
     )
     attn = attention(q, [(k, v, mask)])
     x = x + jnp.einsum("ipnh,nhe->ipe", attn, p["attn"]["o"]["kernel"]) + p["attn"]["o"]["bias"]

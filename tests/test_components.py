@@ -131,12 +131,14 @@ def test_attention_matches_torch_sdpa_and_key_blocks_share_one_softmax(num_heads
     rng = np.random.default_rng(0)
     b, t, s, h = 2, 5, 11, 8
     q = rng.normal(size=(b, t, num_heads, h)).astype(np.float32)
-    k = rng.normal(size=(b, s, num_kv_heads, h)).astype(np.float32)
-    v = rng.normal(size=(b, s, num_kv_heads, h)).astype(np.float32)
+    k = rng.normal(size=(b, num_kv_heads, s, h)).astype(np.float32)  # head-major, as attention() takes
+    v = rng.normal(size=(b, num_kv_heads, s, h)).astype(np.float32)
     mask = rng.random((b, t, s)) < 0.7
     mask[..., 0] = True  # every query sees at least one key
     expected = F.scaled_dot_product_attention(
-        *(torch.from_numpy(x).transpose(1, 2) for x in (q, k, v)),
+        torch.from_numpy(q).transpose(1, 2),
+        torch.from_numpy(k),
+        torch.from_numpy(v),
         attn_mask=torch.from_numpy(mask)[:, None],
         enable_gqa=True,
     ).transpose(1, 2)
@@ -145,8 +147,8 @@ def test_attention_matches_torch_sdpa_and_key_blocks_share_one_softmax(num_heads
     split = attention(
         jnp.asarray(q),
         [
-            (jnp.asarray(k[:, :7]), jnp.asarray(v[:, :7]), jnp.asarray(mask[..., :7])),
-            (jnp.asarray(k[:, 7:]), jnp.asarray(v[:, 7:]), jnp.asarray(mask[..., 7:])),
+            (jnp.asarray(k[:, :, :7]), jnp.asarray(v[:, :, :7]), jnp.asarray(mask[..., :7])),
+            (jnp.asarray(k[:, :, 7:]), jnp.asarray(v[:, :, 7:]), jnp.asarray(mask[..., 7:])),
         ],
     )
     assert_close(split, expected.numpy())
