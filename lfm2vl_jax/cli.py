@@ -76,10 +76,24 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_parser(sub: argparse._SubParsersAction) -> None:
+    from .export import add_hf_to_orbax_arguments, add_orbax_to_hf_arguments, run_hf_to_orbax, run_orbax_to_hf
+
+    convert = sub.add_parser("convert", help="convert checkpoints (transformers <-> orbax)")
+    direction = convert.add_subparsers(dest="direction", required=True)
+    p = direction.add_parser("hf-to-orbax", help="transformers checkpoint -> orbax checkpoint")
+    add_hf_to_orbax_arguments(p)
+    p.set_defaults(run=run_hf_to_orbax)
+    p = direction.add_parser("orbax-to-hf", help="orbax checkpoint -> transformers checkpoint")
+    add_orbax_to_hf_arguments(p)
+    p.set_defaults(run=run_orbax_to_hf)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lfm2vl", description="LFM2-VL vision-language models in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    _convert_parser(sub)
     return parser
 
 

@@ -67,3 +67,17 @@ def test_console_script_is_installed():
     script = Path(sys.executable).with_name("lfm2vl")  # pip installs entry points beside the interpreter
     out = subprocess.run([str(script), "generate", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--image" in out.stdout
+
+
+def test_convert_subcommands_round_trip(checkpoint, tmp_path):
+    from safetensors.numpy import load_file
+
+    assert main(["convert", "hf-to-orbax", str(checkpoint), str(tmp_path / "orbax"), "--quiet"]) == 0
+    assert main(["convert", "orbax-to-hf", str(tmp_path / "orbax"), str(tmp_path / "hf"), "--quiet"]) == 0
+    original, exported = (
+        load_file(checkpoint / "model.safetensors"),
+        load_file(tmp_path / "hf" / "model.safetensors"),
+    )
+    assert sorted(original) == sorted(exported)
+    assert all(np.array_equal(original[k], exported[k]) for k in original)
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (checkpoint / "tokenizer.json").read_bytes()
