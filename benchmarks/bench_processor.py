@@ -1,10 +1,10 @@
 """Processor throughput: our numpy processor vs transformers' `Lfm2VlProcessor`, same images, same run.
 
 Each workload is one `processor(images=[image], text=prompt)` call on a PIL image in memory (RGB
-conversion, resize, normalise, patchify, placeholder expansion, tokenisation, padding); the two processors'
-calls alternate and the median is reported. Prints one JSON line, then a table with images/s and the
-speed ratio ours / transformers (> 1: ours is faster). Run it on an otherwise idle machine: torch's
-threads stall badly when another process competes for the cores.
+conversion, resize, normalise, patchify, placeholder expansion, tokenisation, padding); the two
+processors' calls alternate in blocks of five and the median is reported. Prints one JSON line, then a
+table with images/s and the speed ratio ours / transformers (> 1: ours is faster). Run it on an
+otherwise idle machine: torch's threads stall badly when another process competes for the cores.
 
     python benchmarks/bench_processor.py [--repeats 20]
 """
@@ -39,14 +39,18 @@ PROMPT = "<|startoftext|><|im_start|>user\n<image>Describe this image.<|im_end|>
 def median_seconds(
     ours: Callable[[], object], reference: Callable[[], object], repeats: int
 ) -> tuple[float, float]:
-    """Median seconds per call of each, calls alternated so that both see the same machine load."""
+    """Median seconds per call of each. Blocks of 5 calls alternate, so that both see the same machine
+    load; within a block one processor runs alone (torch's worker threads keep spinning for a while after
+    each call and would otherwise take the cores from the next call, whichever it is)."""
     ours(), reference()  # warm-up: caches, lazy imports
     ours_times, reference_times = [], []
-    for _ in range(repeats):
+    for _ in range(max(1, repeats // 5)):
         for fn, times in ((ours, ours_times), (reference, reference_times)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
+            fn()  # settle: the other processor's threads wind down
+            for _ in range(5):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
     return statistics.median(ours_times), statistics.median(reference_times)
 
 
