@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
-REFERENCE_DIR = SHARED_DIR / "reference"
-IMAGES_DIR = SHARED_DIR / "images"
+TEST_DATA = Path(__file__).resolve().parent / "data"
+REFERENCE_DIR = TEST_DATA / "reference"
+IMAGES_DIR = TEST_DATA / "images"
 
 CHECKPOINT_FILES = (
     "tokenizer_config.json",
@@ -47,8 +47,7 @@ def reference_dir(name: str = "lfm2-vl-450m") -> Path:
     path = REFERENCE_DIR / name
     if not path.is_dir():
         raise FileNotFoundError(
-            f"reference configs not found at {path}: the tests expect the shared material in ../shared "
-            "beside the repository checkout (../shared/reference and ../shared/images)"
+            f"reference configs not found at {path} (tests/data/reference in the repository)"
         )
     return path
 
@@ -56,10 +55,7 @@ def reference_dir(name: str = "lfm2-vl-450m") -> Path:
 def image_path(name: str) -> Path:
     path = IMAGES_DIR / name
     if not path.is_file():
-        raise FileNotFoundError(
-            f"test image not found at {path}: the tests expect the shared material in ../shared "
-            "beside the repository checkout"
-        )
+        raise FileNotFoundError(f"test image not found at {path} (tests/data/images in the repository)")
     return path
 
 

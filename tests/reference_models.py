@@ -17,8 +17,8 @@ from transformers import Lfm2VlConfig as HfConfig
 from transformers import Lfm2VlForConditionalGeneration as HfModel
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-REFERENCE_CONFIGS = SHARED / "reference"
+TEST_DATA = REPO / "tests" / "data"  # reference configs and images (see its README)
+REFERENCE_CONFIGS = TEST_DATA / "reference"
 
 C, A = "conv", "full_attention"
 

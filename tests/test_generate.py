@@ -15,7 +15,7 @@ import torch
 from jax import monitoring
 from PIL import Image
 from reference_models import (
-    SHARED,
+    TEST_DATA,
     build_reference,
     prompt_with_images,
     random_images,
@@ -58,7 +58,7 @@ def tiled_photo(config) -> dict:
     processor = Lfm2VlImageProcessor(
         encoder_patch_size=4, tile_size=32, max_image_tokens=16, min_image_tokens=4, use_thumbnail=True
     )
-    pixels = processor(images=[[Image.open(SHARED / "images" / "grace_hopper.jpg")]], return_tensors="np")
+    pixels = processor(images=[[Image.open(TEST_DATA / "images" / "grace_hopper.jpg")]], return_tensors="np")
     return {k: pixels[k] for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes")}
 
 

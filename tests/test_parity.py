@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from reference_models import (
-    SHARED,
+    TEST_DATA,
     A,
     C,
     build_reference,
@@ -100,7 +100,7 @@ def test_tiled_image_with_thumbnail(pair):
     processor = Lfm2VlImageProcessor(
         encoder_patch_size=4, tile_size=32, max_image_tokens=16, min_image_tokens=4, use_thumbnail=True
     )
-    image = Image.open(SHARED / "images" / "grace_hopper.jpg")
+    image = Image.open(TEST_DATA / "images" / "grace_hopper.jpg")
     pixels = processor(images=[[image]], return_tensors="np")
     shapes = [tuple(s) for s in pixels["spatial_shapes"].tolist()]
     assert len(shapes) > 2, "expected several tiles and a thumbnail"
@@ -216,7 +216,7 @@ def test_real_450m_shapes_from_pretrained_image_prompt(tmp_path):
     from transformers import Lfm2VlConfig as HfConfig
     from transformers import Lfm2VlForConditionalGeneration as HfModel
 
-    raw = json.loads((SHARED / "reference" / "lfm2-vl-450m" / "config.json").read_text())
+    raw = json.loads((TEST_DATA / "reference" / "lfm2-vl-450m" / "config.json").read_text())
     config = HfConfig(**{k: v for k, v in raw.items() if k != "model_type"})
     torch.manual_seed(0)
     reference = HfModel(config).float().eval()  # the file says bfloat16
