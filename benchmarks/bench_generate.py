@@ -108,10 +108,8 @@ class Setup:
 
 def ours_run(model: Lfm2VlForConditionalGeneration, inputs: dict, new_tokens: int, loop: str = "host"):
     """The engine's states for `inputs` (prefill first), never stopping early (no stop tokens)."""
-    batch, sampling, _, pad = model._generation_setup(dict(inputs), {})
-    return engine.run(
-        model.params, model.config, batch, sampling, [], pad, new_tokens, loop=loop, mesh=model.mesh
-    )
+    request = model.request(dict(inputs), new_tokens, seed=0, options={"eos_token_id": []})
+    return engine.run(model.params, model.config, request, loop=loop, mesh=model.mesh)
 
 
 def prefill_seconds(setup: Setup, repeats: int) -> dict:

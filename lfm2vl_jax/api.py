@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +22,12 @@ from .params import Params
 from .sampling import SamplingParams
 from .sharding import batch_sharding, param_shardings
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "spatial_shapes")
 SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+def _named_inputs(*arrays: Any) -> dict[str, Any]:
+    return dict(zip(MODEL_INPUTS, arrays, strict=True))
 
 
 class CausalLMOutput(NamedTuple):
@@ -90,11 +96,7 @@ class Lfm2VlForConditionalGeneration:
     ) -> CausalLMOutput:
         """The reference's forward pass on right-padded inputs (numpy or jax arrays)."""
         inputs = as_numpy_inputs(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            pixel_attention_mask=pixel_attention_mask,
-            spatial_shapes=spatial_shapes,
+            **_named_inputs(input_ids, attention_mask, pixel_values, pixel_attention_mask, spatial_shapes)
         )
         check_inputs(self.config, **inputs)
         if inputs["attention_mask"] is None:
@@ -103,9 +105,12 @@ class Lfm2VlForConditionalGeneration:
 
     # Generation -------------------------------------------------------------------------------------------
 
-    def _generation_setup(
-        self, inputs: dict[str, Any], options: dict[str, Any]
-    ) -> tuple[engine.PreparedBatch, SamplingParams, list[int], int]:
+    def request(
+        self, inputs: dict[str, Any], max_new_tokens: int, seed: int, options: dict[str, Any]
+    ) -> engine.Request:
+        """Validates and prepares one generation call: bucketed inputs (sharded over the mesh's `data`
+        axis when there is one) and the decoding options, filled from the checkpoint's
+        generation_config.json, then transformers' defaults."""
         unknown = set(options) - set(SAMPLING_KEYS) - {"eos_token_id", "pad_token_id", "stop_token_ids"}
         if unknown:
             raise TypeError(f"generate() got unexpected arguments {sorted(unknown)}")
@@ -133,20 +138,17 @@ class Lfm2VlForConditionalGeneration:
         data_size = 1 if self.mesh is None else self.mesh.shape["data"]
         batch = engine.prepare_batch(self.config, **inputs, pad_id=pad, row_multiple=data_size)
         if self.mesh is not None:
-            batch = engine.PreparedBatch(
-                *(
-                    None if x is None else jax.device_put(x, batch_sharding(self.mesh, x.shape))
-                    for x in (
-                        batch.input_ids,
-                        batch.attention_mask,
-                        batch.pixel_values,
-                        batch.pixel_attention_mask,
-                        batch.spatial_shapes,
-                    )
-                ),
-                num_rows=batch.num_rows,
+            arrays = {
+                f.name: getattr(batch, f.name) for f in dataclasses.fields(batch) if f.name != "num_rows"
+            }
+            batch = dataclasses.replace(
+                batch,
+                **{
+                    name: None if x is None else jax.device_put(x, batch_sharding(self.mesh, x.shape))
+                    for name, x in arrays.items()
+                },
             )
-        return batch, sampling, stop, pad
+        return engine.Request(batch, sampling, tuple(stop), pad, max_new_tokens, seed)
 
     def generate(
         self,
@@ -172,27 +174,9 @@ class Lfm2VlForConditionalGeneration:
         checkpoint's generation_config.json, then transformers' defaults. Rows may differ in length and in
         number and size of images: each gets exactly the tokens it would get alone.
         """
-        inputs = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            pixel_attention_mask=pixel_attention_mask,
-            spatial_shapes=spatial_shapes,
-        )
-        batch, sampling, stop, pad = self._generation_setup(inputs, options)
-        return engine.generate(
-            self.params,
-            self.config,
-            batch,
-            sampling,
-            stop,
-            pad,
-            max_new_tokens,
-            seed,
-            loop,
-            streamer,
-            self.mesh,
-        )
+        inputs = _named_inputs(input_ids, attention_mask, pixel_values, pixel_attention_mask, spatial_shapes)
+        request = self.request(inputs, max_new_tokens, seed, options)
+        return engine.generate(self.params, self.config, request, loop, streamer, self.mesh)
 
     def stream(
         self,
@@ -208,18 +192,10 @@ class Lfm2VlForConditionalGeneration:
     ) -> Iterator[np.ndarray]:
         """Like `generate`, yielding each step's new tokens (batch,) as they are produced; stops when every
         row has emitted a stop token."""
-        inputs = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            pixel_attention_mask=pixel_attention_mask,
-            spatial_shapes=spatial_shapes,
-        )
-        batch, sampling, stop, pad = self._generation_setup(inputs, options)
-        for state in engine.run(
-            self.params, self.config, batch, sampling, stop, pad, max_new_tokens, seed, mesh=self.mesh
-        ):
-            yield engine.latest_tokens(state, batch.num_rows)
+        inputs = _named_inputs(input_ids, attention_mask, pixel_values, pixel_attention_mask, spatial_shapes)
+        request = self.request(inputs, max_new_tokens, seed, options)
+        for state in engine.run(self.params, self.config, request, "host", self.mesh):
+            yield engine.latest_tokens(state, request.batch.num_rows)
             if np.asarray(state.done).all():
                 return
 

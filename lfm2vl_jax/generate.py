@@ -228,30 +228,35 @@ def prepare_batch(
     return PreparedBatch(ids, new_mask, values, patch_mask, shapes, len(input_ids))
 
 
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """Everything one generation call needs besides the model: prepared inputs and decoding options."""
+
+    batch: PreparedBatch
+    sampling: SamplingParams
+    stop_ids: tuple[int, ...]
+    pad_id: int
+    max_new_tokens: int
+    seed: int = 0
+
+
 def run(
-    params: Params,
-    config: Lfm2VlConfig,
-    batch: PreparedBatch,
-    sampling: SamplingParams,
-    stop_ids: list[int],
-    pad_id: int,
-    max_new_tokens: int,
-    seed: int = 0,
-    loop: str = "host",
-    mesh: Mesh | None = None,
+    params: Params, config: Lfm2VlConfig, request: Request, loop: str = "host", mesh: Mesh | None = None
 ) -> Iterator[DecodeState]:
-    """Prefill then decode; yields the state after every token (host loop) so callers can stream.
+    """Prefill then decode; yields the state after prefill, then after every token (host loop) or once at
+    the end (device loop), so that callers can stream.
 
     Cache capacity and the token buffer are bucketed; the loop stops at `max_new_tokens` or when every
     real row is done.
     """
     if loop not in ("host", "device"):
         raise Lfm2VlError(f"loop must be 'host' or 'device', got {loop!r}")
-    if max_new_tokens < 1:
-        raise Lfm2VlError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if request.max_new_tokens < 1:
+        raise Lfm2VlError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+    batch, sampling, pad_id = request.batch, request.sampling, request.pad_id
     rows, seq = batch.input_ids.shape
-    new_bucket = bucket(max_new_tokens, minimum=16)
-    stop = jnp.asarray(sorted(set(stop_ids)), jnp.int32)
+    new_bucket = bucket(request.max_new_tokens, minimum=16)
+    stop = jnp.asarray(sorted(set(request.stop_ids)), jnp.int32)
     done = jnp.asarray(np.arange(rows) >= batch.num_rows)
     state = prefill(
         params,
@@ -261,7 +266,7 @@ def run(
         batch.pixel_values,
         batch.pixel_attention_mask,
         batch.spatial_shapes,
-        jax.random.key(seed),
+        jax.random.key(request.seed),
         sampling,
         stop,
         done,
@@ -272,9 +277,9 @@ def run(
     )
     yield state
     if loop == "device":
-        yield decode_loop(params, config, state, sampling, stop, jnp.int32(max_new_tokens), pad_id)
+        yield decode_loop(params, config, state, sampling, stop, jnp.int32(request.max_new_tokens), pad_id)
         return
-    for generated in range(1, max_new_tokens):
+    for generated in range(1, request.max_new_tokens):
         if generated % HOST_CHECK_EVERY == 0 and np.asarray(state.done).all():
             return
         state = decode_step(params, config, state, sampling, stop, pad_id)
@@ -289,12 +294,7 @@ def latest_tokens(state: DecodeState, num_rows: int) -> np.ndarray:
 def generate(
     params: Params,
     config: Lfm2VlConfig,
-    batch: PreparedBatch,
-    sampling: SamplingParams,
-    stop_ids: list[int],
-    pad_id: int,
-    max_new_tokens: int,
-    seed: int = 0,
+    request: Request,
     loop: str | None = None,
     streamer: Callable[[np.ndarray], Any] | None = None,
     mesh: Mesh | None = None,
@@ -302,19 +302,20 @@ def generate(
     """New tokens (num_rows, n), pad after each row's stop token; n <= max_new_tokens is the longest row.
 
     `streamer`, if given, is called after every step with the new token of each real row (pad for rows
-    already done); it makes the host wait for each step.
+    already done); it needs the host loop and makes the host wait for each step.
     """
     if loop is None:
         loop = "device" if streamer is None else "host"
     if streamer is not None and loop == "device":
         raise Lfm2VlError("streaming needs the host loop (loop='host')")
+    num_rows = request.batch.num_rows
     state = None
-    for state in run(params, config, batch, sampling, stop_ids, pad_id, max_new_tokens, seed, loop, mesh):
+    for state in run(params, config, request, loop, mesh):
         if streamer is not None:
-            streamer(latest_tokens(state, batch.num_rows))
+            streamer(latest_tokens(state, num_rows))
     # Slicing on the host: a device-side slice would compile a program per output length.
-    tokens = np.asarray(state.tokens)[: batch.num_rows, : int(state.num_generated)]
-    stopped = np.isin(tokens, stop_ids)
+    tokens = np.asarray(state.tokens)[:num_rows, : int(state.num_generated)]
+    stopped = np.isin(tokens, request.stop_ids)
     if stopped.any(axis=1).all():  # trim to the longest row
         tokens = tokens[:, : int(stopped.argmax(axis=1).max()) + 1]
     return tokens

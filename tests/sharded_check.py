@@ -32,8 +32,8 @@ def main(directory: str, inputs_file: str) -> None:
     logits = np.asarray(sharded(**inputs).logits)
     reference_logits = np.asarray(single(**inputs).logits)
     # The cache prefill lays out: rows over `data`; kv heads (2) do not divide tensor=4, so replicated.
-    batch, sampling, stop, pad = sharded._generation_setup(inputs, {})
-    state = next(engine.run(sharded.params, sharded.config, batch, sampling, stop, pad, 4, mesh=mesh))
+    request = sharded.request(inputs, max_new_tokens=4, seed=0, options={})
+    state = next(engine.run(sharded.params, sharded.config, request, mesh=mesh))
     kv = next(e for segment in state.cache.blocks for e in segment if isinstance(e, dict))["k"]
     result = {
         "cache_k_spec": str(kv.sharding.spec),
