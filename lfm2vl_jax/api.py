@@ -50,11 +50,13 @@ class Lfm2VlForConditionalGeneration:
         params: Params,
         generation_config: dict[str, Any] | None = None,
         mesh: Mesh | None = None,
+        source_dir: Path | None = None,
     ):
         self.config = config
         self.params = params
         self.generation_config = generation_config or {}
         self.mesh = mesh
+        self.source_dir = source_dir  # the checkpoint directory it was loaded from, if any
 
     @classmethod
     def from_pretrained(
@@ -62,7 +64,7 @@ class Lfm2VlForConditionalGeneration:
         path_or_hub_id: str | Path,
         dtype: Any = jnp.float32,
         mesh: Mesh | None = None,
-        scan_layers: bool = True,
+        scan_layers: bool | None = None,
         progress: bool = True,
     ) -> Lfm2VlForConditionalGeneration:
         """Loads a transformers checkpoint from a local directory or a Hugging Face Hub id.
@@ -70,9 +72,12 @@ class Lfm2VlForConditionalGeneration:
         mesh: shard the weights over it as they load (see `sharding.make_mesh`); generation then shards
             the batch and cache over it too.
         scan_layers: stack the text layers of each repeated motif and run them with `lax.scan` (compile
-            time independent of depth); False keeps one array per layer, run by a Python loop, which
-            decodes faster where slicing stacked weights costs a copy (measured on CPU: see README).
+            time independent of depth), or (False) keep one array per layer, run by a Python loop, which
+            decodes faster where slicing stacked weights costs a copy. Default: per layer on the CPU
+            (measured 2.2x faster decoding there, see README), scanned on accelerators.
         """
+        if scan_layers is None:
+            scan_layers = jax.default_backend() != "cpu"
         directory = resolve_checkpoint_dir(path_or_hub_id)
         shardings = None if mesh is None else (lambda config, stacked: param_shardings(config, mesh, stacked))
         config, params = load_hf_checkpoint(
@@ -80,7 +85,7 @@ class Lfm2VlForConditionalGeneration:
         )
         generation_file = directory / "generation_config.json"
         generation = json.loads(generation_file.read_text()) if generation_file.exists() else {}
-        return cls(config, params, generation, mesh)
+        return cls(config, params, generation, mesh, directory)
 
     @property
     def dtype(self) -> Any:
@@ -229,7 +234,7 @@ class Lfm2VlForConditionalGeneration:
             dtype=dtype,
             overwrite=overwrite,
             max_shard_size=max_shard_size,
-            source_dir=source_dir,
+            source_dir=source_dir if source_dir is not None else self.source_dir,
             generation_config=self.generation_config,
             processor=processor,
             progress=progress,

@@ -33,7 +33,10 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repetition-penalty", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--no-scan-layers", dest="scan_layers", action="store_false", help="per-layer weights, Python loop"
+        "--scan-layers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="stacked, scanned text layers (default: per-layer on CPU, scanned on accelerators)",
     )
     p.set_defaults(run=run_generate)
 

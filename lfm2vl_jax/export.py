@@ -25,7 +25,6 @@ import operator
 import os
 import re
 import shutil
-import struct
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -242,19 +241,6 @@ def _hashing(
         yield array
 
 
-def _data_ranges(path: Path) -> dict[str, tuple[int, int]]:
-    """Each tensor's byte range in the file (its header already validated by `SafetensorsFile`)."""
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-    start = 8 + header_len
-    return {
-        name: (start + entry["data_offsets"][0], start + entry["data_offsets"][1])
-        for name, entry in header.items()
-        if name != "__metadata__"
-    }
-
-
 def _sha256_of_range(f: BinaryIO, begin: int, end: int, buffer: memoryview) -> bytes:
     """Hashes through a small reused buffer: reading whole tensors back (`SafetensorsFile.read`) would add
     the largest tensor to the peak memory (0.15x the checkpoint for the 450M's embedding)."""
@@ -293,8 +279,8 @@ def verify_safetensors(path: Path, layout: Layout, digests: dict[str, bytes]) ->
         )
     buffer = memoryview(bytearray(READ_CHUNK))
     with open(path, "rb") as f:
-        for name, (begin, end) in _data_ranges(path).items():
-            if _sha256_of_range(f, begin, end, buffer) != digests[name]:
+        for name in file.keys():  # noqa: SIM118
+            if _sha256_of_range(f, *file.data_range(name), buffer) != digests[name]:
                 raise ExportError(
                     f"verifying {path}: tensor {name!r} reads back different from what was written"
                 )

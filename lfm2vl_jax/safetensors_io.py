@@ -91,12 +91,18 @@ class SafetensorsFile:
     def dtype(self, name: str) -> np.dtype:
         return self._entries[name][0]
 
+    def data_range(self, name: str) -> tuple[int, int]:
+        """The tensor's bytes, as [begin, end) offsets in the file."""
+        _, _, begin, end = self._entries[name]
+        return self._data_start + begin, self._data_start + end
+
     def read(self, name: str) -> np.ndarray:
         """The tensor, read into a new array."""
-        dtype, shape, begin, end = self._entries[name]
+        dtype, shape, _, _ = self._entries[name]
+        begin, end = self.data_range(name)
         out = np.empty(shape, dtype)
         with open(self.path, "rb") as f:
-            f.seek(self._data_start + begin)
+            f.seek(begin)
             read = f.readinto(out.reshape(-1).view(np.uint8))
         if read != end - begin:
             raise SafetensorsError(f"{self.path}: truncated file: tensor {name!r} is cut short")

@@ -54,8 +54,8 @@ def short_conv(
     bcx = jnp.einsum("btd,dce->btce", x, p["in_proj"])
     if "in_proj_bias" in p:
         bcx = bcx + p["in_proj_bias"]
-    b, c, x = bcx[:, :, 0], bcx[:, :, 1], bcx[:, :, 2]
-    gated = b * x
+    input_gate, output_gate, value = bcx[:, :, 0], bcx[:, :, 1], bcx[:, :, 2]  # the reference's B, C, x
+    gated = input_gate * value
 
     kernel = p["kernel"]  # (L, D)
     history = kernel.shape[0] - 1
@@ -70,7 +70,7 @@ def short_conv(
     )
     if "kernel_bias" in p:
         conv = conv + p["kernel_bias"]
-    y = jnp.einsum("btd,de->bte", (c * conv.astype(c.dtype)), p["out_proj"])
+    y = jnp.einsum("btd,de->bte", output_gate * conv.astype(output_gate.dtype), p["out_proj"])
     if "out_proj_bias" in p:
         y = y + p["out_proj_bias"]
 

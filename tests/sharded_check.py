@@ -19,7 +19,9 @@ def main(directory: str, inputs_file: str) -> None:
     inputs = dict(np.load(inputs_file))
     single = Lfm2VlForConditionalGeneration.from_pretrained(directory, progress=False)
     mesh = make_mesh(data=2, tensor=4)
-    sharded = Lfm2VlForConditionalGeneration.from_pretrained(directory, mesh=mesh, progress=False)
+    sharded = Lfm2VlForConditionalGeneration.from_pretrained(
+        directory, mesh=mesh, scan_layers=True, progress=False
+    )
     mlp = sharded.params["text"]["blocks"][0][0]["mlp"]["gate"]
     attn = next(
         layer["attn"] for segment in sharded.params["text"]["blocks"] for layer in segment if "attn" in layer

@@ -255,7 +255,15 @@ def test_real_450m_shapes_round_trip(tmp_path):
 
 def test_generation_config_and_processor_without_a_source_directory(fp32_source, checkpoint_450m, tmp_path):
     directory, _ = fp32_source
-    model = Lfm2VlForConditionalGeneration.from_pretrained(directory, progress=False)
+    loaded = Lfm2VlForConditionalGeneration.from_pretrained(directory, progress=False)
+    # By default the files of the directory a model was loaded from are carried over...
+    carried = loaded.save_pretrained(tmp_path / "carried", progress=False)
+    source_files = sorted(p.name for p in directory.iterdir() if not p.name.endswith(".safetensors"))
+    for name in source_files:
+        if name != "config.json":
+            assert (carried / name).read_bytes() == (directory / name).read_bytes(), name
+    # ...a model made from params alone has none to carry.
+    model = Lfm2VlForConditionalGeneration(loaded.config, loaded.params)
     model.generation_config = {"do_sample": True, "temperature": 0.3, "min_p": 0.15, "eos_token_id": 7}
     processor = Lfm2VlProcessor.from_pretrained(checkpoint_450m)
     out = model.save_pretrained(tmp_path / "out", processor=processor, progress=False)

@@ -132,13 +132,15 @@ def test_ragged_batch_rows_equal_each_row_alone_and_transformers(pair, pad_side)
         assert_same_tokens(batch[i : i + 1, : alone.shape[1]], expected)
 
 
-def test_per_layer_layout_generates_the_same_tokens(pair, tmp_path):
+def test_both_layer_layouts_generate_the_same_tokens(pair, tmp_path):
     config, reference, model = pair
     save_reference(reference, tmp_path)
-    per_layer = Lfm2VlForConditionalGeneration.from_pretrained(tmp_path, scan_layers=False, progress=False)
+    other = Lfm2VlForConditionalGeneration.from_pretrained(
+        tmp_path, scan_layers=isinstance(model.params["text"]["blocks"][0][0], list), progress=False
+    )
     batch = ragged_batch(row_requests(config))
     np.testing.assert_array_equal(
-        per_layer.generate(**batch, max_new_tokens=NEW_TOKENS, repetition_penalty=PENALTY),
+        other.generate(**batch, max_new_tokens=NEW_TOKENS, repetition_penalty=PENALTY),
         model.generate(**batch, max_new_tokens=NEW_TOKENS, repetition_penalty=PENALTY),
     )
 
@@ -151,6 +153,7 @@ def test_cached_decode_logits_equal_full_recompute(pair):
 
     from lfm2vl_jax.cache import append, init_cache
     from lfm2vl_jax.model import embed_inputs, forward
+    from lfm2vl_jax.params import layers_are_stacked
     from lfm2vl_jax.text import embed_tokens, lm_logits, text_forward
 
     config, _, model = pair
@@ -165,7 +168,8 @@ def test_cached_decode_logits_equal_full_recompute(pair):
         hidden, entries = text_forward(
             params["text"], cfg.text, embed_inputs(params, cfg, ids, *images), mask
         )
-        return append(init_cache(cfg.text, 2, 128, jnp.float32), entries, mask.sum(1))
+        empty = init_cache(cfg.text, 2, 128, jnp.float32, layers_are_stacked(params))
+        return append(empty, entries, mask.sum(1))
 
     @jax.jit
     def step(params, cache, tokens):

@@ -81,11 +81,14 @@ def test_one_small_image(pair):
     assert_logits_match(pair.model, pair.reference, image_inputs(pair.config, [3, (4, 6), 5]))
 
 
-def test_per_layer_layout_matches_too(pair):
-    """scan_layers=False (one array per layer, a Python loop) computes the same function."""
-    model = Lfm2VlForConditionalGeneration.from_pretrained(pair.directory, scan_layers=False, progress=False)
-    assert isinstance(model.params["text"]["blocks"][0][0], list)
-    assert_logits_match(model, pair.reference, image_inputs(pair.config, [3, (4, 6), 5]))
+def test_both_layer_layouts_match(pair):
+    """Scanned (stacked motifs, the accelerators' default) and per-layer (the CPU's default) layouts."""
+    for scan_layers in (True, False):
+        model = Lfm2VlForConditionalGeneration.from_pretrained(
+            pair.directory, scan_layers=scan_layers, progress=False
+        )
+        assert isinstance(model.params["text"]["blocks"][0][0], dict) == scan_layers
+        assert_logits_match(model, pair.reference, image_inputs(pair.config, [3, (4, 6), 5]))
 
 
 def test_two_images_in_one_prompt(pair):
