@@ -373,7 +373,7 @@ def _check_tensors(reader: CheckpointReader, table: dict[str, TensorMapping], co
         )
 
 
-def _leaf_at(tree: Any, path: tuple) -> Any:
+def leaf_at(tree: Any, path: tuple) -> Any:
     for part in path:
         tree = tree[part]
     return tree
@@ -401,7 +401,7 @@ def load_hf_checkpoint(
 ) -> tuple[Lfm2VlConfig, Params]:
     """Reads a transformers checkpoint directory into (config, params); no torch needed.
 
-    Tensors are read one at a time from memory-mapped files, laid out and cast on the host, and each
+    Tensors are read one at a time (each into a fresh array), laid out and cast on the host, and each
     parameter leaf is put on its device(s) as soon as it is complete (`shardings`: optional function of
     the parsed config and `scan_layers` returning a pytree of `jax.sharding.Sharding` matching the
     params), so peak host memory stays near one leaf. `scan_layers` picks the text layers' layout.
@@ -424,7 +424,7 @@ def load_hf_checkpoint(
     params = jax.tree.map(lambda _: None, specs, is_leaf=is_spec)
     bar = tqdm(total=len(table), desc=f"loading {directory.name}", unit="tensor", disable=not progress)
     for path, mappings in _group_by_leaf(table).items():
-        spec: ParamSpec = _leaf_at(specs, path)
+        spec: ParamSpec = leaf_at(specs, path)
         leaf = np.empty(spec.shape, np_dtype)
         for m in mappings:
             try:
@@ -438,7 +438,7 @@ def load_hf_checkpoint(
             else:
                 leaf[m.index] = value
             bar.update()
-        sharding = None if leaf_shardings is None else _leaf_at(leaf_shardings, path)
+        sharding = None if leaf_shardings is None else leaf_at(leaf_shardings, path)
         _set_leaf(params, path, jax.device_put(leaf, sharding))
     bar.close()
     return config, params
@@ -451,7 +451,7 @@ def iter_hf_tensors(
     table = tensor_map(config, layers_are_stacked(params))
     for key in sorted(table):
         m = table[key]
-        leaf = _leaf_at(params, m.path)
+        leaf = leaf_at(params, m.path)
         value = np.asarray(leaf if m.index is None else leaf[m.index])
         value = np.ascontiguousarray(m.to_hf(value))
         yield key, value if dtype is None else value.astype(np.dtype(jnp.dtype(dtype)))

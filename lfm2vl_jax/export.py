@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fnmatch
-import functools
 import hashlib
 import itertools
 import json
-import operator
 import os
 import re
 import shutil
@@ -37,7 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointReader, iter_hf_tensors, load_hf_checkpoint, tensor_map
+from .checkpoint import CheckpointReader, iter_hf_tensors, leaf_at, load_hf_checkpoint, tensor_map
 from .config import Lfm2VlConfig, config_to_dict, load_config
 from .errors import Lfm2VlError
 from .hub import resolve_checkpoint_dir
@@ -208,7 +206,7 @@ def _hf_layout(config: Lfm2VlConfig, params: Params, dtype: np.dtype | None) -> 
     return [
         (
             key,
-            dtype or np.dtype(functools.reduce(operator.getitem, table[key].path, params).dtype),
+            dtype or np.dtype(leaf_at(params, table[key].path).dtype),
             table[key].hf_shape,
         )
         for key in sorted(table)

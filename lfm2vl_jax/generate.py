@@ -2,7 +2,7 @@
 (cache donated, so it is updated in place).
 
 Two drivers run the same step. `loop="device"` (the default without streaming) runs it inside one
-`lax.while_loop`: measured 13-17% faster than the host loop on a 2-core CPU (no per-step dispatch from
+`lax.while_loop`: measured 12-18% faster than the host loop on a 2-core CPU (no per-step dispatch from
 Python competing with the compute threads). `loop="host"` (needed to stream tokens) dispatches jitted steps
 asynchronously and looks at the `done` flags only every few steps, so the device never waits on Python.
 `benchmarks/bench_generate.py` reports both.

@@ -205,10 +205,6 @@ def layers_are_stacked(params: Params) -> bool:
     return not isinstance(params["text"]["blocks"][0][0], list)
 
 
-def count_params(config: Lfm2VlConfig) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(config)))
-
-
 def init_params(
     config: Lfm2VlConfig, key: jax.Array, dtype: Any = jnp.float32, scan_layers: bool = True
 ) -> Params:

@@ -42,7 +42,7 @@ class SafetensorsError(Lfm2VlError):
 
 
 class SafetensorsFile:
-    """Lazy, memory-mapped view of one .safetensors file."""
+    """Lazy view of one .safetensors file: the header parsed and checked up front, tensors read on demand."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

@@ -1,9 +1,9 @@
 """Sharding: one table of logical-axis rules maps every param and cache axis to a mesh axis.
 
-The mesh has a `data` axis (batch rows; in training also fully-sharded weights) and a `tensor` axis
-(attention heads, MLP and conv channels, vocabulary: Megatron-style column/row splits, so each layer needs
-one all-reduce). The same rules serve inference and training; a mesh axis of size 1 is a no-op. A
-dimension not divisible by its mesh axis stays replicated, so any mesh works with any checkpoint.
+The mesh has a `data` axis (batch rows) and a `tensor` axis (attention heads, MLP and conv channels,
+vocabulary: Megatron-style column/row splits, so each layer needs one all-reduce). The rules are written
+against logical axes so that training can reuse them; a mesh axis of size 1 is a no-op. A dimension not
+divisible by its mesh axis stays replicated, so any mesh works with any checkpoint.
 """
 
 from __future__ import annotations
