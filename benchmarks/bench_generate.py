@@ -37,8 +37,8 @@ from processor_fixtures import make_checkpoint_dir, make_reference_processor, sy
 from reference_models import REFERENCE_CONFIGS, randomize_weights  # noqa: E402
 
 from lfm2vl_jax import Lfm2VlForConditionalGeneration, Lfm2VlProcessor  # noqa: E402
-from lfm2vl_jax import generate as engine  # noqa: E402
-from lfm2vl_jax.params import tree_bytes  # noqa: E402
+from lfm2vl_jax.inference import engine  # noqa: E402
+from lfm2vl_jax.nn.params import tree_bytes  # noqa: E402
 
 MODELS = {"450m": "lfm2-vl-450m", "1.6b": "lfm2-vl-1.6b"}
 DTYPES = {"float32": (jnp.float32, torch.float32), "bfloat16": (jnp.bfloat16, torch.bfloat16)}
@@ -109,7 +109,7 @@ class Setup:
 def ours_run(model: Lfm2VlForConditionalGeneration, inputs: dict, new_tokens: int, loop: str = "host"):
     """The engine's states for `inputs` (prefill first), never stopping early (no stop tokens)."""
     request = model.request(dict(inputs), new_tokens, seed=0, options={"eos_token_id": []})
-    return engine.run(model.params, model.config, request, loop=loop, mesh=model.mesh)
+    return engine.run(model.params, model.config, request, loop=loop)
 
 
 def prefill_seconds(setup: Setup, repeats: int) -> dict:

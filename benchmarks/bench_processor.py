@@ -31,7 +31,7 @@ from processor_fixtures import (  # noqa: E402
     synthetic_image,
 )
 
-from lfm2vl_jax.processing import Lfm2VlProcessor  # noqa: E402
+from lfm2vl_jax.processing.processor import Lfm2VlProcessor  # noqa: E402
 
 PROMPT = "<|startoftext|><|im_start|>user\n<image>Describe this image.<|im_end|>\n<|im_start|>assistant\n"
 

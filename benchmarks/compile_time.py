@@ -17,11 +17,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from lfm2vl_jax.cache import init_cache
-from lfm2vl_jax.config import ATTENTION, CONV, Lfm2VlConfig, TextConfig
-from lfm2vl_jax.generate import DecodeState, decode_step
-from lfm2vl_jax.params import abstract_params
-from lfm2vl_jax.sampling import SamplingParams
+from lfm2vl_jax.config import ATTENTION, CONV, DTypePolicy, Lfm2VlConfig, RuntimeConfig, TextConfig
+from lfm2vl_jax.inference.cache import init_cache
+from lfm2vl_jax.inference.engine import DecodeState, decode_step
+from lfm2vl_jax.inference.sampling import SamplingParams
+from lfm2vl_jax.nn.params import abstract_params
 
 C, A = CONV, ATTENTION
 PATTERNS = {
@@ -41,12 +41,13 @@ def compile_seconds(layer_types: tuple[str, ...], scan_layers: bool, dtype) -> f
         head_dim=64,
         layer_types=layer_types,
     )
-    config = Lfm2VlConfig(text=text)
-    params = abstract_params(config, dtype, scan_layers)
+    runtime = RuntimeConfig(dtypes=DTypePolicy.uniform(dtype), scan_layers=scan_layers)
+    config = Lfm2VlConfig(text=text, runtime=runtime)
+    params = abstract_params(config)
     batch, max_len = 8, 1024
     state = jax.eval_shape(
         lambda: DecodeState(
-            cache=init_cache(text, batch, max_len, dtype, scan_layers),
+            cache=init_cache(config, batch, max_len),
             tokens=jnp.zeros((batch, 128), jnp.int32),
             num_generated=jnp.ones((), jnp.int32),
             done=jnp.zeros((batch,), bool),

@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-BASELINE = "import jax, jax.numpy as jnp, lfm2vl_jax.export; jnp.zeros(1).block_until_ready()"
+BASELINE = "import jax, jax.numpy as jnp, lfm2vl_jax.checkpoint.orbax; jnp.zeros(1).block_until_ready()"
 # The released 450M config with random weights, saved by transformers.
 BUILD = """
 import json, sys, torch

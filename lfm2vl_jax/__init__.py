@@ -1,20 +1,30 @@
-"""LFM2-VL vision-language models in pure JAX."""
+"""LFM2-VL vision-language models in pure JAX.
+
+Layout: `nn/` (the model's math), `kernels/` (attention implementations), `parallel/` (sharding rules,
+meshes), `inference/` (cache, sampling, engine), `checkpoint/` (transformers and orbax checkpoints),
+`processing/` (image and chat processors), `training/` (fine-tuning); `api.py` and `cli.py` on top.
+"""
 
 from .api import CausalLMOutput, Lfm2VlForConditionalGeneration
-from .config import Lfm2VlConfig, TextConfig, VisionConfig, load_config
-from .image_processing import Lfm2VlImageProcessor, ProcessorError
-from .processing import Lfm2VlProcessor
-from .sampling import SamplingParams
-from .sharding import make_mesh
+from .config import DTypePolicy, Lfm2VlConfig, RuntimeConfig, TextConfig, VisionConfig, load_config
+from .inference.sampling import SamplingParams
+from .parallel.mesh import make_mesh
+from .parallel.rules import DEFAULT_RULES, ShardingRules
+from .processing.image_processor import Lfm2VlImageProcessor, ProcessorError
+from .processing.processor import Lfm2VlProcessor
 
 __all__ = [
+    "DEFAULT_RULES",
     "CausalLMOutput",
+    "DTypePolicy",
     "Lfm2VlConfig",
     "Lfm2VlForConditionalGeneration",
     "Lfm2VlImageProcessor",
     "Lfm2VlProcessor",
     "ProcessorError",
+    "RuntimeConfig",
     "SamplingParams",
+    "ShardingRules",
     "TextConfig",
     "VisionConfig",
     "load_config",

@@ -13,14 +13,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from . import generate as engine
-from .checkpoint import load_hf_checkpoint
-from .config import Lfm2VlConfig
-from .hub import resolve_checkpoint_dir
-from .model import as_numpy_inputs, check_inputs, forward
-from .params import Params
-from .sampling import SamplingParams
-from .sharding import batch_sharding, param_shardings
+from .checkpoint.hf import load_hf_checkpoint
+from .checkpoint.hub import resolve_checkpoint_dir
+from .config import DTypePolicy, Lfm2VlConfig, RuntimeConfig
+from .inference import engine
+from .inference.sampling import SamplingParams
+from .inputs import as_numpy_inputs, check_inputs
+from .nn.model import forward
+from .nn.params import Params
+from .parallel.sharding import batch_sharding
+
+# The plain forward pass, jitted here, at its entry point (the config is static: it picks the program).
+_forward = jax.jit(forward, static_argnames=("config",))
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "spatial_shapes")
 SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
@@ -49,14 +53,16 @@ class Lfm2VlForConditionalGeneration:
         config: Lfm2VlConfig,
         params: Params,
         generation_config: dict[str, Any] | None = None,
-        mesh: Mesh | None = None,
         source_dir: Path | None = None,
     ):
-        self.config = config
+        self.config = config  # with its runtime: layout, dtypes, mesh
         self.params = params
         self.generation_config = generation_config or {}
-        self.mesh = mesh
         self.source_dir = source_dir  # the checkpoint directory it was loaded from, if any
+
+    @property
+    def mesh(self) -> Mesh | None:
+        return self.config.runtime.mesh
 
     @classmethod
     def from_pretrained(
@@ -66,30 +72,33 @@ class Lfm2VlForConditionalGeneration:
         mesh: Mesh | None = None,
         scan_layers: bool | None = None,
         progress: bool = True,
+        runtime: RuntimeConfig | None = None,
     ) -> Lfm2VlForConditionalGeneration:
         """Loads a transformers checkpoint from a local directory or a Hugging Face Hub id.
 
-        mesh: shard the weights over it as they load (see `sharding.make_mesh`); generation then shards
-            the batch and cache over it too.
+        dtype: of the weights, the computation and the cache alike (`runtime` sets them apart).
+        mesh: shard the weights over it as they load (see `parallel.mesh.make_mesh`); generation then
+            shards the batch and cache over it too.
         scan_layers: stack the text layers of each repeated motif and run them with `lax.scan` (compile
             time independent of depth), or (False) keep one array per layer, run by a Python loop, which
             decodes faster where slicing stacked weights costs a copy. Default: per layer on the CPU
             (measured 2.2x faster decoding there, see README), scanned on accelerators.
+        runtime: the whole `RuntimeConfig` (dtype policy, layout, attention implementation, mesh, rules);
+            `dtype`, `mesh` and `scan_layers` are ignored when it is given.
         """
-        if scan_layers is None:
-            scan_layers = jax.default_backend() != "cpu"
+        if runtime is None:
+            if scan_layers is None:
+                scan_layers = jax.default_backend() != "cpu"
+            runtime = RuntimeConfig(dtypes=DTypePolicy.uniform(dtype), scan_layers=scan_layers, mesh=mesh)
         directory = resolve_checkpoint_dir(path_or_hub_id)
-        shardings = None if mesh is None else (lambda config, stacked: param_shardings(config, mesh, stacked))
-        config, params = load_hf_checkpoint(
-            directory, dtype=dtype, shardings=shardings, progress=progress, scan_layers=scan_layers
-        )
+        config, params = load_hf_checkpoint(directory, runtime=runtime, progress=progress)
         generation_file = directory / "generation_config.json"
         generation = json.loads(generation_file.read_text()) if generation_file.exists() else {}
-        return cls(config, params, generation, mesh, directory)
+        return cls(config, params, generation, directory)
 
     @property
     def dtype(self) -> Any:
-        return self.params["text"]["embed"].dtype
+        return self.config.runtime.dtypes.params
 
     def __call__(
         self,
@@ -106,7 +115,7 @@ class Lfm2VlForConditionalGeneration:
         check_inputs(self.config, **inputs)
         if inputs["attention_mask"] is None:
             inputs["attention_mask"] = np.ones_like(inputs["input_ids"])
-        return CausalLMOutput(logits=forward(self.params, self.config, **inputs))
+        return CausalLMOutput(logits=_forward(self.params, self.config, **inputs))
 
     # Generation -------------------------------------------------------------------------------------------
 
@@ -140,17 +149,24 @@ class Lfm2VlForConditionalGeneration:
         stop += list(options.get("stop_token_ids") or [])
         pad = pick("pad_token_id", self.config.pad_token_id)
         pad = int(pad if pad is not None else stop[0] if stop else 0)
-        data_size = 1 if self.mesh is None else self.mesh.shape["data"]
-        batch = engine.prepare_batch(self.config, **inputs, pad_id=pad, row_multiple=data_size)
+        rows = 1
         if self.mesh is not None:
-            arrays = {
-                f.name: getattr(batch, f.name) for f in dataclasses.fields(batch) if f.name != "num_rows"
-            }
+            for axis in self.config.runtime.rules.mesh_axes("batch"):
+                rows *= self.mesh.shape.get(axis, 1)
+        batch = engine.prepare_batch(self.config, **inputs, pad_id=pad, row_multiple=rows)
+        if self.mesh is not None:  # rows over the batch axes; images (any number per row) replicated
+            replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
             batch = dataclasses.replace(
                 batch,
+                input_ids=jax.device_put(batch.input_ids, batch_sharding(self.config, batch.input_ids.shape)),
+                attention_mask=jax.device_put(
+                    batch.attention_mask, batch_sharding(self.config, batch.attention_mask.shape)
+                ),
                 **{
-                    name: None if x is None else jax.device_put(x, batch_sharding(self.mesh, x.shape))
-                    for name, x in arrays.items()
+                    name: None
+                    if getattr(batch, name) is None
+                    else jax.device_put(getattr(batch, name), replicated)
+                    for name in ("pixel_values", "pixel_attention_mask", "spatial_shapes")
                 },
             )
         return engine.Request(batch, sampling, tuple(stop), pad, max_new_tokens, seed)
@@ -181,7 +197,7 @@ class Lfm2VlForConditionalGeneration:
         """
         inputs = _named_inputs(input_ids, attention_mask, pixel_values, pixel_attention_mask, spatial_shapes)
         request = self.request(inputs, max_new_tokens, seed, options)
-        return engine.generate(self.params, self.config, request, loop, streamer, self.mesh)
+        return engine.generate(self.params, self.config, request, loop, streamer)
 
     def stream(
         self,
@@ -199,7 +215,7 @@ class Lfm2VlForConditionalGeneration:
         row has emitted a stop token."""
         inputs = _named_inputs(input_ids, attention_mask, pixel_values, pixel_attention_mask, spatial_shapes)
         request = self.request(inputs, max_new_tokens, seed, options)
-        for state in engine.run(self.params, self.config, request, "host", self.mesh):
+        for state in engine.run(self.params, self.config, request, "host"):
             yield engine.latest_tokens(state, request.batch.num_rows)
             if np.asarray(state.done).all():
                 return
@@ -225,7 +241,7 @@ class Lfm2VlForConditionalGeneration:
         too. source_dir: a checkpoint directory whose tokenizer, processor and chat-template files are
         copied over.
         """
-        from .export import save_hf_checkpoint
+        from .checkpoint.export import save_hf_checkpoint
 
         return save_hf_checkpoint(
             out_dir,

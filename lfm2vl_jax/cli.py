@@ -1,7 +1,9 @@
-"""Command line: `lfm2vl generate ...` (streamed answer to a prompt with images) and `lfm2vl convert ...`.
+"""Command line: `lfm2vl generate` (streamed answer to a prompt with images) and `lfm2vl convert`
+(transformers <-> orbax checkpoints). All argument parsing lives here; library modules take plain
+arguments.
 
-Errors the user can fix (a missing model, an unreadable image, a bad flag value) print one line and exit
-with status 2; anything else is a bug and keeps its traceback.
+Errors the user can fix (a missing model, an unreadable image, a bad flag value, a refused target) print
+one line and exit with status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import jax.numpy as jnp
 
 from .errors import Lfm2VlError
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5.x's default
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +29,9 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", help="optional system message")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument(
-        "--dtype", choices=sorted(DTYPES), help="default: float32 on CPU (faster there), bfloat16 elsewhere"
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        help="default: float32 on CPU (faster there), bfloat16 elsewhere",
     )
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float)
@@ -46,7 +51,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     from .api import Lfm2VlForConditionalGeneration
-    from .processing import Lfm2VlProcessor
+    from .processing.processor import Lfm2VlProcessor
 
     content = [{"type": "image", "path": path} for path in args.image]
     content.append({"type": "text", "text": args.prompt})
@@ -83,17 +88,67 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert_parser(sub: argparse._SubParsersAction) -> None:
-    from .export import add_hf_to_orbax_arguments, add_orbax_to_hf_arguments, run_hf_to_orbax, run_orbax_to_hf
+def _conversion_arguments(p: argparse.ArgumentParser, src_help: str, dst_help: str, to_hf: bool) -> None:
+    p.add_argument("src", metavar="SRC", help=src_help)
+    p.add_argument("dst", metavar="DST", help=dst_help)
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="dtype of the written weights (default: as stored)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if to_hf:
+        p.add_argument(
+            "--max-shard-size",
+            default=DEFAULT_MAX_SHARD_SIZE,
+            help=f"split the weights into shards above this size (default {DEFAULT_MAX_SHARD_SIZE})",
+        )
 
+
+def add_hf_to_orbax_arguments(p: argparse.ArgumentParser) -> None:
+    _conversion_arguments(
+        p, "transformers checkpoint directory or hub id", "orbax checkpoint directory to create", False
+    )
+    p.set_defaults(run=run_hf_to_orbax, command="convert")
+
+
+def add_orbax_to_hf_arguments(p: argparse.ArgumentParser) -> None:
+    _conversion_arguments(
+        p,
+        "orbax checkpoint directory (written by hf-to-orbax)",
+        "transformers checkpoint directory to create",
+        True,
+    )
+    p.set_defaults(run=run_orbax_to_hf, command="convert")
+
+
+def _report_written(out) -> int:
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"wrote {out} ({size / 1e9:.2f} GB)")
+    return 0
+
+
+def run_hf_to_orbax(args: argparse.Namespace) -> int:
+    from .checkpoint.orbax import hf_to_orbax
+
+    return _report_written(hf_to_orbax(args.src, args.dst, args.dtype, args.overwrite, not args.quiet))
+
+
+def run_orbax_to_hf(args: argparse.Namespace) -> int:
+    from .checkpoint.orbax import orbax_to_hf
+
+    out = orbax_to_hf(args.src, args.dst, args.dtype, args.overwrite, args.max_shard_size, not args.quiet)
+    return _report_written(out)
+
+
+def _convert_parser(sub: argparse._SubParsersAction) -> None:
     convert = sub.add_parser("convert", help="convert checkpoints (transformers <-> orbax)")
     direction = convert.add_subparsers(dest="direction", required=True)
-    p = direction.add_parser("hf-to-orbax", help="transformers checkpoint -> orbax checkpoint")
-    add_hf_to_orbax_arguments(p)
-    p.set_defaults(run=run_hf_to_orbax)
-    p = direction.add_parser("orbax-to-hf", help="orbax checkpoint -> transformers checkpoint")
-    add_orbax_to_hf_arguments(p)
-    p.set_defaults(run=run_orbax_to_hf)
+    add_hf_to_orbax_arguments(
+        direction.add_parser("hf-to-orbax", help="transformers checkpoint -> orbax checkpoint")
+    )
+    add_orbax_to_hf_arguments(
+        direction.add_parser("orbax-to-hf", help="orbax checkpoint -> transformers checkpoint")
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,13 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(args: argparse.Namespace, prog: str) -> int:
+    """Runs a parsed command: a user's mistake (`Lfm2VlError`) or an I/O error (unreadable source, full
+    disk, no permission) becomes one `error:` line and exit status 2."""
     try:
         return args.run(args)
-    except Lfm2VlError as err:
-        print(f"lfm2vl {args.command}: error: {err}", file=sys.stderr)
+    except (Lfm2VlError, OSError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args, f"lfm2vl {args.command}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
 from .errors import Lfm2VlError
+from .parallel.rules import DEFAULT_RULES, ShardingRules
 
 CONV = "conv"
 ATTENTION = "full_attention"
@@ -101,8 +106,73 @@ class TextConfig:
         return plan_segments(self.layer_types)
 
 
+REMAT_POLICIES = ("none", "full", "dots", "qkv_conv")  # see `nn.layers.remat`
+
+
+def _dtype(value: Any) -> np.dtype:
+    dtype = np.dtype(jnp.dtype(value))
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ConfigError(f"dtype {dtype.name} is not a floating-point type")
+    return dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class DTypePolicy:
+    """Which dtype each kind of array has, stated rather than read off the arrays.
+
+    params: the weights as stored (and as the optimizer updates them: fp32 master weights in training).
+    compute: what matmuls and activations run in; weights are cast to it where used (a no-op when equal).
+    cache: the decoding cache's K/V and conv states (default: compute).
+    Norms, softmax, logits and the loss are float32 whatever these say.
+    """
+
+    params: Any = jnp.float32
+    compute: Any = jnp.float32
+    cache: Any = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "params", _dtype(self.params))
+        object.__setattr__(self, "compute", _dtype(self.compute))
+        object.__setattr__(self, "cache", self.compute if self.cache is None else _dtype(self.cache))
+
+    @classmethod
+    def uniform(cls, dtype: Any) -> DTypePolicy:
+        return cls(params=dtype, compute=dtype, cache=dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """How to run the model (not what it is): layouts, dtypes, kernels, remat, sharding. Static: a change
+    compiles new programs.
+
+    scan_layers: the text layers' layout, stacked per motif and run by `lax.scan`, or one array per layer
+        run by a Python loop (see `nn.params`). The params pytree must be in this layout.
+    attention: the implementation behind `nn.attention.attention` ("auto", "reference", or a kernel).
+    remat: what the backward pass recomputes in the scanned layers and the vision tower
+        (`nn.layers.REMAT_POLICIES`); only matters under `jax.grad`.
+    mesh, rules: where arrays live; activations get sharding constraints when a mesh is set.
+    """
+
+    dtypes: DTypePolicy = dataclasses.field(default_factory=DTypePolicy)
+    scan_layers: bool = True
+    attention: str = "auto"
+    remat: str = "none"
+    mesh: Mesh | None = None
+    rules: ShardingRules = DEFAULT_RULES
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat policy {self.remat!r} is not one of {REMAT_POLICIES}")
+
+    def replace(self, **changes: Any) -> RuntimeConfig:
+        return dataclasses.replace(self, **changes)
+
+
 @dataclasses.dataclass(frozen=True)
 class Lfm2VlConfig:
+    """The model as its checkpoint describes it (`vision`, `text`, projector and token ids), plus the
+    `runtime` choices of this process, which are never exported."""
+
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
     image_token_id: int = 396
@@ -113,6 +183,7 @@ class Lfm2VlConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 7
     pad_token_id: int | None = 0
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
 
     @property
     def projector_in_size(self) -> int:
@@ -120,6 +191,9 @@ class Lfm2VlConfig:
 
     def replace(self, **changes: Any) -> Lfm2VlConfig:
         return dataclasses.replace(self, **changes)
+
+    def with_runtime(self, **changes: Any) -> Lfm2VlConfig:
+        return dataclasses.replace(self, runtime=self.runtime.replace(**changes))
 
 
 def plan_segments(layer_types: tuple[str, ...]) -> tuple[Segment, ...]:

@@ -1,5 +1,11 @@
-"""Processor fixtures: checkpoint directories with the stand-in tokenizer, ours and transformers'
-processors on the same files. The builders live in `processor_fixtures.py` (benchmarks reuse them)."""
+"""Test tiers and processor fixtures.
+
+Every test is marked by its folder: `unit` (torch-free, seconds), `parity` (against transformers),
+`multidevice` (8 host devices in a subprocess); `pytest -m unit` runs one tier alone.
+
+Processor fixtures: checkpoint directories with the stand-in tokenizer, ours and transformers' processors
+on the same files. The builders live in `processor_fixtures.py` (benchmarks reuse them).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,16 @@ from pathlib import Path
 import pytest
 from processor_fixtures import PIXEL_PARITY, make_checkpoint_dir, make_reference_processor
 
-from lfm2vl_jax.processing import Lfm2VlProcessor
+from lfm2vl_jax.processing.processor import Lfm2VlProcessor
+
+TIERS = ("unit", "parity", "multidevice")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = Path(item.fspath).parent.name
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture(scope="session")

@@ -125,3 +125,24 @@ def reference_logits(model: HfModel, inputs: dict[str, np.ndarray]) -> np.ndarra
         if "pixel_attention_mask" in torch_inputs:
             torch_inputs["pixel_attention_mask"] = torch_inputs["pixel_attention_mask"].bool()
         return model(**torch_inputs).logits.float().numpy()
+
+
+def single(ids: np.ndarray, images: dict | None = None) -> dict:
+    return {"input_ids": ids[None], "attention_mask": np.ones((1, len(ids)), np.int64), **(images or {})}
+
+
+def ragged_batch(requests: list[dict], pad_side: str = "right") -> dict:
+    """One padded batch of single-row requests, their images concatenated in row order."""
+    lengths = [r["input_ids"].shape[1] for r in requests]
+    width = max(lengths) + 5
+    ids = np.zeros((len(requests), width), np.int64)
+    mask = np.zeros((len(requests), width), np.int64)
+    for i, (r, n) in enumerate(zip(requests, lengths, strict=True)):
+        span = slice(0, n) if pad_side == "right" else slice(width - n, width)
+        ids[i, span], mask[i, span] = r["input_ids"][0], 1
+    with_images = [r for r in requests if len(r.get("spatial_shapes", ()))]
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if with_images:
+        for key in ("pixel_values", "pixel_attention_mask", "spatial_shapes"):
+            batch[key] = np.concatenate([r[key] for r in with_images])
+    return batch

@@ -1,0 +1,457 @@
+"""Hugging Face checkpoints (safetensors, transformers' layout) to our params pytree, and back.
+
+`tensor_map(config)` is the single table of correspondences: for every tensor of transformers'
+`Lfm2VlForConditionalGeneration` state dict (5.x save layout), where it lives in our pytree (leaf path and,
+for scanned layers, the index on the stacked `layers` axis) and how it is laid out there. Import and export
+both walk it, so they cannot drift apart; the layout changes are transposes and reshapes only, so a round
+trip is bit-exact.
+
+Accepted key layouts: the hub's (`model.vision_tower.vision_model.*`) and transformers 5.x
+`save_pretrained`'s (no `vision_model`); `lm_head.weight` present or absent when tied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..config import CONV, ConfigError, Lfm2VlConfig, RuntimeConfig, config_from_dict
+from ..errors import Lfm2VlError
+from ..nn.params import Params, ParamSpec, is_spec, param_specs
+from ..parallel.sharding import param_shardings
+from .safetensors_io import SafetensorsError, SafetensorsFile
+
+log = logging.getLogger(__name__)
+
+HUB_VISION_PREFIX = "model.vision_tower.vision_model."
+VISION_PREFIX = "model.vision_tower."
+TEXT_PREFIX = "model.language_model."
+PROJECTOR_PREFIX = "model.multi_modal_projector."
+# Parts of the SigLIP2 checkpoint the LFM2-VL forward pass never uses.
+UNUSED_TENSORS = re.compile(r"^model\.vision_tower\.head\.")
+
+
+class CheckpointError(Lfm2VlError):
+    """A checkpoint whose tensors do not fit the model its config describes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMapping:
+    hf_key: str
+    path: tuple[str | int, ...]  # path of the leaf in our params pytree
+    index: int | None  # position on the leaf's stacked `layers` axis, None if not stacked
+    hf_shape: tuple[int, ...]
+    to_jax: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def _transpose(x: np.ndarray) -> np.ndarray:
+    return x.T
+
+
+def _to_input_first(*out_shape: int) -> tuple[Callable, Callable]:
+    """torch Linear weight (out, in) <-> kernel (in, *out_shape)."""
+    return (lambda w: w.T.reshape(w.shape[1], *out_shape)), (lambda k: k.reshape(k.shape[0], -1).T)
+
+
+def _from_heads_first(n_in: int, *head_shape: int) -> tuple[Callable, Callable]:
+    """torch Linear weight (out, heads*head_dim) <-> kernel (heads, head_dim, out)."""
+    return (lambda w: w.T.reshape(*head_shape, w.shape[0])), (lambda k: k.reshape(n_in, -1).T)
+
+
+def _reshaper(shape: tuple[int, ...], hf_shape: tuple[int, ...]) -> tuple[Callable, Callable]:
+    return (lambda x: x.reshape(shape)), (lambda x: x.reshape(hf_shape))
+
+
+def tensor_map(config: Lfm2VlConfig) -> dict[str, TensorMapping]:
+    """Every tensor of the model's 5.x state dict -> where and how it lives in our pytree (in the
+    layout `config.runtime.scan_layers` selects, see `nn.params.param_specs`)."""
+    v, t = config.vision, config.text
+    scan_layers = config.runtime.scan_layers
+    table: dict[str, TensorMapping] = {}
+
+    def add(hf_key: str, path: tuple, index: int | None, hf_shape: tuple, transforms: tuple | None = None):
+        to_jax, to_hf = transforms or (_identity, _identity)
+        table[hf_key] = TensorMapping(hf_key, path, index, tuple(hf_shape), to_jax, to_hf)
+
+    def add_linear(hf: str, path: tuple, index: int | None, n_in: int, out_shape: tuple, bias: bool):
+        n_out = int(np.prod(out_shape))
+        add(f"{hf}.weight", (*path, "kernel"), index, (n_out, n_in), _to_input_first(*out_shape))
+        if bias:
+            add(f"{hf}.bias", (*path, "bias"), index, (n_out,), _reshaper(out_shape, (n_out,)))
+
+    def add_norm(hf: str, path: tuple, index: int | None, size: int, bias: bool):
+        add(f"{hf}.weight", (*path, "scale"), index, (size,))
+        if bias:
+            add(f"{hf}.bias", (*path, "bias"), index, (size,))
+
+    # Vision tower.
+    e, heads, hd = v.hidden_size, v.num_heads, v.head_dim
+    patch_dim = v.num_channels * v.patch_size**2
+    grid = v.position_grid_size
+    add_linear(
+        f"{VISION_PREFIX}embeddings.patch_embedding", ("vision", "patch_embed"), None, patch_dim, (e,), True
+    )
+    add(
+        f"{VISION_PREFIX}embeddings.position_embedding.weight",
+        ("vision", "position_grid"),
+        None,
+        (grid * grid, e),
+        _reshaper((grid, grid, e), (grid * grid, e)),
+    )
+    for i in range(v.num_layers):
+        hf, path = f"{VISION_PREFIX}encoder.layers.{i}", ("vision", "layers")
+        add_norm(f"{hf}.layer_norm1", (*path, "ln1"), i, e, True)
+        add_norm(f"{hf}.layer_norm2", (*path, "ln2"), i, e, True)
+        for name in ("q", "k", "v"):
+            add_linear(f"{hf}.self_attn.{name}_proj", (*path, "attn", name), i, e, (heads, hd), True)
+        add(
+            f"{hf}.self_attn.out_proj.weight",
+            (*path, "attn", "o", "kernel"),
+            i,
+            (e, e),
+            _from_heads_first(e, heads, hd),
+        )
+        add(f"{hf}.self_attn.out_proj.bias", (*path, "attn", "o", "bias"), i, (e,))
+        add_linear(f"{hf}.mlp.fc1", (*path, "mlp", "fc1"), i, e, (v.intermediate_size,), True)
+        add_linear(f"{hf}.mlp.fc2", (*path, "mlp", "fc2"), i, v.intermediate_size, (e,), True)
+    add_norm(f"{VISION_PREFIX}post_layernorm", ("vision", "post_ln"), None, e, True)
+
+    # Projector.
+    if config.projector_use_layernorm:
+        add_norm(f"{PROJECTOR_PREFIX}layer_norm", ("projector", "ln"), None, config.projector_in_size, True)
+    p_hidden, bias = config.projector_hidden_size, config.projector_bias
+    add_linear(
+        f"{PROJECTOR_PREFIX}linear_1", ("projector", "fc1"), None, config.projector_in_size, (p_hidden,), bias
+    )
+    add_linear(f"{PROJECTOR_PREFIX}linear_2", ("projector", "fc2"), None, p_hidden, (t.hidden_size,), bias)
+
+    # Text tower: HF layer i lives at blocks[segment][motif position], then at index `repeat` of the
+    # stacked axis (scanned layout) or of the list of layers (per-layer layout).
+    d, f, n, k, h = t.hidden_size, t.intermediate_size, t.num_heads, t.num_kv_heads, t.head_dim
+    add(f"{TEXT_PREFIX}embed_tokens.weight", ("text", "embed"), None, (t.vocab_size, d))
+    add(f"{TEXT_PREFIX}embedding_norm.weight", ("text", "final_norm", "scale"), None, (d,))
+    if not t.tie_word_embeddings:
+        add("lm_head.weight", ("text", "lm_head"), None, (t.vocab_size, d), (_transpose, _transpose))
+    for s, segment in enumerate(t.segments):
+        for r in range(segment.repeats):
+            for pos, kind in enumerate(segment.motif):
+                hf = f"{TEXT_PREFIX}layers.{segment.layer_index(r, pos)}"
+                if scan_layers:
+                    path, index = ("text", "blocks", s, pos), r
+                else:
+                    path, index = ("text", "blocks", s, pos, r), None
+                add(f"{hf}.operator_norm.weight", (*path, "operator_norm", "scale"), index, (d,))
+                add(f"{hf}.ffn_norm.weight", (*path, "ffn_norm", "scale"), index, (d,))
+                add(
+                    f"{hf}.feed_forward.w1.weight",
+                    (*path, "mlp", "gate"),
+                    index,
+                    (f, d),
+                    (_transpose, _transpose),
+                )
+                add(
+                    f"{hf}.feed_forward.w3.weight",
+                    (*path, "mlp", "up"),
+                    index,
+                    (f, d),
+                    (_transpose, _transpose),
+                )
+                add(
+                    f"{hf}.feed_forward.w2.weight",
+                    (*path, "mlp", "down"),
+                    index,
+                    (d, f),
+                    (_transpose, _transpose),
+                )
+                if kind == CONV:
+                    conv = (*path, "conv")
+                    size = t.conv_kernel_size
+                    add(
+                        f"{hf}.conv.in_proj.weight",
+                        (*conv, "in_proj"),
+                        index,
+                        (3 * d, d),
+                        _to_input_first(3, d),
+                    )
+                    add(
+                        f"{hf}.conv.conv.weight",
+                        (*conv, "kernel"),
+                        index,
+                        (d, 1, size),
+                        (lambda w: w[:, 0, :].T, lambda x: x.T[:, None, :]),
+                    )
+                    add(
+                        f"{hf}.conv.out_proj.weight",
+                        (*conv, "out_proj"),
+                        index,
+                        (d, d),
+                        (_transpose, _transpose),
+                    )
+                    if t.conv_bias:
+                        add(
+                            f"{hf}.conv.in_proj.bias",
+                            (*conv, "in_proj_bias"),
+                            index,
+                            (3 * d,),
+                            _reshaper((3, d), (3 * d,)),
+                        )
+                        add(f"{hf}.conv.conv.bias", (*conv, "kernel_bias"), index, (d,))
+                        add(f"{hf}.conv.out_proj.bias", (*conv, "out_proj_bias"), index, (d,))
+                else:
+                    attn = (*path, "attn")
+                    add(
+                        f"{hf}.self_attn.q_proj.weight",
+                        (*attn, "q"),
+                        index,
+                        (n * h, d),
+                        _to_input_first(n, h),
+                    )
+                    add(
+                        f"{hf}.self_attn.k_proj.weight",
+                        (*attn, "k"),
+                        index,
+                        (k * h, d),
+                        _to_input_first(k, h),
+                    )
+                    add(
+                        f"{hf}.self_attn.v_proj.weight",
+                        (*attn, "v"),
+                        index,
+                        (k * h, d),
+                        _to_input_first(k, h),
+                    )
+                    add(
+                        f"{hf}.self_attn.out_proj.weight",
+                        (*attn, "o"),
+                        index,
+                        (d, n * h),
+                        _from_heads_first(d, n, h),
+                    )
+                    add(f"{hf}.self_attn.q_layernorm.weight", (*attn, "q_norm"), index, (h,))
+                    add(f"{hf}.self_attn.k_layernorm.weight", (*attn, "k_norm"), index, (h,))
+    return table
+
+
+def canonical_key(key: str) -> str:
+    """Maps the hub layout's vision keys onto transformers 5.x's save layout."""
+    if key.startswith(HUB_VISION_PREFIX):
+        return VISION_PREFIX + key[len(HUB_VISION_PREFIX) :]
+    return key
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """model.safetensors, or the shards a model.safetensors.index.json names."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
+        files = [directory / name for name in dict.fromkeys(weight_map.values())]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{index} names shards that are missing: {missing}")
+        return files
+    single = directory / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {directory}")
+
+
+class CheckpointReader:
+    """All tensors of a (possibly sharded) safetensors checkpoint, under canonical key names."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.tensors: dict[str, tuple[SafetensorsFile, str]] = {}
+        for path in weight_files(directory):
+            try:
+                file = SafetensorsFile(path)
+            except OSError as err:
+                raise CheckpointError(f"cannot read {path}: {err}") from None
+            for name in file.keys():  # noqa: SIM118 (not a dict)
+                key = canonical_key(name)
+                if key in self.tensors:
+                    other = self.tensors[key][0].path.name
+                    raise CheckpointError(f"tensor {name!r} appears twice (in {other} and {path.name})")
+                self.tensors[key] = (file, name)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        file, name = self.tensors[key]
+        return file.shape(name)
+
+    def read(self, key: str) -> np.ndarray:
+        file, name = self.tensors[key]
+        return file.read(name)
+
+
+def reconcile_config(config: Lfm2VlConfig, raw: dict[str, Any], reader: CheckpointReader) -> Lfm2VlConfig:
+    """Takes depths and widths from the checkpoint's tensors where the config is silent or disagrees."""
+    keys = reader.tensors
+    layer_ids = {
+        int(m.group(1))
+        for key in keys
+        if (m := re.match(rf"{re.escape(VISION_PREFIX)}encoder\.layers\.(\d+)\.", key))
+    }
+    vision = config.vision
+    if layer_ids:
+        # The custom-code model cut the tower after `vision_feature_layer`; keep the smaller depth.
+        depth = min(max(layer_ids) + 1, vision.num_layers)
+        if depth != vision.num_layers:
+            warnings.warn(
+                f"config says {vision.num_layers} vision layers, the checkpoint holds "
+                f"{max(layer_ids) + 1}; using {depth}",
+                stacklevel=3,
+            )
+            vision = dataclasses.replace(vision, num_layers=depth)
+    changes: dict[str, Any] = {"vision": vision}
+
+    linear_1 = f"{PROJECTOR_PREFIX}linear_1.weight"
+    if linear_1 in keys and reader.shape(linear_1)[0] != config.projector_hidden_size:
+        hidden = reader.shape(linear_1)[0]
+        warnings.warn(
+            f"projector_hidden_size {config.projector_hidden_size} != checkpoint's {hidden}; using {hidden}",
+            stacklevel=3,
+        )
+        changes["projector_hidden_size"] = hidden
+    if "projector_use_layernorm" not in raw:
+        changes["projector_use_layernorm"] = f"{PROJECTOR_PREFIX}layer_norm.weight" in keys
+
+    text = config.text
+    w1 = f"{TEXT_PREFIX}layers.0.feed_forward.w1.weight"
+    if w1 in keys and reader.shape(w1)[0] != text.intermediate_size:
+        width = reader.shape(w1)[0]
+        warnings.warn(
+            f"MLP width from the config's auto-adjust rule is {text.intermediate_size}, "
+            f"the checkpoint's is {width}; using {width}",
+            stacklevel=3,
+        )
+        changes["text"] = dataclasses.replace(text, intermediate_size=width)
+    return config.replace(**changes)
+
+
+def _unused(key: str, config: Lfm2VlConfig) -> bool:
+    """Tensors we drop on purpose: SigLIP2's pooling head, vision layers past `vision_feature_layer`, and
+    an `lm_head` that the config ties to the embeddings."""
+    if UNUSED_TENSORS.match(key):
+        return True
+    m = re.match(rf"{re.escape(VISION_PREFIX)}encoder\.layers\.(\d+)\.", key)
+    if m and int(m.group(1)) >= config.vision.num_layers:
+        return True
+    return key == "lm_head.weight" and config.text.tie_word_embeddings
+
+
+def _check_tensors(reader: CheckpointReader, table: dict[str, TensorMapping], config: Lfm2VlConfig) -> None:
+    present = set(reader.tensors)
+    unexpected = sorted(k for k in present - set(table) if not _unused(k, config))
+    missing = sorted(set(table) - present)
+    problems = []
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors the model has no place for, e.g. {unexpected[:5]}")
+    if missing:
+        problems.append(f"{len(missing)} tensors missing, e.g. {missing[:5]}")
+    for key in sorted(present & set(table)):
+        if reader.shape(key) != table[key].hf_shape:
+            problems.append(f"tensor {key!r} has shape {reader.shape(key)}, expected {table[key].hf_shape}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {reader.directory} does not match its config: " + "; ".join(problems)
+        )
+
+
+def leaf_at(tree: Any, path: tuple) -> Any:
+    for part in path:
+        tree = tree[part]
+    return tree
+
+
+def _set_leaf(tree: Any, path: tuple, value: Any) -> None:
+    for part in path[:-1]:
+        tree = tree[part]
+    tree[path[-1]] = value
+
+
+def _group_by_leaf(table: dict[str, TensorMapping]) -> dict[tuple, list[TensorMapping]]:
+    groups: dict[tuple, list[TensorMapping]] = {}
+    for mapping in table.values():
+        groups.setdefault(mapping.path, []).append(mapping)
+    return groups
+
+
+def load_hf_checkpoint(
+    directory: str | Path, runtime: RuntimeConfig | None = None, progress: bool = True
+) -> tuple[Lfm2VlConfig, Params]:
+    """Reads a transformers checkpoint directory into (config, params); no torch needed.
+
+    `runtime` (default `RuntimeConfig()`) becomes the config's: the params get its layout
+    (`scan_layers`) and params dtype, and are sharded over its mesh as they load. Tensors are read one at
+    a time (each into a fresh array), laid out and cast on the host, and each parameter leaf is put on its
+    device(s) as soon as it is complete, so peak host memory stays near one leaf.
+    """
+    runtime = RuntimeConfig() if runtime is None else runtime
+    directory = Path(directory)
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"no config.json in {directory}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{directory / 'config.json'} is not valid JSON: {err}") from None
+    reader = CheckpointReader(directory)
+    config = reconcile_config(config_from_dict(raw), raw, reader).replace(runtime=runtime)
+    table = tensor_map(config)
+    _check_tensors(reader, table, config)
+
+    specs = param_specs(config)
+    leaf_shardings = None if runtime.mesh is None else param_shardings(config)
+    np_dtype = np.dtype(runtime.dtypes.params)
+    params = jax.tree.map(lambda _: None, specs, is_leaf=is_spec)
+    bar = tqdm(total=len(table), desc=f"loading {directory.name}", unit="tensor", disable=not progress)
+    for path, mappings in _group_by_leaf(table).items():
+        spec: ParamSpec = leaf_at(specs, path)
+        leaf = np.empty(spec.shape, np_dtype)
+        for m in mappings:
+            try:
+                value = m.to_jax(reader.read(m.hf_key))
+            except (OSError, ValueError) as err:
+                raise SafetensorsError(
+                    f"{reader.tensors[m.hf_key][0].path}: cannot read {m.hf_key!r}: {err}"
+                ) from None
+            if m.index is None:
+                leaf[...] = value
+            else:
+                leaf[m.index] = value
+            bar.update()
+        sharding = None if leaf_shardings is None else leaf_at(leaf_shardings, path)
+        _set_leaf(params, path, jax.device_put(leaf, sharding))
+    bar.close()
+    return config, params
+
+
+def iter_hf_tensors(
+    config: Lfm2VlConfig, params: Params, dtype: Any = None
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Our params (in `config`'s layout) as transformers 5.x state-dict tensors, one at a time, in key
+    order."""
+    table = tensor_map(config)
+    for key in sorted(table):
+        m = table[key]
+        leaf = leaf_at(params, m.path)
+        value = np.asarray(leaf if m.index is None else leaf[m.index])
+        value = np.ascontiguousarray(m.to_hf(value))
+        yield key, value if dtype is None else value.astype(np.dtype(jnp.dtype(dtype)))

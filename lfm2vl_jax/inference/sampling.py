@@ -1,0 +1,89 @@
+"""Choosing the next token: transformers' logits processors and warpers, in its order and with its
+semantics, as one jittable function.
+
+Order (as `GenerationMixin._get_logits_processor`): repetition penalty (greedy too), then, when sampling,
+temperature -> top-k -> top-p -> min-p, then a categorical draw. Removed tokens get -inf.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from ..errors import Lfm2VlError
+
+
+@flax.struct.dataclass
+class SamplingParams:
+    """Static fields pick the program (greedy or sampling, top-k width); the floats are traced, so
+    changing them does not recompile. Defaults are transformers' `GenerationConfig` defaults; the model
+    card recommends `temperature=0.1, min_p=0.15, repetition_penalty=1.05`."""
+
+    do_sample: bool = flax.struct.field(pytree_node=False, default=False)
+    top_k: int = flax.struct.field(pytree_node=False, default=50)  # 0: off
+    temperature: float = 1.0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        valid = {
+            "temperature": lambda x: x > 0,
+            "top_k": lambda x: x >= 0,
+            "top_p": lambda x: 0 < x <= 1,
+            "min_p": lambda x: 0 <= x <= 1,
+            "repetition_penalty": lambda x: x > 0,
+        }
+        for name, ok in valid.items():
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and not ok(value):  # not when traced
+                raise Lfm2VlError(f"invalid sampling parameter {name}={value}")
+
+
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array | float) -> jax.Array:
+    """Tokens already in the sequence (seen: (B, V) bool) are made less likely: positive logits divided,
+    negative ones multiplied by the penalty (transformers' `RepetitionPenaltyLogitsProcessor`)."""
+    penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalised, logits)
+
+
+def _top_p_min_p(logits: jax.Array, top_p: jax.Array | float, min_p: jax.Array | float) -> jax.Array:
+    """top-p then min-p over the last axis (the whole vocabulary, or top-k candidates)."""
+    # top-p: drop the lowest-probability tokens whose cumulative mass stays <= 1 - top_p (keep >= 1).
+    order = jnp.argsort(logits, axis=-1)  # ascending
+    ascending = jnp.take_along_axis(logits, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+    drop_sorted = (cumulative <= 1 - top_p).at[..., -1].set(False)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    drop = jnp.zeros_like(drop_sorted).at[rows, order].set(drop_sorted)
+    logits = jnp.where(drop, -jnp.inf, logits)
+    # min-p: drop tokens less likely than min_p times the most likely one.
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.where(probs < min_p * jnp.max(probs, axis=-1, keepdims=True), -jnp.inf, logits)
+
+
+def process_logits(logits: jax.Array, seen: jax.Array, params: SamplingParams) -> jax.Array:
+    """The full-vocabulary logits a sampling step draws from (B, V); -inf where removed."""
+    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty) / params.temperature
+    if params.top_k:
+        kth = jax.lax.top_k(logits, min(params.top_k, logits.shape[-1]))[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return _top_p_min_p(logits, params.top_p, params.min_p)
+
+
+def next_token(logits: jax.Array, seen: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
+    """(B, V) float32 logits -> (B,) int32 tokens.
+
+    With top-k on, top-p and min-p run on the k candidates rather than sorting the whole vocabulary: the
+    same distribution as `process_logits` (tokens tied with the k-th are not kept, a measure-zero case).
+    """
+    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if not params.do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / params.temperature
+    if not params.top_k:
+        return jax.random.categorical(key, _top_p_min_p(logits, params.top_p, params.min_p)).astype(jnp.int32)
+    values, ids = jax.lax.top_k(logits, min(params.top_k, logits.shape[-1]))
+    choice = jax.random.categorical(key, _top_p_min_p(values, params.top_p, params.min_p))
+    return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)

@@ -1,0 +1,85 @@
+"""Small shared building blocks: norms, dense layers, activations, rotary embeddings, dtype casts, remat.
+
+Norms compute in float32 and return the input's dtype, as the reference does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# Names given (with `checkpoint_name`) to the intermediate values a remat policy may keep.
+SAVEABLE_NAMES = ("q", "k", "v", "conv_out")
+
+
+def remat(fn: Callable, policy: str, in_scan: bool = True) -> Callable:
+    """`fn` wrapped in `jax.checkpoint` with a named policy: what its backward pass keeps from the forward
+    pass instead of recomputing. "none": everything (no wrapper); "full": only the inputs; "dots": matmul
+    outputs; "qkv_conv": the attention projections and conv outputs (`SAVEABLE_NAMES`)."""
+    if policy == "none":
+        return fn
+    policies = {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "qkv_conv": jax.checkpoint_policies.save_only_these_names(*SAVEABLE_NAMES),
+    }
+    if policy not in policies:
+        raise ValueError(f"unknown remat policy {policy!r}")
+    # Inside a scan, CSE cannot merge the recomputation into the forward pass, so its guard is not needed.
+    return jax.checkpoint(fn, policy=policies[policy], prevent_cse=not in_scan)
+
+
+def cast(tree: Any, dtype: Any) -> Any:
+    """Floating leaves cast to `dtype` (weights to the compute dtype where they are used; a no-op when
+    they already have it)."""
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x, tree
+    )
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """LFM2's RMSNorm: normalise in float32, cast back, then scale (the reference's order of operations)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale * normed.astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, p: dict[str, jax.Array], eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    normed = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (normed * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
+
+
+def dense(x: jax.Array, p: dict[str, jax.Array]) -> jax.Array:
+    """`x @ kernel (+ bias)` over the last axis of x and the first of the kernel."""
+    y = jnp.tensordot(x, p["kernel"], axes=1)
+    return y + p["bias"] if "bias" in p else y
+
+
+def activation(name: str) -> Any:
+    """transformers' activation names: "gelu" is the exact (erf) GELU, "gelu_pytorch_tanh" the tanh one."""
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name == "gelu_pytorch_tanh":
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """NeoX-style rotary embedding (rotate the two halves of the head dim).
+
+    x: (B, T, heads, H); positions: (B, T) integer positions.
+    """
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)

@@ -1,0 +1,227 @@
+"""The parameter pytree: the one place that defines every weight's shape and logical axes.
+
+Layout (nested dicts and lists of arrays; kernels are stored input-first, `x @ kernel`):
+
+    vision:     patch_embed{kernel (P*P*C, E), bias (E,)}, position_grid (G, G, E),
+                layers{ln1, attn{q,k,v{kernel (E,N,H), bias (N,H)}, o{kernel (N,H,E), bias (E,)}}, ln2,
+                       mlp{fc1, fc2}}  -- every leaf stacked on a leading `layers` axis for `lax.scan`,
+                post_ln{scale, bias}
+    projector:  [ln{scale, bias}], fc1{kernel (E*f*f, P), bias}, fc2{kernel (P, D), bias}
+    text:       embed (V, D), final_norm{scale}, [lm_head (D, V) when untied],
+                blocks: one list per `Segment` of the layer plan (see `config.plan_segments`), holding per
+                motif position either one layer dict stacked on a leading `layers` axis of length
+                `repeats` (`RuntimeConfig.scan_layers`: run by `lax.scan`) or a list of `repeats`
+                unstacked layer dicts (run by a Python loop, no per-step weight slicing):
+                  conv layer: operator_norm, conv{in_proj (D, 3, D), kernel (L, D), out_proj (D, D)
+                              [+ biases]}, ffn_norm, mlp{gate (D, F), up (D, F), down (F, D)}
+                  attention:  operator_norm, attn{q (D,N,H), k (D,K,H), v (D,K,H), o (N,H,D),
+                              q_norm (H,), k_norm (H,)}, ffn_norm, mlp
+
+The layout is a static fact of the config (`config.runtime.scan_layers`), never read off a pytree.
+Checkpoints store the canonical per-layer tree instead (`checkpoint.canonical`), which no layout choice
+changes.
+
+Logical axis names (mapped to mesh axes by `parallel.rules.DEFAULT_RULES`): layers, vocab, embed, heads,
+kv_heads, head_dim, mlp, conv (short-conv channels), vision_embed, vision_mlp, vision_heads, patch,
+projector_in, projector_hidden.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import ATTENTION, CONV, Lfm2VlConfig, TextConfig, VisionConfig
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]  # one logical axis name per dimension
+    init: str = "normal"  # "normal" (std `std`), "ones" or "zeros"
+    std: float = 0.0
+
+    def stacked(self, n: int) -> ParamSpec:
+        return dataclasses.replace(self, shape=(n, *self.shape), axes=("layers", *self.axes))
+
+
+def _kernel(shape: tuple[int, ...], axes: tuple[str | None, ...], fan_in: int) -> ParamSpec:
+    return ParamSpec(shape, axes, "normal", 1 / math.sqrt(fan_in))
+
+
+def _norm(size: int, axis: str | None, bias: bool = False) -> dict[str, ParamSpec]:
+    specs = {"scale": ParamSpec((size,), (axis,), "ones")}
+    if bias:
+        specs["bias"] = ParamSpec((size,), (axis,), "zeros")
+    return specs
+
+
+def _bias(shape: tuple[int, ...], axes: tuple[str | None, ...]) -> ParamSpec:
+    return ParamSpec(shape, axes, "zeros")
+
+
+def _linear(n_in: int, n_out: int, axes: tuple[str, str], bias: bool) -> dict[str, ParamSpec]:
+    specs = {"kernel": _kernel((n_in, n_out), axes, n_in)}
+    if bias:
+        specs["bias"] = _bias((n_out,), axes[1:])
+    return specs
+
+
+def vision_layer_specs(v: VisionConfig) -> dict[str, Any]:
+    e, n, h = v.hidden_size, v.num_heads, v.head_dim
+    in_proj = {
+        "kernel": _kernel((e, n, h), ("vision_embed", "vision_heads", "head_dim"), e),
+        "bias": _bias((n, h), ("vision_heads", "head_dim")),
+    }
+    return {
+        "ln1": _norm(e, "vision_embed", bias=True),
+        "attn": {
+            "q": in_proj,
+            "k": in_proj,
+            "v": in_proj,
+            "o": {
+                "kernel": _kernel((n, h, e), ("vision_heads", "head_dim", "vision_embed"), e),
+                "bias": _bias((e,), ("vision_embed",)),
+            },
+        },
+        "ln2": _norm(e, "vision_embed", bias=True),
+        "mlp": {
+            "fc1": _linear(e, v.intermediate_size, ("vision_embed", "vision_mlp"), bias=True),
+            "fc2": _linear(v.intermediate_size, e, ("vision_mlp", "vision_embed"), bias=True),
+        },
+    }
+
+
+def _mlp(t: TextConfig) -> dict[str, ParamSpec]:
+    d, f = t.hidden_size, t.intermediate_size
+    return {
+        "gate": _kernel((d, f), ("embed", "mlp"), d),
+        "up": _kernel((d, f), ("embed", "mlp"), d),
+        "down": _kernel((f, d), ("mlp", "embed"), f),
+    }
+
+
+def text_layer_specs(t: TextConfig, kind: str) -> dict[str, Any]:
+    d = t.hidden_size
+    if kind == CONV:
+        operator: dict[str, ParamSpec] = {
+            "in_proj": _kernel((d, 3, d), ("embed", None, "conv"), d),
+            "kernel": _kernel((t.conv_kernel_size, d), (None, "conv"), t.conv_kernel_size),
+            "out_proj": _kernel((d, d), ("conv", "embed"), d),
+        }
+        if t.conv_bias:
+            operator |= {
+                "in_proj_bias": _bias((3, d), (None, "conv")),
+                "kernel_bias": _bias((d,), ("conv",)),
+                "out_proj_bias": _bias((d,), ("embed",)),
+            }
+        operator_key = "conv"
+    elif kind == ATTENTION:
+        n, k, h = t.num_heads, t.num_kv_heads, t.head_dim
+        operator = {
+            "q": _kernel((d, n, h), ("embed", "heads", "head_dim"), d),
+            "k": _kernel((d, k, h), ("embed", "kv_heads", "head_dim"), d),
+            "v": _kernel((d, k, h), ("embed", "kv_heads", "head_dim"), d),
+            "o": _kernel((n, h, d), ("heads", "head_dim", "embed"), n * h),
+            "q_norm": ParamSpec((h,), ("head_dim",), "ones"),
+            "k_norm": ParamSpec((h,), ("head_dim",), "ones"),
+        }
+        operator_key = "attn"
+    else:
+        raise ValueError(f"unknown layer kind {kind!r}")
+    return {
+        "operator_norm": _norm(d, "embed"),
+        operator_key: operator,
+        "ffn_norm": _norm(d, "embed"),
+        "mlp": _mlp(t),
+    }
+
+
+def _stack(tree: Any, n: int) -> Any:
+    return jax.tree.map(lambda s: s.stacked(n), tree, is_leaf=lambda x: isinstance(x, ParamSpec))
+
+
+def param_specs(config: Lfm2VlConfig) -> Params:
+    """The whole model's parameter pytree, as `ParamSpec` leaves, in the layout of
+    `config.runtime.scan_layers`."""
+    v, t = config.vision, config.text
+    scan_layers = config.runtime.scan_layers
+    patch_dim = v.num_channels * v.patch_size**2
+    grid = v.position_grid_size
+    projector: dict[str, Any] = {}
+    if config.projector_use_layernorm:
+        projector["ln"] = _norm(config.projector_in_size, "projector_in", bias=True)
+    projector["fc1"] = _linear(
+        config.projector_in_size,
+        config.projector_hidden_size,
+        ("projector_in", "projector_hidden"),
+        config.projector_bias,
+    )
+    projector["fc2"] = _linear(
+        config.projector_hidden_size, t.hidden_size, ("projector_hidden", "embed"), config.projector_bias
+    )
+    text: dict[str, Any] = {
+        "embed": ParamSpec((t.vocab_size, t.hidden_size), ("vocab", "embed"), "normal", 1.0),
+        "blocks": [
+            [
+                _stack(text_layer_specs(t, kind), seg.repeats)
+                if scan_layers
+                else [text_layer_specs(t, kind) for _ in range(seg.repeats)]
+                for kind in seg.motif
+            ]
+            for seg in t.segments
+        ],
+        "final_norm": _norm(t.hidden_size, "embed"),
+    }
+    if not t.tie_word_embeddings:
+        text["lm_head"] = _kernel((t.hidden_size, t.vocab_size), ("embed", "vocab"), t.hidden_size)
+    return {
+        "vision": {
+            "patch_embed": _linear(patch_dim, v.hidden_size, ("patch", "vision_embed"), bias=True),
+            "position_grid": ParamSpec(
+                (grid, grid, v.hidden_size), (None, None, "vision_embed"), "normal", 1.0
+            ),
+            "layers": _stack(vision_layer_specs(v), v.num_layers),
+            "post_ln": _norm(v.hidden_size, "vision_embed", bias=True),
+        },
+        "projector": projector,
+        "text": text,
+    }
+
+
+def is_spec(x: Any) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def abstract_params(config: Lfm2VlConfig, dtype: Any = None) -> Params:
+    """`jax.ShapeDtypeStruct` leaves (dtype: default the policy's params dtype): what `jax.eval_shape`
+    sees, without allocating anything."""
+    dtype = config.runtime.dtypes.params if dtype is None else dtype
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(config), is_leaf=is_spec)
+
+
+def init_params(config: Lfm2VlConfig, key: jax.Array, dtype: Any = None) -> Params:
+    """Random weights of realistic scale (kernels ~ N(0, 1/fan_in)), for tests and benchmarks."""
+    dtype = config.runtime.dtypes.params if dtype is None else dtype
+    specs, treedef = jax.tree.flatten(param_specs(config), is_leaf=is_spec)
+    keys = jax.random.split(key, len(specs))
+
+    def init(spec: ParamSpec, k: jax.Array) -> jax.Array:
+        if spec.init == "ones":
+            return jnp.ones(spec.shape, dtype)
+        if spec.init == "zeros":
+            return jnp.zeros(spec.shape, dtype)
+        return (spec.std * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
+
+    return jax.tree.unflatten(treedef, [init(s, k) for s, k in zip(specs, keys, strict=True)])
+
+
+def tree_bytes(params: Params) -> int:
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))

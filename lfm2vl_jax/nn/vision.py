@@ -1,0 +1,97 @@
+"""SigLIP2-NaFlex vision tower: patch embedding, per-image resized position grid, pre-LN encoder.
+
+Images of different sizes share one batch: each is a row of `max_num_patches` flattened patches (row-major
+over its `spatial_shapes` grid), the padding patches masked out of attention as keys.
+
+Axis legend: I images, P patch slots (max_num_patches), E width, N heads, H head dim, G position-grid side.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from ..config import RuntimeConfig, VisionConfig
+from .attention import attention
+from .layers import activation, cast, dense, layer_norm, remat
+from .params import Params
+
+
+def _axis_weights(index: jax.Array, size: jax.Array, grid: int) -> jax.Array:
+    """Interpolation weights (I, P, grid) for resizing `grid` entries to `size` along one axis.
+
+    Exactly `F.interpolate(mode="bilinear", align_corners=False, antialias=True)`: a triangle filter whose
+    support widens by the downscale factor (antialiasing) and never narrows below one source step, weights
+    renormalised at the borders.
+    """
+    scale = grid / size.astype(jnp.float32)[:, None]  # (I, 1)
+    support = jnp.maximum(scale, 1.0)
+    center = (index.astype(jnp.float32) + 0.5) * scale - 0.5  # (I, P)
+    source = jnp.arange(grid, dtype=jnp.float32)
+    weights = jnp.maximum(1.0 - jnp.abs(source - center[..., None]) / support[..., None], 0.0)
+    return weights / jnp.sum(weights, axis=-1, keepdims=True)
+
+
+def resize_position_grid(grid: jax.Array, spatial_shapes: jax.Array, num_positions: int) -> jax.Array:
+    """Resizes the learned (G, G, E) position grid to each image's (rows, cols) patch grid.
+
+    Returns (I, num_positions, E): image i's first rows*cols entries in row-major order; the padding
+    entries repeat position (0, 0) (they are masked downstream). Shapes are dynamic per image, so rather
+    than calling a resize with a static output shape we build the separable interpolation weights.
+    """
+    rows, cols = spatial_shapes[:, 0:1], spatial_shapes[:, 1:2]  # (I, 1)
+    position = jnp.arange(num_positions)[None, :]
+    valid = position < rows * cols
+    row_index = jnp.where(valid, position // cols, 0)
+    col_index = jnp.where(valid, position % cols, 0)
+    g = grid.shape[0]
+    row_weights = _axis_weights(row_index, rows[:, 0], g)  # (I, P, G)
+    col_weights = _axis_weights(col_index, cols[:, 0], g)
+    resized = jnp.einsum("ipr,ipc,rce->ipe", row_weights, col_weights, grid.astype(jnp.float32))
+    return resized.astype(grid.dtype)
+
+
+def _encoder_layer(
+    p: Params, x: jax.Array, num_patches: jax.Array, cfg: VisionConfig, runtime: RuntimeConfig
+) -> jax.Array:
+    p = cast(p, runtime.dtypes.compute)
+    y = layer_norm(x, p["ln1"], cfg.layer_norm_eps)
+    with jax.named_scope("attention"):
+        q = jnp.einsum("ipe,enh->ipnh", y, p["attn"]["q"]["kernel"]) + p["attn"]["q"]["bias"]
+        k, v = (
+            jnp.einsum("ipe,enh->inph", y, p["attn"][name]["kernel"]) + p["attn"][name]["bias"][:, None]
+            for name in ("k", "v")
+        )
+        q, k, v = checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
+        # Bidirectional over each image's valid patches (a prefix of its slots).
+        attn = attention(q, k, v, kv_lengths=num_patches, implementation=runtime.attention)
+        x = x + jnp.einsum("ipnh,nhe->ipe", attn, p["attn"]["o"]["kernel"]) + p["attn"]["o"]["bias"]
+    with jax.named_scope("mlp"):
+        y = layer_norm(x, p["ln2"], cfg.layer_norm_eps)
+        y = dense(activation(cfg.hidden_act)(dense(y, p["mlp"]["fc1"])), p["mlp"]["fc2"])
+    return x + y
+
+
+def vision_tower(
+    params: Params,
+    cfg: VisionConfig,
+    runtime: RuntimeConfig,
+    pixel_values: jax.Array,
+    pixel_attention_mask: jax.Array,
+    spatial_shapes: jax.Array,
+) -> jax.Array:
+    """(I, P, C*patch*patch) patches -> (I, P, E) post-layernormed features. Each image's valid patches
+    are the first ones of its row (`pixel_attention_mask` a prefix, as the processor makes it)."""
+    dtype = runtime.dtypes.compute
+    x = dense(pixel_values.astype(dtype), cast(params["patch_embed"], dtype))
+    positions = resize_position_grid(params["position_grid"], spatial_shapes, pixel_values.shape[1])
+    x = x + positions.astype(dtype)
+    num_patches = pixel_attention_mask.astype(jnp.int32).sum(axis=1)
+
+    def body(x: jax.Array, layer: Params) -> tuple[jax.Array, None]:
+        with jax.named_scope("vision_layer"):
+            return _encoder_layer(layer, x, num_patches, cfg, runtime), None
+
+    x, _ = jax.lax.scan(remat(body, runtime.remat), x, params["layers"])
+    return layer_norm(x, cast(params["post_ln"], dtype), cfg.layer_norm_eps)

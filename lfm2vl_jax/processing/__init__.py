@@ -1,0 +1,1 @@
+"""Preprocessing: the image processor (torchvision's resize ported exactly), the chat processor."""

@@ -1,0 +1,455 @@
+"""LFM2-VL image processor: a numpy + Pillow port of transformers' `Lfm2VlImageProcessor` (5.x).
+
+Per image: convert to RGB uint8; if it is "too large" (area test below) resize it to a grid of
+`tile_size` tiles chosen by aspect ratio and split it (row-major), adding a thumbnail at the smart-resize
+size when `use_thumbnail`; otherwise smart-resize it whole. Resizing runs on uint8 (see `resize.py`),
+then each tile is rescaled/normalised, cut into `encoder_patch_size` patches (patch row, patch col, then
+pixel row, pixel col, channel) and zero-padded to `max_num_patches` with a 0/1 mask.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import Lfm2VlError
+from .resize import BILINEAR, RESAMPLE_NAMES, SUPPORTED_RESAMPLE, resize_uint8
+
+ImageInput = Image.Image | np.ndarray | str | os.PathLike
+
+
+class ProcessorError(Lfm2VlError):
+    """Bad input or configuration for the LFM2-VL processor."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading: anything we accept -> (H, W, 3) uint8 RGB
+
+
+def _check_size(width: int, height: int, label: str) -> None:
+    if width <= 0 or height <= 0:
+        raise ProcessorError(f"{label} is empty ({width}x{height} pixels)")
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise ProcessorError(
+            f"{label} has {width}x{height} = {width * height} pixels, above Pillow's decompression-bomb "
+            f"limit PIL.Image.MAX_IMAGE_PIXELS = {limit}; raise that limit if the image is trusted"
+        )
+
+
+def _pil_to_rgb(image: Image.Image, label: str) -> np.ndarray:
+    _check_size(image.width, image.height, label)
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ProcessorError(f"{label} could not be decoded: {error}") from error
+    # transformers' convert_to_rgb: composite anything with alpha (or a transparent palette entry) on white.
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+
+
+def _open_file(path: str | os.PathLike | BinaryIO, label: str) -> np.ndarray:
+    if isinstance(path, (str, os.PathLike)):
+        label = f"{label} ({os.fspath(path)!r})"
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x its limit; we refuse anything above it.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                _check_size(image.width, image.height, label)
+                image.load()
+                # The reference decodes files with EXIF orientation applied.
+                return _pil_to_rgb(ImageOps.exif_transpose(image), label)
+    except ProcessorError:
+        raise
+    except FileNotFoundError as error:
+        raise ProcessorError(f"{label}: file not found") from error
+    except IsADirectoryError as error:
+        raise ProcessorError(f"{label}: is a directory, not an image file") from error
+    except UnidentifiedImageError as error:
+        raise ProcessorError(f"{label}: not a readable image file (unknown or corrupt format)") from error
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ProcessorError(
+            f"{label}: {error} (PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}; raise that limit if "
+            "the image is trusted)"
+        ) from error
+    except (OSError, SyntaxError, ValueError) as error:  # what Pillow raises on truncated or bad data
+        raise ProcessorError(f"{label} could not be decoded: {error}") from error
+
+
+def _array_to_rgb(array: np.ndarray, label: str) -> np.ndarray:
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise ProcessorError(
+            f"{label} is an array of shape {array.shape}; expected (H, W) or channels-last (H, W, C) "
+            "with C in 1, 3, 4"
+        )
+    _check_size(array.shape[1], array.shape[0], label)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
+            raise ProcessorError(f"{label} is a float array with values outside [0, 1] (or not finite)")
+        # The reference resizes on uint8, so float images are quantised first.
+        array = np.rint(array * 255.0).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ProcessorError(f"{label} has dtype {array.dtype}; expected uint8, or float in [0, 1]")
+    if array.shape[2] == 1:
+        return np.repeat(array, 3, axis=2)
+    if array.shape[2] == 4:
+        # transformers' tensor convert_to_rgb, in float32: rgb * a + (1 - a), back with x * 255.999 truncated.
+        scaled = array.astype(np.float32) * np.float32(1.0 / 255.0)
+        rgb, alpha = scaled[:, :, :3], scaled[:, :, 3:]
+        composite = rgb * alpha + (np.float32(1.0) - alpha)
+        return (composite * np.float32(255.0 + 1.0 - 1e-3)).astype(np.uint8)
+    return np.ascontiguousarray(array)
+
+
+def load_image(image: Any, label: str = "image") -> np.ndarray:
+    """A PIL image, array, file path or binary file object as an (H, W, 3) uint8 RGB array.
+
+    `label` names the image in errors. Alpha (and a palette's transparent colour) is composited on white;
+    files get their EXIF orientation applied; float arrays must lie in [0, 1] and are rounded to uint8."""
+    if isinstance(image, (str, os.PathLike)) or hasattr(image, "read"):
+        return _open_file(image, label)
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(image, label)
+    if isinstance(image, np.ndarray) or hasattr(image, "__array__"):
+        return _array_to_rgb(np.asarray(image), label)
+    raise ProcessorError(
+        f"{label} has unsupported type {type(image).__name__}; expected a PIL image, numpy array or file path"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layout decisions (ported from transformers, Python float and rounding semantics kept)
+
+
+def round_by_factor(number: float, factor: int) -> int:
+    """Closest multiple of `factor`; Python's round, so halves go to the even multiple."""
+    return round(number / factor) * factor
+
+
+@lru_cache(maxsize=64)
+def target_ratios(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
+    """(cols, rows) grids with min_tiles <= cols * rows <= max_tiles, by increasing tile count."""
+    ratios = [
+        (w, h)
+        for n in range(min_tiles, max_tiles + 1)
+        for w in range(1, n + 1)
+        for h in range(1, n + 1)
+        if min_tiles <= w * h <= max_tiles
+    ]
+    # Built exactly as the reference (list -> set -> stable sort): among grids with the same tile count the
+    # order is the set's, and it decides exact ties in find_closest_aspect_ratio.
+    return sorted(set(ratios), key=lambda ratio: ratio[0] * ratio[1])
+
+
+def find_closest_aspect_ratio(
+    aspect_ratio: float, ratios: Sequence[tuple[int, int]], width: int, height: int, tile_size: int
+) -> tuple[int, int]:
+    """Grid (cols, rows) whose aspect is closest; on a tie the later (larger) grid wins if the image
+    covers more than half of its area."""
+    best_diff = float("inf")
+    best = (1, 1)
+    area = width * height
+    for cols, rows in ratios:
+        diff = abs(aspect_ratio - cols / rows)
+        if diff < best_diff:
+            best_diff = diff
+            best = (cols, rows)
+        elif diff == best_diff and area > 0.5 * tile_size * tile_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+class Lfm2VlImageProcessor:
+    """Turns images into LFM2-VL `pixel_values`, `pixel_attention_mask` and `spatial_shapes`."""
+
+    # config keys this processor reads from processor_config.json / preprocessor_config.json
+    config_keys = (
+        "downsample_factor",
+        "do_image_splitting",
+        "min_tiles",
+        "max_tiles",
+        "use_thumbnail",
+        "min_image_tokens",
+        "max_image_tokens",
+        "encoder_patch_size",
+        "tile_size",
+        "max_pixels_tolerance",
+        "resample",
+        "do_rescale",
+        "rescale_factor",
+        "do_normalize",
+        "image_mean",
+        "image_std",
+        "do_pad",
+        "do_convert_rgb",
+    )
+
+    def __init__(
+        self,
+        *,
+        downsample_factor: int = 2,
+        do_image_splitting: bool = True,
+        min_tiles: int = 2,
+        max_tiles: int = 10,
+        use_thumbnail: bool = True,
+        min_image_tokens: int = 64,
+        max_image_tokens: int = 256,
+        encoder_patch_size: int = 16,
+        tile_size: int = 512,
+        max_pixels_tolerance: float = 2.0,
+        resample: int = BILINEAR,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        image_mean: float | Sequence[float] = (0.5, 0.5, 0.5),
+        image_std: float | Sequence[float] = (0.5, 0.5, 0.5),
+        do_pad: bool = True,
+        do_convert_rgb: bool | None = None,
+    ) -> None:
+        for name, value in (
+            ("downsample_factor", downsample_factor),
+            ("min_tiles", min_tiles),
+            ("max_tiles", max_tiles),
+            ("min_image_tokens", min_image_tokens),
+            ("max_image_tokens", max_image_tokens),
+            ("encoder_patch_size", encoder_patch_size),
+            ("tile_size", tile_size),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ProcessorError(
+                    f"image processor config: {name} must be a positive integer, not {value!r}"
+                )
+        if tile_size % encoder_patch_size:
+            raise ProcessorError(
+                f"image processor config: tile_size ({tile_size}) is not a multiple of encoder_patch_size "
+                f"({encoder_patch_size})"
+            )
+        if do_image_splitting and min_tiles > max_tiles:
+            raise ProcessorError(f"image processor config: min_tiles ({min_tiles}) > max_tiles ({max_tiles})")
+        if resample not in SUPPORTED_RESAMPLE:
+            supported = ", ".join(f"{value} ({RESAMPLE_NAMES[value]})" for value in SUPPORTED_RESAMPLE)
+            raise ProcessorError(
+                f"image processor config: resample={resample!r} is not supported; the reference supports "
+                f"{supported}"
+            )
+        if not do_pad:
+            raise ProcessorError("image processor config: do_pad=false is not supported (the model needs it)")
+        if do_convert_rgb is False:
+            raise ProcessorError("image processor config: do_convert_rgb=false is not supported (RGB model)")
+        self.downsample_factor = downsample_factor
+        self.do_image_splitting = bool(do_image_splitting)
+        self.min_tiles = min_tiles
+        self.max_tiles = max_tiles
+        self.use_thumbnail = bool(use_thumbnail)
+        self.min_image_tokens = min_image_tokens
+        self.max_image_tokens = max_image_tokens
+        self.encoder_patch_size = encoder_patch_size
+        self.tile_size = tile_size
+        self.max_pixels_tolerance = float(max_pixels_tolerance)
+        self.resample = int(resample)
+        self.do_rescale = bool(do_rescale)
+        self.rescale_factor = float(rescale_factor)
+        self.do_normalize = bool(do_normalize)
+        self.image_mean = tuple(float(v) for v in np.broadcast_to(np.asarray(image_mean, dtype=float), (3,)))
+        self.image_std = tuple(float(v) for v in np.broadcast_to(np.asarray(image_std, dtype=float), (3,)))
+        self.do_pad = True
+        self.do_convert_rgb = do_convert_rgb
+        self._channel_scale, self._channel_offset = self._normalisation_constants()
+
+    # -- configuration ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any], **overrides: Any) -> Lfm2VlImageProcessor:
+        """Build from a config dict; keys that are not image-processor settings are ignored."""
+        values = {key: config[key] for key in cls.config_keys if config.get(key) is not None}
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> Lfm2VlImageProcessor:
+        """Read `preprocessor_config.json` then `processor_config.json` (later files win) from a directory."""
+        return cls.from_dict(read_image_processor_config(Path(path)), **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {key: getattr(self, key) for key in self.config_keys}
+        values["image_mean"] = list(self.image_mean)
+        values["image_std"] = list(self.image_std)
+        return values
+
+    @property
+    def max_num_patches(self) -> int:
+        """Patches per padded row of `pixel_values`: as the reference derives it, not from the config."""
+        thumbnail_patches = self.max_image_tokens * self.downsample_factor**2
+        tile_patches = (self.tile_size // self.encoder_patch_size) ** 2 if self.do_image_splitting else 0
+        return max(thumbnail_patches, tile_patches)
+
+    def _normalisation_constants(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel float32 (scale, offset) such that pixel = (x - offset) / scale, matching the
+        reference's fused rescale+normalise (mean and std multiplied by 1/rescale_factor in float32)."""
+        mean = np.asarray(self.image_mean, dtype=np.float32)
+        std = np.asarray(self.image_std, dtype=np.float32)
+        if self.do_rescale and self.do_normalize:
+            inverse = np.float32(1.0 / self.rescale_factor)
+            return std * inverse, mean * inverse
+        if self.do_normalize:
+            return std, mean
+        return np.ones(3, np.float32), np.zeros(3, np.float32)
+
+    # -- layout ----------------------------------------------------------------------------------------
+
+    def smart_resize(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width), multiples of patch * downsample, area within the min/max image-token budget."""
+        factor = self.encoder_patch_size * self.downsample_factor
+        min_pixels = self.min_image_tokens * self.encoder_patch_size**2 * self.downsample_factor**2
+        max_pixels = self.max_image_tokens * self.encoder_patch_size**2 * self.downsample_factor**2
+        h_bar = max(factor, round_by_factor(height, factor))
+        w_bar = max(factor, round_by_factor(width, factor))
+        if h_bar * w_bar > max_pixels:
+            beta = math.sqrt((height * width) / max_pixels)
+            h_bar = max(factor, math.floor(height / beta / factor) * factor)
+            w_bar = max(factor, math.floor(width / beta / factor) * factor)
+        elif h_bar * w_bar < min_pixels:
+            beta = math.sqrt(min_pixels / (height * width))
+            h_bar = math.ceil(height * beta / factor) * factor
+            w_bar = math.ceil(width * beta / factor) * factor
+        return h_bar, w_bar
+
+    def is_image_too_large(self, height: int, width: int) -> bool:
+        """Area test (not per dimension); note the floor is one patch, not patch * downsample."""
+        factor = self.encoder_patch_size * self.downsample_factor
+        h_bar = max(self.encoder_patch_size, round_by_factor(height, factor))
+        w_bar = max(self.encoder_patch_size, round_by_factor(width, factor))
+        limit = (
+            self.max_image_tokens
+            * self.encoder_patch_size**2
+            * self.downsample_factor**2
+            * self.max_pixels_tolerance
+        )
+        return h_bar * w_bar > limit
+
+    def grid_layout(self, height: int, width: int) -> tuple[int, int] | None:
+        """(rows, cols) of tiles when the image is split, None when it is resized whole."""
+        splitting = self.do_image_splitting and not (self.min_tiles == self.max_tiles == 1)
+        if not (splitting and self.is_image_too_large(height, width)):
+            return None
+        cols, rows = find_closest_aspect_ratio(
+            width / height, target_ratios(self.min_tiles, self.max_tiles), width, height, self.tile_size
+        )
+        return rows, cols
+
+    def image_num_tokens(self, resized_size: tuple[int, int]) -> tuple[int, int]:
+        """(tokens per tile, tokens of the whole-image view at `resized_size`: the single image or the
+        thumbnail); a token is a downsample x downsample group of patches."""
+        per_tile = math.ceil((self.tile_size // self.encoder_patch_size) / self.downsample_factor) ** 2
+        height, width = resized_size
+        whole = math.ceil((height // self.encoder_patch_size) / self.downsample_factor) * math.ceil(
+            (width // self.encoder_patch_size) / self.downsample_factor
+        )
+        return per_tile, whole
+
+    def split_image(self, image: np.ndarray) -> tuple[list[np.ndarray], int, int, tuple[int, int]]:
+        """uint8 (H, W, 3) -> (uint8 views in model order: tiles row-major, then the thumbnail; rows; cols;
+        smart-resize size, which is the thumbnail's or the whole image's size)."""
+        height, width = image.shape[:2]
+        resized_size = self.smart_resize(height, width)
+        grid = self.grid_layout(height, width)
+        if grid is None:
+            return [resize_uint8(image, *resized_size, self.resample)], 1, 1, resized_size
+        rows, cols = grid
+        tile = self.tile_size
+        resized = resize_uint8(image, rows * tile, cols * tile, self.resample)
+        tiles = [
+            resized[row * tile : (row + 1) * tile, col * tile : (col + 1) * tile]
+            for row in range(rows)
+            for col in range(cols)
+        ]
+        if self.use_thumbnail and rows * cols != 1:
+            tiles.append(resize_uint8(image, *resized_size, self.resample))
+        return tiles, rows, cols, resized_size
+
+    # -- pixels ----------------------------------------------------------------------------------------
+
+    def _write_patches(self, tile: np.ndarray, out: np.ndarray) -> None:
+        """Normalise uint8 `tile` into the first rows of `out` (max_num_patches, p*p*3), one row per patch
+        in (patch row, patch col) order, each row laid out as (pixel row, pixel col, channel)."""
+        p = self.encoder_patch_size
+        rows, cols = tile.shape[0] // p, tile.shape[1] // p
+        patches = out[: rows * cols]
+        # (rows, p, cols, p*3) -> (rows, cols, p, p*3): uint8 -> float32 is exact
+        np.copyto(
+            patches.reshape(rows, cols, p, p * 3), tile.reshape(rows, p, cols, p * 3).transpose(0, 2, 1, 3)
+        )
+        # per-channel constants tiled along a patch row, so numpy loops over 3*p*p values, not 3
+        np.subtract(patches, np.tile(self._channel_offset, p * p), out=patches)
+        np.divide(patches, np.tile(self._channel_scale, p * p), out=patches)
+
+    def preprocess(self, images: Sequence[np.ndarray], labels: Sequence[str] | None = None) -> dict[str, Any]:
+        """Process already-loaded (H, W, 3) uint8 RGB images (see `load_image`); `labels` name them in
+        errors. Returns the model inputs and, per image, its tile rows, cols and smart-resize size."""
+        labels = labels or [f"image {index}" for index in range(len(images))]
+        split = [self.split_image(image) for image in images]
+        tiles = [(index, tile) for index, (image_tiles, *_) in enumerate(split) for tile in image_tiles]
+        p = self.encoder_patch_size
+        max_patches = self.max_num_patches
+        pixel_values = np.zeros((len(tiles), max_patches, 3 * p * p), dtype=np.float32)
+        pixel_attention_mask = np.zeros((len(tiles), max_patches), dtype=np.int32)
+        spatial_shapes = np.zeros((len(tiles), 2), dtype=np.int64)
+        for row, (image_index, tile) in enumerate(tiles):
+            patch_rows, patch_cols = tile.shape[0] // p, tile.shape[1] // p
+            if patch_rows * patch_cols > max_patches:
+                height, width = images[image_index].shape[:2]
+                raise ProcessorError(
+                    f"{labels[image_index]} ({width}x{height}) resizes to {tile.shape[1]}x{tile.shape[0]}: "
+                    f"{patch_rows * patch_cols} patches, more than max_num_patches={max_patches}: its aspect "
+                    "ratio is too extreme for this configuration (the reference returns it unpadded, "
+                    "inconsistent with its mask)"
+                )
+            self._write_patches(tile, pixel_values[row])
+            pixel_attention_mask[row, : patch_rows * patch_cols] = 1
+            spatial_shapes[row] = (patch_rows, patch_cols)
+        return {
+            "pixel_values": pixel_values,
+            "pixel_attention_mask": pixel_attention_mask,
+            "spatial_shapes": spatial_shapes,
+            "image_rows": [rows for _, rows, _, _ in split],
+            "image_cols": [cols for _, _, cols, _ in split],
+            "image_sizes": [list(size) for *_, size in split],
+        }
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> dict[str, Any]:
+        """Process one image or a flat list of images (PIL images, arrays or file paths)."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        loaded = [load_image(image, f"image {index}") for index, image in enumerate(images)]
+        return self.preprocess(loaded)
+
+
+def read_image_processor_config(directory: Path) -> dict[str, Any]:
+    """Merged image-processor settings of a checkpoint directory: preprocessor_config.json, then the flat
+    keys of processor_config.json, then its nested "image_processor" dict (later wins)."""
+    config: dict[str, Any] = {}
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = directory / name
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as error:
+                raise ProcessorError(f"{path} is not valid JSON: {error}") from error
+            config.update({k: v for k, v in data.items() if k != "image_processor"})
+            config.update(data.get("image_processor") or {})
+    return config

@@ -1,0 +1,624 @@
+"""LFM2-VL processor: chat template, image placeholder expansion, tokenisation, padding and decoding.
+
+A port of transformers' `Lfm2VlProcessor` (5.x) on `tokenizers` + jinja2 + our numpy image processor.
+Each `<image>` in the text becomes, for an image split into R x C tiles:
+
+    <|image_start|> <|img_row_1_col_1|> <image>*T ... <|img_row_R_col_C|> <image>*T
+    [<|img_thumbnail|> <image>*N] <|image_end|>
+
+(T tokens per tile, N for the thumbnail, which only appears with `use_thumbnail`), and for an image kept
+whole: `<|image_start|> <image>*N <|image_end|>`. Without `use_image_special_tokens` only the `<image>`
+runs remain. The expanded text is tokenised in one piece, with no added BOS (the chat template writes it).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import numpy as np
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer, models
+
+from ..checkpoint.hub import PROCESSOR_FILES, resolve_checkpoint_dir
+from .image_processor import (
+    ImageInput,
+    Lfm2VlImageProcessor,
+    ProcessorError,
+    load_image,
+    read_image_processor_config,
+)
+
+# transformers' SPECIAL_TOKENS_ATTRIBUTES, in its order
+_NAMED_SPECIAL_TOKENS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+# "tokenizer_config.json model_max_length" this large means "no limit" (transformers' VERY_LARGE_INTEGER)
+_UNLIMITED_LENGTH = int(1e20)
+_IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token as configs store it: a string or an AddedToken dict."""
+    if isinstance(value, Mapping):
+        return value.get("content")
+    return value
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ProcessorError(f"{path} is not valid JSON: {error}") from error
+
+
+def _read_chat_template(directory: Path, tokenizer_config: Mapping[str, Any]) -> str | None:
+    """chat_template.jinja, else chat_template.json, else the template inside tokenizer_config.json."""
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    template_json = _read_json(directory / "chat_template.json")
+    template = template_json.get("chat_template") if template_json else tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        named = {entry["name"]: entry["template"] for entry in template}
+        if "default" not in named:
+            raise ProcessorError(
+                f"{directory}: several chat templates ({', '.join(named)}) and none is 'default'"
+            )
+        template = named["default"]
+    return template
+
+
+def _compile_chat_template(template: str) -> jinja2.Template:
+    """The environment transformers renders chat templates in."""
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value: Any, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        # transformers' override: no HTML escaping, json.dumps options exposed
+        return json.dumps(
+            value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    environment = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    environment.filters["tojson"] = tojson
+    environment.globals["raise_exception"] = raise_exception
+    environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return environment.from_string(template)
+    except jinja2.exceptions.TemplateSyntaxError as error:
+        raise ProcessorError(f"chat template does not compile: {error}") from error
+
+
+def _template_data(value: Any) -> Any:
+    """What the template sees, as transformers builds it: plain JSON-like data (subclasses reduced to their
+    base type); media and any other object become an inert '<TypeName>' string."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_template_data(key): _template_data(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_template_data(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_template_data(item) for item in value)
+    if isinstance(value, np.generic):
+        return _template_data(value.item())
+    return f"<{type(value).__name__}>"
+
+
+def _alias_reasoning_fields(message: dict[str, Any]) -> dict[str, Any]:
+    # as transformers: a message's reasoning is readable as `reasoning_content` and `thinking`
+    reasoning = next((message[key] for key in _REASONING_FIELDS if message.get(key) is not None), None)
+    if reasoning is None:
+        return message
+    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
+def _token_id_lists(token_ids: Any) -> list[list[int]]:
+    """(B, n) or (n,) ids as numpy/jax arrays or (possibly ragged) lists -> list of id lists."""
+    if np.ndim(token_ids) == 0:
+        return [[int(token_ids)]]
+    rows = list(token_ids)
+    if rows and np.ndim(rows[0]) > 0:
+        return [np.asarray(row, dtype=np.int64).tolist() for row in rows]
+    return [np.asarray(rows, dtype=np.int64).tolist()]
+
+
+class Lfm2VlProcessor:
+    """Conversations / text + images -> `input_ids`, `attention_mask`, `pixel_values`,
+    `pixel_attention_mask`, `spatial_shapes` (numpy), as transformers' `Lfm2VlProcessor` produces them."""
+
+    def __init__(
+        self,
+        image_processor: Lfm2VlImageProcessor,
+        tokenizer: Tokenizer,
+        *,
+        chat_template: str | None = None,
+        tokenizer_config: Mapping[str, Any] | None = None,
+        special_tokens_map: Mapping[str, Any] | None = None,
+        processor_config: Mapping[str, Any] | None = None,
+        preprocessor_config: Mapping[str, Any] | None = None,
+        use_image_special_tokens: bool | None = None,
+        padding_side: str | None = None,
+        max_length: int | None = None,
+    ) -> None:
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.tokenizer_config = dict(tokenizer_config or {})
+        self.special_tokens_map = dict(special_tokens_map) if special_tokens_map is not None else None
+        self.processor_config = dict(processor_config or {})
+        self.preprocessor_config = dict(preprocessor_config) if preprocessor_config is not None else None
+
+        # special tokens: tokenizer_config.json wins over special_tokens_map.json, as in transformers
+        config = {**(self.special_tokens_map or {}), **self.tokenizer_config}
+        self.special_tokens = {
+            name: _token_content(config[name])
+            for name in _NAMED_SPECIAL_TOKENS
+            if config.get(name) is not None
+        }
+        extra = config.get("extra_special_tokens")
+        if isinstance(extra, Mapping):
+            self.special_tokens.update({name: _token_content(token) for name, token in extra.items()})
+        self.image_token = _token_content(config.get("image_token")) or "<image>"
+        self.image_start_token = _token_content(config.get("image_start_token")) or "<|image_start|>"
+        self.image_end_token = _token_content(config.get("image_end_token")) or "<|image_end|>"
+        self.image_thumbnail_token = (
+            _token_content(config.get("image_thumbnail_token") or config.get("image_thumbnail"))
+            or "<|img_thumbnail|>"
+        )
+        self.bos_token = self.special_tokens.get("bos_token")
+        self.eos_token = self.special_tokens.get("eos_token")
+        self.pad_token = self.special_tokens.get("pad_token")
+        self.bos_token_id = self._token_id(self.bos_token, "bos_token") if self.bos_token else None
+        self.eos_token_id = self._token_id(self.eos_token, "eos_token") if self.eos_token else None
+        if self.pad_token is None:
+            raise ProcessorError("tokenizer config names no pad_token; it is needed to pad batches")
+        self.pad_token_id = self._token_id(self.pad_token, "pad_token")
+        self.image_token_id = self._token_id(self.image_token, "image_token")
+
+        if use_image_special_tokens is None:
+            use_image_special_tokens = self.processor_config.get("use_image_special_tokens", True)
+        self.use_image_special_tokens = bool(use_image_special_tokens)
+        self.padding_side = padding_side or self.tokenizer_config.get("padding_side", "right")
+        self.truncation_side = self.tokenizer_config.get("truncation_side", "right")
+        for name, side in (("padding_side", self.padding_side), ("truncation_side", self.truncation_side)):
+            if side not in ("left", "right"):
+                raise ProcessorError(f"{name} must be 'left' or 'right', got {side!r}")
+        model_max_length = self.tokenizer_config.get("model_max_length")
+        if max_length is None and model_max_length is not None and model_max_length < _UNLIMITED_LENGTH:
+            max_length = int(model_max_length)
+        self.max_length = max_length
+        # transformers skips this clean-up for BPE models (it would corrupt their output)
+        self.clean_up_tokenization_spaces = bool(
+            self.tokenizer_config.get("clean_up_tokenization_spaces", False)
+        ) and not isinstance(tokenizer.model, models.BPE)
+        self._compiled_template = _compile_chat_template(chat_template) if chat_template else None
+
+    def _token_id(self, token: str, name: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ProcessorError(f"{name} {token!r} is not in the tokenizer's vocabulary")
+        return token_id
+
+    # -- files -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> Lfm2VlProcessor:
+        """Load from a checkpoint directory, or a hub id fetched with huggingface_hub (offline or unknown ids
+        raise `hub.CheckpointNotFoundError` saying to pass a local directory).
+
+        `overrides` may set image-processor settings (e.g. `use_thumbnail=True`) and
+        `use_image_special_tokens`, `padding_side`, `max_length`."""
+        directory = resolve_checkpoint_dir(path, PROCESSOR_FILES)
+        tokenizer_file = directory / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise ProcessorError(f"{directory} has no tokenizer.json")
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as error:  # tokenizers raises a bare Exception on malformed files
+            raise ProcessorError(f"{tokenizer_file} could not be loaded: {error}") from error
+        tokenizer_config = _read_json(directory / "tokenizer_config.json") or {}
+        processor_keys = {"use_image_special_tokens", "padding_side", "max_length"}
+        unknown = set(overrides) - processor_keys - set(Lfm2VlImageProcessor.config_keys)
+        if unknown:
+            raise ProcessorError(f"unknown processor settings: {', '.join(sorted(unknown))}")
+        image_overrides = {k: v for k, v in overrides.items() if k not in processor_keys}
+        return cls(
+            Lfm2VlImageProcessor.from_dict(read_image_processor_config(directory), **image_overrides),
+            tokenizer,
+            chat_template=_read_chat_template(directory, tokenizer_config),
+            tokenizer_config=tokenizer_config,
+            special_tokens_map=_read_json(directory / "special_tokens_map.json"),
+            processor_config=_read_json(directory / "processor_config.json"),
+            preprocessor_config=_read_json(directory / "preprocessor_config.json"),
+            **{k: v for k, v in overrides.items() if k in processor_keys},
+        )
+
+    def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
+        """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json (if loaded with one),
+        chat_template.jinja, processor_config.json and preprocessor_config.json (if loaded with one), with the
+        effective settings, so that `from_pretrained(out_dir)` rebuilds this processor."""
+        directory = Path(out_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(str(directory / "tokenizer.json"))
+        image_settings = self.image_processor.to_dict()
+        files: dict[str, Mapping[str, Any] | None] = {
+            "tokenizer_config.json": self.tokenizer_config,
+            "special_tokens_map.json": self.special_tokens_map,
+            "processor_config.json": {
+                **self.processor_config,
+                **image_settings,
+                "use_image_special_tokens": self.use_image_special_tokens,
+            },
+            "preprocessor_config.json": (
+                {**self.preprocessor_config, **image_settings}
+                if self.preprocessor_config is not None
+                else None
+            ),
+        }
+        for name, content in files.items():
+            if content is not None:
+                (directory / name).write_text(
+                    json.dumps(content, indent=2, ensure_ascii=False) + "\n", "utf-8"
+                )
+        if self.chat_template:
+            (directory / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
+        return directory
+
+    # -- images -> placeholder text --------------------------------------------------------------------
+
+    def image_placeholder(self, rows: int, cols: int, image_size: Sequence[int], use_special: bool) -> str:
+        """The text one `<image>` expands to, for an image split into rows x cols (1 x 1: kept whole)."""
+        per_tile, whole = self.image_processor.image_num_tokens(tuple(image_size))
+        parts = [self.image_start_token] if use_special else []
+        if rows > 1 or cols > 1:
+            for row in range(1, rows + 1):
+                for col in range(1, cols + 1):
+                    if use_special:
+                        parts.append(f"<|img_row_{row}_col_{col}|>")
+                    parts.append(self.image_token * per_tile)
+            if self.image_processor.use_thumbnail:
+                if use_special:
+                    parts.append(self.image_thumbnail_token)
+                parts.append(self.image_token * whole)
+        else:
+            parts.append(self.image_token * whole)
+        if use_special:
+            parts.append(self.image_end_token)
+        return "".join(parts)
+
+    @staticmethod
+    def _nest_images(images: Any, num_texts: int) -> list[list[Any]]:
+        """None / one image / a list for one text / a list of lists (one per text) -> list of lists."""
+        if images is None:
+            return [[] for _ in range(num_texts)]
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if images and all(isinstance(group, (list, tuple)) for group in images):
+            if len(images) != num_texts:
+                raise ProcessorError(
+                    f"got {len(images)} image lists for {num_texts} texts; pass one list per text"
+                )
+            return [list(group) for group in images]
+        if num_texts != 1:
+            raise ProcessorError(
+                f"got a flat list of {len(images)} images for {num_texts} texts; "
+                "pass one list of images per text"
+            )
+        return [list(images)]
+
+    # -- main entry points -----------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        images: ImageInput | Sequence[ImageInput] | Sequence[Sequence[ImageInput]] | None = None,
+        text: str | Sequence[str] | None = None,
+        *,
+        padding: bool | str = True,
+        padding_side: str | None = None,
+        max_length: int | None = None,
+        truncation: bool = False,
+        use_image_special_tokens: bool | None = None,
+        add_special_tokens: bool = False,
+    ) -> dict[str, Any]:
+        """Expand each `<image>` of `text` for the matching image and tokenise.
+
+        `images`: one image, a list for a single text, or one list per text (images in placeholder order).
+        `padding`: True / "longest" (pad to the longest text) or "max_length". A text longer than
+        `max_length` (argument, else the processor's) is an error unless `truncation=True`.
+        Returns numpy arrays: input_ids and attention_mask (B, S) int64, and when there are images
+        pixel_values (tiles, max_num_patches, 3*p*p) float32, pixel_attention_mask (tiles, max_num_patches)
+        int32 and spatial_shapes (tiles, 2) int64."""
+        if text is None:
+            raise ProcessorError("text is required (an image is placed where its <image> placeholder is)")
+        texts = [text] if isinstance(text, str) else list(text)
+        for index, sample in enumerate(texts):
+            if not isinstance(sample, str):
+                raise ProcessorError(f"text {index} is a {type(sample).__name__}, expected str")
+        if padding not in (True, "longest", "max_length"):
+            raise ProcessorError(f"padding must be True, 'longest' or 'max_length', got {padding!r}")
+        padding_side = padding_side or self.padding_side
+        if padding_side not in ("left", "right"):
+            raise ProcessorError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        max_length = max_length if max_length is not None else self.max_length
+        if padding == "max_length" and max_length is None:
+            raise ProcessorError("padding='max_length' needs a max_length")
+        use_special = (
+            self.use_image_special_tokens if use_image_special_tokens is None else use_image_special_tokens
+        )
+
+        nested = self._nest_images(images, len(texts))
+        for index, (sample, sample_images) in enumerate(zip(texts, nested, strict=True)):
+            placeholders = sample.count(self.image_token)
+            if placeholders != len(sample_images):
+                raise ProcessorError(
+                    f"text {index} has {placeholders} {self.image_token} placeholder(s) but "
+                    f"{len(sample_images)} image(s) were given for it"
+                )
+        label = "image {k}" if len(texts) == 1 else "text {t} image {k}"
+        labels = [label.format(t=t, k=k) for t, group in enumerate(nested) for k in range(len(group))]
+        flat_images = [image for group in nested for image in group]
+        loaded = [load_image(image, name) for image, name in zip(flat_images, labels, strict=True)]
+        outputs: dict[str, Any] = {}
+        expanded = texts
+        if loaded:
+            image_outputs = self.image_processor.preprocess(loaded, labels)
+            replacements = iter(
+                self.image_placeholder(rows, cols, size, use_special)
+                for rows, cols, size in zip(
+                    image_outputs["image_rows"],
+                    image_outputs["image_cols"],
+                    image_outputs["image_sizes"],
+                    strict=True,
+                )
+            )
+            expanded = []
+            for sample in texts:
+                pieces = sample.split(self.image_token)
+                expanded.append(pieces[0] + "".join(next(replacements) + piece for piece in pieces[1:]))
+            outputs = {
+                key: image_outputs[key] for key in ("pixel_values", "pixel_attention_mask", "spatial_shapes")
+            }
+
+        encodings = self.tokenizer.encode_batch_fast(expanded, add_special_tokens=add_special_tokens)
+        ids = [encoding.ids for encoding in encodings]
+        ids = self._limit_length(
+            ids, max_length, truncation, [sample.count(self.image_token) for sample in expanded]
+        )
+        input_ids, attention_mask = self._pad(ids, padding, max_length, padding_side)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, **outputs}
+
+    def _limit_length(
+        self, ids: list[list[int]], max_length: int | None, truncation: bool, image_tokens: list[int]
+    ) -> list[list[int]]:
+        if max_length is None:
+            return ids
+        limited = []
+        for index, sequence in enumerate(ids):
+            if len(sequence) > max_length:
+                if not truncation:
+                    raise ProcessorError(
+                        f"text {index} is {len(sequence)} tokens long, over max_length={max_length}; "
+                        "shorten it, raise max_length or pass truncation=True"
+                    )
+                sequence = (
+                    sequence[:max_length] if self.truncation_side == "right" else sequence[-max_length:]
+                )
+                if sequence.count(self.image_token_id) != image_tokens[index]:
+                    raise ProcessorError(
+                        f"text {index}: truncating to max_length={max_length} would cut image tokens; "
+                        "raise max_length"
+                    )
+            limited.append(sequence)
+        return limited
+
+    def _pad(
+        self, ids: list[list[int]], padding: bool | str, max_length: int | None, side: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        length = max((len(sequence) for sequence in ids), default=0)
+        if padding == "max_length":
+            length = max_length
+        input_ids = np.full((len(ids), length), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(ids), length), dtype=np.int64)
+        for row, sequence in enumerate(ids):
+            span = slice(0, len(sequence)) if side == "right" else slice(length - len(sequence), length)
+            input_ids[row, span] = sequence
+            attention_mask[row, span] = 1
+        return input_ids, attention_mask
+
+    # -- chat ------------------------------------------------------------------------------------------
+
+    def _normalize_conversation(
+        self, conversation: Any, index: int
+    ) -> tuple[list[dict[str, Any]], list[tuple[Any, str]]]:
+        """Validated copy of one conversation (None-valued keys dropped, OpenAI image_url blocks made image
+        blocks) and its (image source, where) pairs in order of appearance."""
+        if not isinstance(conversation, (list, tuple)) or not conversation:
+            raise ProcessorError(f"conversation {index} must be a non-empty list of messages")
+        messages, images = [], []
+        for m, message in enumerate(conversation):
+            where = f"conversation {index}, message {m}"
+            if not isinstance(message, Mapping):
+                raise ProcessorError(f"{where} is a {type(message).__name__}, expected a dict")
+            message = {key: value for key, value in message.items() if value is not None}
+            if "role" not in message:
+                raise ProcessorError(f"{where} has no 'role'")
+            content = message.get("content")
+            if isinstance(content, (list, tuple)):
+                blocks = []
+                for b, block in enumerate(content):
+                    block_where = f"{where}, content block {b}"
+                    if not isinstance(block, Mapping) or "type" not in block:
+                        raise ProcessorError(f"{block_where} must be a dict with a 'type'")
+                    if block["type"] == "image_url" and "image_url" in block:
+                        url = block["image_url"]
+                        block = {
+                            "type": "image",
+                            "url": url.get("url", "") if isinstance(url, Mapping) else url,
+                        }
+                    if block["type"] == "image":
+                        sources = [key for key in _IMAGE_SOURCE_KEYS if key in block]
+                        if len(sources) != 1:
+                            raise ProcessorError(
+                                f"{block_where}: an image block needs exactly one of "
+                                f"{', '.join(_IMAGE_SOURCE_KEYS)}, found {sources or 'none'}"
+                            )
+                        images.append(
+                            (self._image_source(block[sources[0]], sources[0], block_where), block_where)
+                        )
+                    elif block["type"] == "text":
+                        if not isinstance(block.get("text"), str):
+                            raise ProcessorError(f"{block_where}: a text block needs a 'text' string")
+                    else:
+                        raise ProcessorError(
+                            f"{block_where}: unknown content type {block['type']!r}; "
+                            "supported: 'text', 'image', 'image_url'"
+                        )
+                    blocks.append(dict(block))
+                message["content"] = blocks
+            elif content is not None and not isinstance(content, str):
+                raise ProcessorError(f"{where}: content must be a string or a list of blocks")
+            messages.append(_alias_reasoning_fields(message))
+        return messages, images
+
+    @staticmethod
+    def _image_source(source: Any, key: str, where: str) -> Any:
+        """An image block's value as `load_image` takes it."""
+        if key == "base64" or (isinstance(source, str) and source.startswith("data:image/")):
+            try:
+                return io.BytesIO(base64.b64decode(source.split(",", 1)[-1], validate=True))
+            except (ValueError, TypeError, AttributeError) as error:
+                raise ProcessorError(f"{where}: invalid base64 image data") from error
+        if isinstance(source, str) and source.startswith(("http://", "https://")):
+            raise ProcessorError(
+                f"{where}: remote image URLs are not fetched; download the image, pass its path"
+            )
+        if isinstance(source, str) and source.startswith("file://"):
+            return source[len("file://") :]
+        return source
+
+    def apply_chat_template(
+        self,
+        conversation: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        *,
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        return_dict: bool = False,
+        chat_template: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        documents: list[dict[str, Any]] | None = None,
+        padding: bool | str = True,
+        padding_side: str | None = None,
+        max_length: int | None = None,
+        truncation: bool = False,
+        use_image_special_tokens: bool | None = None,
+        **template_kwargs: Any,
+    ) -> Any:
+        """Render one conversation (a list of messages) or a batch (a list of them) with the chat template.
+
+        Messages are `{"role", "content"}` with content a string or a list of blocks:
+        `{"type": "text", "text": ...}`, `{"type": "image", "image"|"path"|"url"|"base64": ...}` or OpenAI's
+        `{"type": "image_url", "image_url": {"url": ...}}`. Without `tokenize`, returns the prompt string(s);
+        with it, the token ids (B, S), or with `return_dict` everything `__call__` returns."""
+        if not isinstance(conversation, (list, tuple)) or not conversation:
+            raise ProcessorError("conversation must be a non-empty list of messages, or a list of such lists")
+        batched = isinstance(conversation[0], (list, tuple))
+        conversations = list(conversation) if batched else [conversation]
+        normalized = [self._normalize_conversation(c, i) for i, c in enumerate(conversations)]
+
+        if chat_template is not None:
+            template = _compile_chat_template(chat_template)
+        elif self._compiled_template is not None:
+            template = self._compiled_template
+        else:
+            raise ProcessorError("this processor has no chat template; pass chat_template=")
+        variables = _template_data({**self.special_tokens, **template_kwargs})
+        prompts = []
+        for index, (messages, _) in enumerate(normalized):
+            try:
+                prompts.append(
+                    template.render(
+                        messages=_template_data(messages),
+                        tools=_template_data(tools),
+                        documents=_template_data(documents),
+                        add_generation_prompt=add_generation_prompt,
+                        **variables,
+                    )
+                )
+            except jinja2.exceptions.TemplateError as error:
+                raise ProcessorError(f"conversation {index}: chat template error: {error}") from error
+
+        if not tokenize:
+            return prompts if batched else prompts[0]
+        images = [[load_image(source, where) for source, where in sources] for _, sources in normalized]
+        outputs = self(
+            images=images if any(images) else None,
+            text=prompts,
+            padding=padding,
+            padding_side=padding_side,
+            max_length=max_length,
+            truncation=truncation,
+            use_image_special_tokens=use_image_special_tokens,
+        )
+        return outputs if return_dict else outputs["input_ids"]
+
+    # -- decoding --------------------------------------------------------------------------------------
+
+    def decode(self, token_ids: Any, skip_special_tokens: bool = False) -> str:
+        """Text of one sequence of ids (list, numpy or jax array)."""
+        sequences = _token_id_lists(token_ids)
+        if len(sequences) != 1:
+            raise ProcessorError(f"decode takes one sequence, got {len(sequences)}; use batch_decode")
+        (ids,) = sequences
+        return self._clean_up(self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    def batch_decode(self, token_ids: Any, skip_special_tokens: bool = False) -> list[str]:
+        """Texts of a (B, n) batch of ids (padding after EOS is dropped with skip_special_tokens=True)."""
+        texts = self.tokenizer.decode_batch(
+            _token_id_lists(token_ids), skip_special_tokens=skip_special_tokens
+        )
+        return [self._clean_up(text) for text in texts]
+
+    def _clean_up(self, text: str) -> str:
+        if not self.clean_up_tokenization_spaces:
+            return text
+        for before, after in (
+            (" .", "."),
+            (" ?", "?"),
+            (" !", "!"),
+            (" ,", ","),
+            (" ' ", "'"),
+            (" n't", "n't"),
+            (" 'm", "'m"),
+            (" 's", "'s"),
+            (" 've", "'ve"),
+            (" 're", "'re"),
+        ):
+            text = text.replace(before, after)
+        return text

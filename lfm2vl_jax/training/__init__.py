@@ -1,0 +1,1 @@
+"""Supervised fine-tuning (the next stage fills this package: data, train step, optimizer, checkpoints)."""
