@@ -65,13 +65,18 @@ def init_cache(config: Lfm2VlConfig, batch: int, capacity: int) -> Cache:
 
 
 def _write_rows(held: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """held (..., B, K, S, H) <- new (..., B, K, T, H) at per-row sequence offsets start (B,)."""
-    batch_axis = held.ndim - 4
+    """held (..., B, K, S, H) <- new (..., B, K, T, H) at per-row sequence offsets start (B,).
 
-    def write_row(c: jax.Array, n: jax.Array, s: jax.Array) -> jax.Array:  # c: (..., K, S, H)
-        return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), s, axis=batch_axis + 1)
+    Every vmap maps axis 0 (the stacked layers', then the batch's): mapping the batch axis in place behind
+    the stacked one made XLA transpose, i.e. copy, the whole stacked cache on every step."""
 
-    return jax.vmap(write_row, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)(held, new, start)
+    def write_row(c: jax.Array, n: jax.Array, s: jax.Array) -> jax.Array:  # c: (K, S, H)
+        return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), s, axis=1)
+
+    write = jax.vmap(write_row)
+    for _ in range(held.ndim - 4):  # stacked layer axes
+        write = jax.vmap(write, in_axes=(0, 0, None))
+    return write(held, new, start)
 
 
 def append(cache: Cache, entries: list, num_new: jax.Array, after: Any = None) -> Cache:
