@@ -15,10 +15,17 @@ from jax.sharding import Mesh
 
 from .checkpoint.hf import load_hf_checkpoint
 from .checkpoint.hub import resolve_checkpoint_dir
-from .config import DTypePolicy, Lfm2VlConfig, RuntimeConfig
+from .config import ConfigError, DTypePolicy, Lfm2VlConfig, RuntimeConfig
 from .inference import engine
-from .inference.sampling import SamplingParams
-from .inputs import as_numpy_inputs, check_inputs
+from .inputs import (
+    OptionError,
+    as_numpy_inputs,
+    check_generation_fits,
+    check_inputs,
+    check_int,
+    check_logits_fit,
+    resolve_generation_options,
+)
 from .nn.model import forward
 from .nn.params import Params
 from .parallel.sharding import batch_sharding
@@ -27,11 +34,25 @@ from .parallel.sharding import batch_sharding
 _forward = jax.jit(forward, static_argnames=("config",))
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "spatial_shapes")
-SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+INT32_MAX = 2**31 - 1  # token counts and positions are int32 on the device
 
 
 def _named_inputs(*arrays: Any) -> dict[str, Any]:
     return dict(zip(MODEL_INPUTS, arrays, strict=True))
+
+
+def _read_generation_config(directory: Path) -> dict[str, Any]:
+    """The checkpoint's generation_config.json (its values are checked when a generation uses them)."""
+    path = directory / "generation_config.json"
+    if not path.exists():
+        return {}
+    try:
+        generation = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(generation, dict):
+        raise ConfigError(f"{path} must hold a JSON object, not a {type(generation).__name__}")
+    return generation
 
 
 class CausalLMOutput(NamedTuple):
@@ -92,9 +113,7 @@ class Lfm2VlForConditionalGeneration:
             runtime = RuntimeConfig(dtypes=DTypePolicy.uniform(dtype), scan_layers=scan_layers, mesh=mesh)
         directory = resolve_checkpoint_dir(path_or_hub_id)
         config, params = load_hf_checkpoint(directory, runtime=runtime, progress=progress)
-        generation_file = directory / "generation_config.json"
-        generation = json.loads(generation_file.read_text()) if generation_file.exists() else {}
-        return cls(config, params, generation, directory)
+        return cls(config, params, _read_generation_config(directory), directory)
 
     @property
     def dtype(self) -> Any:
@@ -113,6 +132,7 @@ class Lfm2VlForConditionalGeneration:
             **_named_inputs(input_ids, attention_mask, pixel_values, pixel_attention_mask, spatial_shapes)
         )
         check_inputs(self.config, **inputs)
+        check_logits_fit(self.config, inputs["input_ids"])
         if inputs["attention_mask"] is None:
             inputs["attention_mask"] = np.ones_like(inputs["input_ids"])
         return CausalLMOutput(logits=_forward(self.params, self.config, **inputs))
@@ -124,36 +144,20 @@ class Lfm2VlForConditionalGeneration:
     ) -> engine.Request:
         """Validates and prepares one generation call: bucketed inputs (sharded over the mesh's `data`
         axis when there is one) and the decoding options, filled from the checkpoint's
-        generation_config.json, then transformers' defaults."""
-        unknown = set(options) - set(SAMPLING_KEYS) - {"eos_token_id", "pad_token_id", "stop_token_ids"}
-        if unknown:
-            raise TypeError(f"generate() got unexpected arguments {sorted(unknown)}")
+        generation_config.json, then transformers' defaults. Every option is checked for type and range,
+        and the request's length and memory against what the model and the machine hold, before anything
+        is allocated."""
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1, INT32_MAX)
+        seed = check_int("seed", seed, -(2**63), 2**63 - 1)
+        sampling, stop, pad = resolve_generation_options(self.config, options, self.generation_config)
         inputs = as_numpy_inputs(**inputs)
         check_inputs(self.config, **inputs)
-        defaults = self.generation_config
-
-        def pick(key: str, fallback: Any) -> Any:
-            value = options.get(key)
-            return value if value is not None else defaults.get(key, fallback)
-
-        sampling = SamplingParams(
-            do_sample=bool(pick("do_sample", False)),
-            top_k=int(pick("top_k", 50) or 0),
-            temperature=float(pick("temperature", 1.0)),
-            top_p=float(pick("top_p", 1.0)),
-            min_p=float(pick("min_p", 0.0) or 0.0),
-            repetition_penalty=float(pick("repetition_penalty", 1.0)),
-        )
-        eos = pick("eos_token_id", self.config.eos_token_id)
-        stop = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
-        stop += list(options.get("stop_token_ids") or [])
-        pad = pick("pad_token_id", self.config.pad_token_id)
-        pad = int(pad if pad is not None else stop[0] if stop else 0)
         rows = 1
         if self.mesh is not None:
             for axis in self.config.runtime.rules.mesh_axes("batch"):
                 rows *= self.mesh.shape.get(axis, 1)
         batch = engine.prepare_batch(self.config, **inputs, pad_id=pad, row_multiple=rows)
+        check_generation_fits(self.config, batch, max_new_tokens)
         if self.mesh is not None:  # rows over the batch axes; images (any number per row) replicated
             replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
             batch = dataclasses.replace(
@@ -169,7 +173,7 @@ class Lfm2VlForConditionalGeneration:
                     for name in ("pixel_values", "pixel_attention_mask", "spatial_shapes")
                 },
             )
-        return engine.Request(batch, sampling, tuple(stop), pad, max_new_tokens, seed)
+        return engine.Request(batch, sampling, stop, pad, max_new_tokens, seed)
 
     def generate(
         self,
@@ -195,6 +199,12 @@ class Lfm2VlForConditionalGeneration:
         checkpoint's generation_config.json, then transformers' defaults. Rows may differ in length and in
         number and size of images: each gets exactly the tokens it would get alone.
         """
+        if loop is not None and not (isinstance(loop, str) and loop in ("host", "device")):
+            raise OptionError(f"loop must be 'host', 'device' or None, got {loop!r}")
+        if streamer is not None and not callable(streamer):
+            raise OptionError(
+                f"streamer must be callable (it is called with each step's tokens), got {streamer!r}"
+            )
         inputs = _named_inputs(input_ids, attention_mask, pixel_values, pixel_attention_mask, spatial_shapes)
         request = self.request(inputs, max_new_tokens, seed, options)
         return engine.generate(self.params, self.config, request, loop, streamer)

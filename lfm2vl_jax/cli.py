@@ -3,7 +3,8 @@
 arguments.
 
 Errors the user can fix (a missing model, an unreadable image, a bad flag value, a refused target) print
-one line and exit with status 2; anything else is a bug and keeps its traceback.
+one `error:` line and exit with status 2; anything else is a bug in this package: one line saying so, exit
+status 1, and `--debug` shows its traceback.
 """
 
 from __future__ import annotations
@@ -21,8 +22,20 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5.x's default
 
 
+def add_debug_argument(p: argparse.ArgumentParser, top_level: bool = False) -> None:
+    """`--debug`: tracebacks instead of one-line errors. Accepted before or after the subcommand (a
+    subcommand's parser must not reset what the top-level one read, hence SUPPRESS there)."""
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=False if top_level else argparse.SUPPRESS,
+        help="show the full traceback of any error",
+    )
+
+
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="answer a prompt about images, streaming the text")
+    add_debug_argument(p)
     p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face Hub id")
     p.add_argument("--image", action="append", default=[], help="image file (repeatable; in prompt order)")
     p.add_argument("--prompt", required=True, help="the user message")
@@ -96,6 +109,7 @@ def _conversion_arguments(p: argparse.ArgumentParser, src_help: str, dst_help: s
     )
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_debug_argument(p)
     if to_hf:
         p.add_argument(
             "--max-shard-size",
@@ -153,6 +167,7 @@ def _convert_parser(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lfm2vl", description="LFM2-VL vision-language models in JAX")
+    add_debug_argument(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _convert_parser(sub)
@@ -160,13 +175,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace, prog: str) -> int:
-    """Runs a parsed command: a user's mistake (`Lfm2VlError`) or an I/O error (unreadable source, full
-    disk, no permission) becomes one `error:` line and exit status 2."""
+    """Runs a parsed command. A user's mistake (`Lfm2VlError`) or an I/O error (unreadable source, full
+    disk, no permission) becomes one `error:` line and exit status 2; anything else is a bug: one line
+    saying so and exit status 1. With `--debug`, every error keeps its traceback."""
+    if getattr(args, "debug", False):
+        return args.run(args)
     try:
         return args.run(args)
     except (Lfm2VlError, OSError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever it holds
         return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        message = (str(err).strip().splitlines() or [""])[0]
+        print(
+            f"{prog}: internal error (a bug in lfm2vl-jax, please report it): {type(err).__name__}: "
+            f"{message} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,17 @@ class VisionConfig:
     num_patches: int = 256  # learned position grid of sqrt(num_patches)^2 entries
     layer_norm_eps: float = 1e-6
     hidden_act: str = "gelu_pytorch_tanh"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"vision_config: hidden_size ({self.hidden_size}) must be a multiple of "
+                f"num_attention_heads ({self.num_heads})"
+            )
+        if self.position_grid_size**2 != self.num_patches:
+            raise ConfigError(
+                f"vision_config: num_patches ({self.num_patches}) must be a square (the position grid)"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -109,10 +122,14 @@ class TextConfig:
 REMAT_POLICIES = ("none", "full", "dots", "qkv_conv")  # see `nn.layers.remat`
 
 
-def _dtype(value: Any) -> np.dtype:
-    dtype = np.dtype(jnp.dtype(value))
+def floating_dtype(value: Any, what: str = "dtype") -> np.dtype:
+    """`value` as a numpy dtype, refused (naming `what`) unless it is a floating-point type."""
+    try:
+        dtype = np.dtype(jnp.dtype(value))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: {value!r} is not a dtype (e.g. float32, bfloat16)") from None
     if not jnp.issubdtype(dtype, jnp.floating):
-        raise ConfigError(f"dtype {dtype.name} is not a floating-point type")
+        raise ConfigError(f"{what}: {dtype.name} is not a floating-point type (e.g. float32, bfloat16)")
     return dtype
 
 
@@ -131,9 +148,10 @@ class DTypePolicy:
     cache: Any = None
 
     def __post_init__(self):
-        object.__setattr__(self, "params", _dtype(self.params))
-        object.__setattr__(self, "compute", _dtype(self.compute))
-        object.__setattr__(self, "cache", self.compute if self.cache is None else _dtype(self.cache))
+        object.__setattr__(self, "params", floating_dtype(self.params, "params dtype"))
+        object.__setattr__(self, "compute", floating_dtype(self.compute, "compute dtype"))
+        cache = self.compute if self.cache is None else floating_dtype(self.cache, "cache dtype")
+        object.__setattr__(self, "cache", cache)
 
     @classmethod
     def uniform(cls, dtype: Any) -> DTypePolicy:
@@ -236,13 +254,129 @@ def mlp_width(intermediate_size: int, auto_adjust: bool, multiplier: float | Non
     return width
 
 
+# config.json parsing ---------------------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Expected:
+    """What a config.json value must be: a description for the error message and the test."""
+
+    description: str
+    accepts: Callable[[Any], bool]
+
+    def or_null(self) -> Expected:
+        return Expected(f"{self.description} or null", lambda v: v is None or self.accepts(v))
+
+
+POSITIVE_INT = Expected("a positive integer", lambda v: _is_int(v) and v > 0)
+INT = Expected("an integer", _is_int)
+TOKEN_ID = Expected("a token id (a non-negative integer)", lambda v: _is_int(v) and v >= 0)
+TOKEN_IDS = Expected(
+    "a token id or a non-empty list of token ids",
+    lambda v: TOKEN_ID.accepts(v) or (isinstance(v, list) and bool(v) and all(map(TOKEN_ID.accepts, v))),
+)
+BOOL = Expected("true or false", lambda v: isinstance(v, bool))
+POSITIVE_NUMBER = Expected("a positive finite number", lambda v: _is_number(v) and v > 0)
+STRING = Expected("a string", lambda v: isinstance(v, str))
+STRINGS = Expected("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v))
+INDICES = Expected(
+    "a list of non-negative integers", lambda v: isinstance(v, list) and all(TOKEN_ID.accepts(x) for x in v)
+)
+OBJECT = Expected("an object", lambda v: isinstance(v, dict))
+
+# Every config.json key we read, with what it must hold (null where the parser has a meaning for it).
+# Keys we do not read are not checked.
+CONFIG_KEYS: dict[str, Expected] = {
+    "model_type": STRING,
+    "text_config": OBJECT,
+    "vision_config": OBJECT,
+    "image_token_id": TOKEN_ID,
+    "image_token_index": TOKEN_ID,
+    "vision_feature_layer": INT,
+    "downsample_factor": POSITIVE_INT,
+    "projector_hidden_act": STRING,
+    "projector_hidden_size": POSITIVE_INT,
+    "projector_bias": BOOL,
+    "projector_use_layernorm": BOOL,
+    "tie_word_embeddings": BOOL,
+    "tie_embedding": BOOL,
+    "bos_token_id": TOKEN_ID.or_null(),
+    "eos_token_id": TOKEN_IDS.or_null(),
+    "pad_token_id": TOKEN_ID.or_null(),
+}
+TEXT_CONFIG_KEYS: dict[str, Expected] = {
+    "vocab_size": POSITIVE_INT,
+    "hidden_size": POSITIVE_INT,
+    "intermediate_size": POSITIVE_INT,
+    "block_ff_dim": POSITIVE_INT,
+    "block_auto_adjust_ff_dim": BOOL,
+    "block_ffn_dim_multiplier": POSITIVE_NUMBER.or_null(),
+    "block_multiple_of": POSITIVE_INT,
+    "num_hidden_layers": POSITIVE_INT,
+    "num_attention_heads": POSITIVE_INT,
+    "num_heads": POSITIVE_INT,
+    "num_key_value_heads": POSITIVE_INT,
+    "head_dim": POSITIVE_INT.or_null(),
+    "layer_types": STRINGS.or_null(),
+    "full_attn_idxs": INDICES.or_null(),
+    "conv_L_cache": POSITIVE_INT,
+    "conv_bias": BOOL,
+    "norm_eps": POSITIVE_NUMBER,
+    "block_norm_eps": POSITIVE_NUMBER,
+    "rope_theta": POSITIVE_NUMBER,
+    "rope_parameters": OBJECT.or_null(),
+    "rope_scaling": OBJECT.or_null(),
+    "max_position_embeddings": POSITIVE_INT,
+    "tie_word_embeddings": BOOL,
+    "tie_embedding": BOOL,
+    "bos_token_id": TOKEN_ID.or_null(),
+    "eos_token_id": TOKEN_IDS.or_null(),
+    "pad_token_id": TOKEN_ID.or_null(),
+}
+ROPE_KEYS: dict[str, Expected] = {"rope_type": STRING.or_null(), "rope_theta": POSITIVE_NUMBER}
+VISION_CONFIG_KEYS: dict[str, Expected] = {
+    "hidden_size": POSITIVE_INT,
+    "intermediate_size": POSITIVE_INT,
+    "num_hidden_layers": POSITIVE_INT,
+    "num_attention_heads": POSITIVE_INT,
+    "num_channels": POSITIVE_INT,
+    "patch_size": POSITIVE_INT,
+    "num_patches": POSITIVE_INT,
+    "layer_norm_eps": POSITIVE_NUMBER,
+    "hidden_act": STRING,
+}
+
+
+def _check_keys(raw: dict[str, Any], expected: dict[str, Expected], prefix: str) -> None:
+    for key, rule in expected.items():
+        if key in raw and not rule.accepts(raw[key]):
+            shown = json.dumps(raw[key])
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise ConfigError(f"{prefix}{key} must be {rule.description}, got {shown}")
+
+
 def _text_config(raw: dict[str, Any], tie_word_embeddings: bool) -> TextConfig:
+    _check_keys(raw, TEXT_CONFIG_KEYS, "text_config.")
     num_layers = raw.get("num_hidden_layers", 32)
     layer_types = raw.get("layer_types")
     if layer_types is None:
         attention_layers = raw.get("full_attn_idxs")
         if attention_layers is None:
             attention_layers = range(num_layers)
+        outside = sorted(i for i in attention_layers if i >= num_layers)
+        if outside:
+            raise ConfigError(
+                f"text_config.full_attn_idxs names layers {outside} of a "
+                f"{num_layers}-layer model (num_hidden_layers)"
+            )
         layer_types = [ATTENTION if i in set(attention_layers) else CONV for i in range(num_layers)]
     if len(layer_types) != num_layers:
         raise ConfigError(
@@ -250,6 +384,7 @@ def _text_config(raw: dict[str, Any], tie_word_embeddings: bool) -> TextConfig:
         )
 
     rope = raw.get("rope_parameters") or {}
+    _check_keys(rope, ROPE_KEYS, "text_config.rope_parameters.")
     rope_type = rope.get("rope_type") or (raw.get("rope_scaling") or {}).get("rope_type")
     if rope_type not in (None, "default"):
         raise ConfigError(f"text_config: rope_type {rope_type!r} is not supported (only 'default')")
@@ -257,20 +392,31 @@ def _text_config(raw: dict[str, Any], tie_word_embeddings: bool) -> TextConfig:
 
     hidden = raw.get("hidden_size", 2560)
     heads = raw.get("num_attention_heads", raw.get("num_heads", 32))
+    head_dim = raw.get("head_dim")
+    if head_dim is None and hidden % heads:
+        raise ConfigError(
+            f"text_config.hidden_size ({hidden}) must be a multiple of num_attention_heads "
+            f"({heads}) when head_dim is not given"
+        )
     # The custom-code layout names the nominal MLP width `block_ff_dim`; it overrides `intermediate_size`.
     nominal_width = raw.get("block_ff_dim", raw.get("intermediate_size", 12288))
+    width = mlp_width(
+        nominal_width,
+        raw.get("block_auto_adjust_ff_dim", True),
+        raw.get("block_ffn_dim_multiplier", 1.0),
+        raw.get("block_multiple_of", 256),
+    )
+    if width < 1:
+        raise ConfigError(
+            f"text_config: the MLP width from intermediate_size/block_ff_dim {nominal_width} is {width}"
+        )
     return TextConfig(
         vocab_size=raw.get("vocab_size", 65536),
         hidden_size=hidden,
-        intermediate_size=mlp_width(
-            nominal_width,
-            raw.get("block_auto_adjust_ff_dim", True),
-            raw.get("block_ffn_dim_multiplier", 1.0),
-            raw.get("block_multiple_of", 256),
-        ),
+        intermediate_size=width,
         num_heads=heads,
         num_kv_heads=raw.get("num_key_value_heads", 8),
-        head_dim=raw.get("head_dim") or hidden // heads,
+        head_dim=head_dim or hidden // heads,
         layer_types=tuple(layer_types),
         conv_kernel_size=raw.get("conv_L_cache", 3),
         conv_bias=raw.get("conv_bias", False),
@@ -282,11 +428,17 @@ def _text_config(raw: dict[str, Any], tie_word_embeddings: bool) -> TextConfig:
 
 
 def _vision_config(raw: dict[str, Any], feature_layer: int) -> VisionConfig:
+    _check_keys(raw, VISION_CONFIG_KEYS, "vision_config.")
     hidden_act = raw.get("hidden_act", "gelu_pytorch_tanh")
     if hidden_act not in ("gelu_pytorch_tanh", "gelu"):
         raise ConfigError(f"vision_config.hidden_act {hidden_act!r} is not supported")
     num_layers = raw.get("num_hidden_layers", 12)
     # The custom-code model dropped the layers after `vision_feature_layer` (-1: keep all).
+    if not -num_layers <= feature_layer < num_layers:
+        raise ConfigError(
+            f"vision_feature_layer {feature_layer} is not a layer of the "
+            f"{num_layers}-layer vision tower (vision_config.num_hidden_layers)"
+        )
     if feature_layer != -1:
         num_layers = feature_layer % num_layers + 1
     return VisionConfig(
@@ -302,17 +454,28 @@ def _vision_config(raw: dict[str, Any], feature_layer: int) -> VisionConfig:
     )
 
 
-def config_from_dict(raw: dict[str, Any]) -> Lfm2VlConfig:
-    """Parses a checkpoint's config.json (either layout) into a `Lfm2VlConfig`."""
+def config_from_dict(raw: dict[str, Any], source: str | Path = "config.json") -> Lfm2VlConfig:
+    """Parses a checkpoint's config.json (either layout) into a `Lfm2VlConfig`; a value of the wrong type
+    or out of range is a `ConfigError` naming `source` (the file) and the key."""
+    try:
+        return _parse_config(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def _parse_config(raw: dict[str, Any]) -> Lfm2VlConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"must hold a JSON object, not a {type(raw).__name__}")
     model_type = raw.get("model_type")
     if model_type not in ("lfm2_vl", "lfm2-vl"):
-        raise ConfigError(f"config.json: model_type {model_type!r} is not an LFM2-VL model")
+        raise ConfigError(f"model_type {model_type!r} is not an LFM2-VL model")
     for key in ("text_config", "vision_config"):
-        if not isinstance(raw.get(key), dict):
-            raise ConfigError(f"config.json: missing {key!r}")
+        if key not in raw:
+            raise ConfigError(f"missing {key!r}")
+    _check_keys(raw, CONFIG_KEYS, "")
     act = raw.get("projector_hidden_act", "gelu")
     if act != "gelu":
-        raise ConfigError(f"config.json: projector_hidden_act {act!r} is not supported (only 'gelu')")
+        raise ConfigError(f"projector_hidden_act {act!r} is not supported (only 'gelu')")
     text_raw = raw["text_config"]
     # The top-level flag decides (transformers ties through the outer model's config); the text config's
     # only where the top level is silent.
@@ -320,15 +483,24 @@ def config_from_dict(raw: dict[str, Any]) -> Lfm2VlConfig:
         (bool(c[k]) for c in (raw, text_raw) for k in ("tie_word_embeddings", "tie_embedding") if k in c),
         True,
     )
+    text = _text_config(text_raw, tie_word_embeddings=tie)
 
-    def token_id(key: str, default: int | None) -> Any:
-        value = raw.get(key, text_raw.get(key, default))
+    def in_vocabulary(key: str, value: Any) -> Any:
+        ids = value if isinstance(value, list) else [] if value is None else [value]
+        if any(i >= text.vocab_size for i in ids):
+            raise ConfigError(
+                f"{key} {value} is outside the vocabulary (text_config.vocab_size {text.vocab_size})"
+            )
         return tuple(value) if isinstance(value, list) else value
 
+    def token_id(key: str, default: int | None) -> Any:
+        return in_vocabulary(key, raw.get(key, text_raw.get(key, default)))
+
+    image_key = "image_token_index" if "image_token_id" not in raw else "image_token_id"
     return Lfm2VlConfig(
         vision=_vision_config(raw["vision_config"], raw.get("vision_feature_layer", -1)),
-        text=_text_config(text_raw, tie_word_embeddings=tie),
-        image_token_id=raw.get("image_token_id", raw.get("image_token_index", 396)),
+        text=text,
+        image_token_id=in_vocabulary(image_key, raw.get(image_key, 396)),
         downsample_factor=raw.get("downsample_factor", 2),
         projector_hidden_size=raw.get("projector_hidden_size", 2560),
         projector_bias=raw.get("projector_bias", True),
@@ -339,18 +511,26 @@ def config_from_dict(raw: dict[str, Any]) -> Lfm2VlConfig:
     )
 
 
-def load_config(path: str | Path) -> Lfm2VlConfig:
-    """Reads `config.json` from a checkpoint directory (or the file itself)."""
+def config_path(path: str | Path) -> Path:
+    """`config.json` in a checkpoint directory, or the file itself."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
+    return path / "config.json" if path.is_dir() else path
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """The parsed JSON of `config.json` in a checkpoint directory (or of the file itself)."""
+    path = config_path(path)
     try:
-        raw = json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"no config.json at {path}") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path} is not valid JSON: {err}") from None
-    return config_from_dict(raw)
+
+
+def load_config(path: str | Path) -> Lfm2VlConfig:
+    """Reads `config.json` from a checkpoint directory (or the file itself)."""
+    return config_from_dict(read_config_json(path), config_path(path))
 
 
 def config_to_dict(config: Lfm2VlConfig) -> dict[str, Any]:

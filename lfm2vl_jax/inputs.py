@@ -1,18 +1,52 @@
-"""Host-side validation of model inputs (numpy, before anything is traced), with errors that name the
-problem."""
+"""Host-side validation of model inputs and generation options (numpy and Python values, before anything
+is traced or allocated), with errors that name the input or option, the value and the limit."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .config import Lfm2VlConfig
 from .errors import Lfm2VlError
+from .inference.cache import cache_layout, is_layout
+from .inference.engine import PreparedBatch, cache_capacity
+from .inference.sampling import SamplingParams
+from .memory import available_host_memory, gigabytes
+
+
+def _integers(dtype: np.dtype) -> bool:
+    return jnp.issubdtype(dtype, jnp.integer)
+
+
+def _mask(dtype: np.dtype) -> bool:
+    return _integers(dtype) or dtype == np.bool_
+
+
+# What each input must hold: integer ids and shapes, 0/1 masks (integers or booleans), real pixels.
+INPUT_KINDS: dict[str, tuple[str, Callable[[np.dtype], bool]]] = {
+    "input_ids": ("integers", _integers),
+    "attention_mask": ("integers or booleans", _mask),
+    "pixel_values": ("real numbers", lambda d: _integers(d) or jnp.issubdtype(d, jnp.floating)),
+    "pixel_attention_mask": ("integers or booleans", _mask),
+    "spatial_shapes": ("integers", _integers),
+}
 
 
 class InputError(Lfm2VlError):
     """Model inputs that cannot go together (shapes, image token counts)."""
+
+
+class OptionError(Lfm2VlError):
+    """A generation option of the wrong type or out of range."""
+
+
+class UnknownOptionError(OptionError, TypeError):
+    """A keyword `generate` does not take (a TypeError, as Python's own for an unexpected keyword)."""
 
 
 def check_inputs(
@@ -24,8 +58,23 @@ def check_inputs(
     spatial_shapes: np.ndarray | None = None,
 ) -> None:
     """Host-side validation with errors that name the problem, before anything is traced."""
-    if input_ids.ndim != 2:
-        raise InputError(f"input_ids must be (batch, seq), got shape {input_ids.shape}")
+    if input_ids is None:
+        raise InputError("input_ids are required")
+    arrays = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": pixel_values,
+        "pixel_attention_mask": pixel_attention_mask,
+        "spatial_shapes": spatial_shapes,
+    }
+    for name, array in arrays.items():
+        kind, accepts = INPUT_KINDS[name]
+        if array is not None and not accepts(array.dtype):
+            raise InputError(f"{name} must hold {kind}, got dtype {array.dtype}")
+    if pixel_values is not None and not np.isfinite(pixel_values).all():
+        raise InputError("pixel_values hold NaN or infinite values")
+    if input_ids.ndim != 2 or not input_ids.size:
+        raise InputError(f"input_ids must be (batch, seq) and not empty, got shape {input_ids.shape}")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise InputError(
             f"attention_mask shape {attention_mask.shape} does not match input_ids shape {input_ids.shape}"
@@ -48,13 +97,13 @@ def check_inputs(
     if any(x is None for x in images):
         raise InputError("pixel_values needs pixel_attention_mask and spatial_shapes too")
     v = config.vision
-    num_images, num_patches = pixel_values.shape[:2]
     expected_patch = v.num_channels * v.patch_size**2
     if pixel_values.ndim != 3 or pixel_values.shape[2] != expected_patch:
         raise InputError(
             f"pixel_values must be (images, patches, {expected_patch}) flattened patches, "
             f"got {pixel_values.shape}"
         )
+    num_images, num_patches = pixel_values.shape[:2]
     if pixel_attention_mask.shape != (num_images, num_patches):
         raise InputError(
             f"pixel_attention_mask shape {pixel_attention_mask.shape} != ({num_images}, {num_patches})"
@@ -86,4 +135,168 @@ def check_inputs(
 
 def as_numpy_inputs(**inputs: Any) -> dict[str, np.ndarray | None]:
     """Accepts numpy, jax or list inputs under the reference's names."""
-    return {k: None if v is None else np.asarray(v) for k, v in inputs.items()}
+    arrays = {}
+    for name, value in inputs.items():
+        try:
+            arrays[name] = None if value is None else np.asarray(value)
+        except (TypeError, ValueError) as err:  # ragged lists, objects numpy cannot hold
+            raise InputError(f"{name} cannot be read as an array: {err}") from None
+    return arrays
+
+
+# Generation options ---------------------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: Any) -> bool:
+    return _is_int(value) or isinstance(value, (float, np.floating))
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None, where: str = "") -> int:
+    """`value` as an int in [low, high] (high included), or an `OptionError` naming `name`."""
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        limits = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise OptionError(f"{where}{name} must be an integer {limits}, got {value!r}")
+    return int(value)
+
+
+def check_token_ids(name: str, value: Any, vocab_size: int, where: str = "") -> list[int]:
+    """A token id or a list of them, each an int in [0, vocab_size)."""
+    ids = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
+    if not all(_is_int(i) and 0 <= i < vocab_size for i in ids):
+        raise OptionError(
+            f"{where}{name} must be a token id or a list of token ids, integers in [0, {vocab_size}) "
+            f"(the vocabulary), got {value!r}"
+        )
+    return [int(i) for i in ids]
+
+
+# Sampling options: what each must be (for the message) and the test its value must pass.
+SAMPLING_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "temperature": ("a positive finite number", lambda x: x > 0),
+    "top_p": ("a number in (0, 1]", lambda x: 0 < x <= 1),
+    "min_p": ("a number in [0, 1]", lambda x: 0 <= x <= 1),
+    "repetition_penalty": ("a positive finite number", lambda x: x > 0),
+}
+SAMPLING_DEFAULTS = {  # transformers' GenerationConfig defaults
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+}
+TOKEN_OPTIONS = ("eos_token_id", "pad_token_id", "stop_token_ids")
+GENERATE_OPTIONS = (*SAMPLING_DEFAULTS, *TOKEN_OPTIONS)
+
+
+def resolve_generation_options(
+    config: Lfm2VlConfig, options: dict[str, Any], defaults: dict[str, Any]
+) -> tuple[SamplingParams, tuple[int, ...], int]:
+    """(sampling parameters, stop ids, pad id) from the options given (None: unset), else the checkpoint's
+    generation_config.json (`defaults`), else the config and transformers' defaults; every value checked
+    for type and range, the error naming the option and where it came from."""
+    unknown = sorted(set(options) - set(GENERATE_OPTIONS))
+    if unknown:
+        raise UnknownOptionError(
+            f"generate() got unexpected arguments {unknown}; it takes {list(GENERATE_OPTIONS)}"
+        )
+    vocab = config.text.vocab_size
+
+    def pick(key: str, fallback: Any) -> tuple[Any, str]:
+        if options.get(key) is not None:
+            return options[key], "generate(): "
+        if defaults.get(key) is not None:
+            return defaults[key], "generation_config.json: "
+        return fallback, ""
+
+    values: dict[str, Any] = {}
+    do_sample, where = pick("do_sample", SAMPLING_DEFAULTS["do_sample"])
+    if not isinstance(do_sample, (bool, np.bool_)):
+        raise OptionError(f"{where}do_sample must be True or False, got {do_sample!r}")
+    top_k, where = pick("top_k", SAMPLING_DEFAULTS["top_k"])
+    values["top_k"] = check_int("top_k", top_k, 0, where=where)
+    for name, (description, accepts) in SAMPLING_RANGES.items():
+        value, where = pick(name, SAMPLING_DEFAULTS[name])
+        if not _is_real(value) or not math.isfinite(value) or not accepts(value):
+            raise OptionError(f"{where}{name} must be {description}, got {value!r}")
+        values[name] = float(value)
+    if not do_sample:  # greedy decoding reads only the repetition penalty: one program for any others
+        values = {"repetition_penalty": values["repetition_penalty"]}
+    sampling = SamplingParams(do_sample=bool(do_sample), **values)
+
+    eos, where = pick("eos_token_id", config.eos_token_id)
+    stop = [] if eos is None else check_token_ids("eos_token_id", eos, vocab, where)
+    extra = options.get("stop_token_ids")
+    if extra is not None:
+        stop += check_token_ids("stop_token_ids", extra, vocab, "generate(): ")
+    pad, where = pick("pad_token_id", config.pad_token_id)
+    if pad is None:
+        pad = stop[0] if stop else 0
+    if not _is_int(pad) or not 0 <= pad < vocab:
+        raise OptionError(
+            f"{where}pad_token_id must be a token id, an integer in [0, {vocab}) (the vocabulary), "
+            f"got {pad!r}"
+        )
+    return sampling, tuple(stop), int(pad)
+
+
+# Sizes against what the model and the machine hold ----------------------------------------------------------
+
+
+def available_memory(config: Lfm2VlConfig) -> tuple[int, str] | None:
+    """(bytes free, where) for the decoding cache: the devices' free memory where the backend reports it
+    (summed over the mesh), else the host's available RAM (the CPU backend); None if neither is known."""
+    mesh = config.runtime.mesh
+    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+    stats = [device.memory_stats() for device in devices]
+    if all(s and "bytes_limit" in s for s in stats):
+        free = sum(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
+        return free, f"free {devices[0].platform} memory on {len(devices)} device(s)"
+    host = available_host_memory()
+    return None if host is None else (host, "available host memory")
+
+
+def check_generation_fits(config: Lfm2VlConfig, batch: PreparedBatch, max_new_tokens: int) -> None:
+    """Refuses, before anything is allocated, a request whose prompt plus `max_new_tokens` exceeds the
+    model's positions, or whose decoding cache and token buffers exceed the memory available."""
+    prompt = int(batch.attention_mask.sum(axis=1).max())
+    limit = config.text.max_position_embeddings
+    if prompt + max_new_tokens > limit:
+        room = f"at most {limit - prompt} new tokens fit" if prompt < limit else "the prompt alone fills them"
+        raise OptionError(
+            f"max_new_tokens={max_new_tokens}: the prompt's {prompt} tokens plus {max_new_tokens} new ones "
+            f"exceed the model's {limit} positions (text_config.max_position_embeddings); {room}"
+        )
+    rows, seq = batch.input_ids.shape
+    capacity, new_bucket = cache_capacity(seq, max_new_tokens)
+    shapes = jax.tree.leaves(cache_layout(config, rows, capacity), is_leaf=is_layout)
+    cache_bytes = (
+        sum(math.prod(shape) for shape, _ in shapes) * np.dtype(config.runtime.dtypes.cache).itemsize
+    )
+    # + the generated tokens (int32) and the seen-token flags of the repetition penalty (bool)
+    needed = cache_bytes + rows * new_bucket * 4 + rows * config.text.vocab_size
+    available = available_memory(config)
+    if available is not None and needed > available[0]:
+        raise OptionError(
+            f"max_new_tokens={max_new_tokens}: decoding {rows} row(s) to {capacity} positions needs "
+            f"{gigabytes(needed)} for its cache and buffers, more than the {gigabytes(available[0])} of "
+            f"{available[1]}; lower max_new_tokens or the batch size"
+        )
+
+
+def check_logits_fit(config: Lfm2VlConfig, input_ids: np.ndarray) -> None:
+    """Refuses a forward pass whose (batch, seq, vocab) float32 logits exceed the memory available."""
+    rows, seq = input_ids.shape
+    needed = rows * seq * config.text.vocab_size * 4
+    available = available_memory(config)
+    if available is not None and needed > available[0]:
+        raise InputError(
+            f"input_ids {input_ids.shape}: the logits of {rows} x {seq} tokens over a "
+            f"{config.text.vocab_size}-token vocabulary need {gigabytes(needed)}, more than the "
+            f"{gigabytes(available[0])} of "
+            f"{available[1]}; pass fewer rows or shorter ones"
+        )

@@ -20,13 +20,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..config import Lfm2VlConfig
+from ..config import ConfigError, Lfm2VlConfig, floating_dtype
 from ..nn.params import Params
-from .files import ExportError, staging_directory, write_side_files
+from .files import ExportError, check_writer_arguments, staging_directory, write_side_files
 from .hf import iter_hf_tensors, leaf_at, tensor_map
 from .safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
 
@@ -41,6 +40,8 @@ Layout = list[tuple[str, np.dtype, tuple[int, ...]]]  # (name, dtype, shape) per
 def parse_size(size: int | str) -> int:
     """Bytes from an int or a string such as "5GB" (5 * 10**9) or "500MiB" (500 * 2**20), the units of
     transformers' `max_shard_size`."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer, str)):
+        raise ExportError(f"a size must be a number of bytes or a string like '5GB', got {size!r}")
     if isinstance(size, str):
         match = re.fullmatch(r"(\d+)\s*([KMGT]I?B|B)?", size.strip().upper())
         if match is None:
@@ -182,8 +183,14 @@ def _write_weights(
         )
 
 
-def _as_dtype(dtype: Any) -> np.dtype | None:
-    return None if dtype is None else np.dtype(jnp.dtype(dtype))
+def as_weight_dtype(dtype: Any) -> np.dtype | None:
+    """The dtype weights are to be written in (None: as held); only floating-point types."""
+    if dtype is None:
+        return None
+    try:
+        return floating_dtype(dtype, "dtype of the written weights")
+    except ConfigError as err:
+        raise ExportError(str(err)) from None
 
 
 def save_hf_checkpoint(
@@ -210,11 +217,12 @@ def save_hf_checkpoint(
     processor: an object with `save_pretrained(directory)` (e.g. `Lfm2VlProcessor`), saved in too.
     """
     max_shard_bytes = parse_size(max_shard_size)
-    dtype = _as_dtype(dtype)
+    dtype = as_weight_dtype(dtype)
+    check_writer_arguments(overwrite, processor)
     layout = _hf_layout(config, params, dtype)
     config_dtype = max({d for _, d, _ in layout}, key=lambda d: d.itemsize)  # "auto" loads lose nothing
     target = Path(out_dir)
-    with staging_directory(target, overwrite) as staging:
+    with staging_directory(target, overwrite, source_dir) as staging:
         write_side_files(staging, config, config_dtype, source_dir, generation_config, processor)
         _write_weights(staging, config, params, dtype, layout, max_shard_bytes, progress)
     return target

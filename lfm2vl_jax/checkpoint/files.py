@@ -6,9 +6,11 @@ files (tokenizer, processor, chat template, generation config) a checkpoint carr
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import fnmatch
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -39,6 +41,10 @@ class ExportError(Lfm2VlError):
     """An export or conversion that must not proceed, or that did not write what it meant to."""
 
 
+class WriteError(ExportError, OSError):
+    """The file system refused a write (no permission, disk full, ...); names the user's target."""
+
+
 def _exists(path: Path) -> bool:
     return path.exists() or path.is_symlink()
 
@@ -47,8 +53,31 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
-def check_target(target: Path, overwrite: bool) -> None:
-    """Refuses an existing target (an empty directory aside) unless `overwrite`."""
+def _overlap(target: Path, source: Path) -> str | None:
+    """How `target` overlaps `source` once links are resolved ("is", "is inside", "contains"), or None."""
+    real_target, real_source = Path(os.path.realpath(target)), Path(os.path.realpath(source))
+    if real_target == real_source:
+        return "is"
+    if real_source in real_target.parents:
+        return "is inside"
+    if real_target in real_source.parents:
+        return "contains"
+    return None
+
+
+def check_target(target: Path, overwrite: bool, source: str | Path | None = None) -> None:
+    """Refuses an existing target (an empty directory aside) unless `overwrite`, and, whatever
+    `overwrite` says, a target overlapping `source` (the directory being converted or copied from): a
+    write must never destroy its own input."""
+    if source is not None:
+        if not Path(source).is_dir():
+            raise ExportError(f"source directory {source} does not exist or is not a directory")
+        relation = _overlap(target, Path(source))
+        if relation is not None:
+            raise ExportError(
+                f"refusing to write {target}: it {relation} the source checkpoint {source}, and a write must "
+                "not replace or alter its own input; choose another destination"
+            )
     if _exists(target) and not _is_empty_dir(target) and not overwrite:
         raise ExportError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
 
@@ -68,47 +97,128 @@ def _fsync_tree(directory: Path) -> None:
         _fsync(Path(root))
 
 
+# Staging (`.NAME.partial-XXXXXXXX`) and moved-aside (`.NAME.old-XXXXXXXX`) directories beside a target.
+# Their writer holds an exclusive `flock` on each while it exists, which the kernel drops when the
+# process dies however it dies, so one we can lock was left behind by a killed write.
+
+
+def _hidden_sibling(target: Path, kind: str) -> Path:
+    return target.with_name(f".{target.name}.{kind}-{uuid.uuid4().hex[:8]}")
+
+
+def _lock(directory: Path) -> int:
+    fd = os.open(directory, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def remove_abandoned(target: Path, kind: str) -> list[Path]:
+    """Removes the `kind` ("partial" or "old") directories that killed writes to `target` left beside it:
+    only directories named exactly by our scheme, and only those no live writer holds. Returns them."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.{kind}-[0-9a-f]{{8}}")
+    removed = []
+    for entry in sorted(target.parent.iterdir()):
+        if not pattern.fullmatch(entry.name) or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            fd = os.open(entry, os.O_RDONLY)
+        except OSError:  # not ours to remove after all
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live writer's
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+        finally:
+            os.close(fd)
+    return removed
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
+        shutil.rmtree(path, ignore_errors=True)  # the new target is in place: a leftover is only clutter
     else:
         path.unlink()
 
 
-def _move_into_place(staging: Path, target: Path, overwrite: bool) -> None:
-    check_target(target, overwrite)  # again: something may have appeared there while we wrote
+def _move_into_place(staging: Path, target: Path, overwrite: bool, source: str | Path | None) -> None:
+    check_target(target, overwrite, source)  # again: something may have appeared there while we wrote
     if _is_empty_dir(target):
         target.rmdir()
     if not _exists(target):
         os.rename(staging, target)
     else:  # the old checkpoint is moved aside, not deleted, until the new one is in place
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, old)
+        old = _hidden_sibling(target, "old")
+        lock = _lock(target) if target.is_dir() and not target.is_symlink() else None
         try:
-            os.rename(staging, target)
-        except BaseException:
-            os.rename(old, target)
-            raise
-        _remove(old)
+            os.rename(target, old)
+            try:
+                os.rename(staging, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            _remove(old)
+        finally:
+            if lock is not None:
+                os.close(lock)
     _fsync(target.parent)
 
 
+def _write_error(error: OSError, target: Path, staging: Path) -> WriteError:
+    """`error` restated about the user's `target`: the hidden staging path would mean nothing to them."""
+    where = error.filename
+    if where is not None:
+        path = Path(os.fsdecode(where))
+        if path == staging or staging in path.parents:
+            where = target / path.relative_to(staging)
+    detail = "" if where is None or Path(where) == target else f" ({where})"
+    wrapped = WriteError(f"cannot write {target}: {error.strerror or error}{detail}")
+    wrapped.errno = error.errno
+    return wrapped
+
+
 @contextlib.contextmanager
-def staging_directory(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def staging_directory(
+    target: str | Path, overwrite: bool = False, source: str | Path | None = None
+) -> Iterator[Path]:
     """A fresh directory beside `target` (same filesystem) to write into: fsynced and renamed onto `target`
-    if the block completes, deleted if it raises."""
+    if the block completes, deleted if it raises. `source`: the directory the content comes from, which
+    `target` must not overlap (see `check_target`). Staging directories abandoned by killed writes to the
+    same target are removed first, moved-aside ones after the new target is in place. File-system errors
+    name `target`."""
     target = Path(os.path.abspath(target))  # a name to put the staging directory beside, even for "."
-    check_target(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
+    check_target(target, overwrite, source)
+    staging = _hidden_sibling(target, "partial")
     try:
-        yield staging
-        _fsync_tree(staging)
-        _move_into_place(staging, target, overwrite)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_abandoned(target, "partial")
+        staging.mkdir()
+    except OSError as err:
+        raise _write_error(err, target, staging) from err
+    lock = _lock(staging)
+    try:
+        try:
+            yield staging
+            _fsync_tree(staging)
+            _move_into_place(staging, target, overwrite, source)
+        except OSError as err:
+            raise _write_error(err, target, staging) from err
+        remove_abandoned(target, "old")
     finally:
         if _exists(staging):
             shutil.rmtree(staging, ignore_errors=True)
+        os.close(lock)
+
+
+def check_writer_arguments(overwrite: Any, processor: Any) -> None:
+    """Arguments of the checkpoint writers that would otherwise be misread silently or fail midway."""
+    if not isinstance(overwrite, (bool, np.bool_)):
+        raise ExportError(f"overwrite must be True or False, got {overwrite!r}")
+    if processor is not None and not callable(getattr(processor, "save_pretrained", None)):
+        raise ExportError(f"processor {type(processor).__name__} has no save_pretrained(directory) method")
 
 
 # Non-weight files -----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ Accepted key layouts: the hub's (`model.vision_tower.vision_model.*`) and transf
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..config import CONV, ConfigError, Lfm2VlConfig, RuntimeConfig, config_from_dict
+from ..config import CONV, Lfm2VlConfig, RuntimeConfig, config_from_dict, read_config_json
 from ..errors import Lfm2VlError
 from ..nn.params import Params, ParamSpec, is_spec, param_specs
 from ..parallel.sharding import param_shardings
@@ -255,15 +256,48 @@ def canonical_key(key: str) -> str:
     return key
 
 
+def _allowed_roots(directory: Path) -> list[Path]:
+    """Where the files of a checkpoint directory may really live: inside it, or, for a Hugging Face Hub
+    cache snapshot (`.../snapshots/<revision>/`, whose files are links into the repository's blob store),
+    in that repository's `blobs/`."""
+    roots = [directory.resolve()]
+    if directory.parent.name == "snapshots":
+        roots.append((directory.parent.parent / "blobs").resolve())
+    return roots
+
+
+def _shard_path(directory: Path, index: Path, key: str, name: Any) -> Path:
+    """The shard an index entry names, refused unless it is a file inside the checkpoint directory: a
+    downloaded checkpoint must not make us read other files (`../x`, `/etc/x`, or a link leading out)."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise CheckpointError(f"{index}: weight_map[{key!r}] must be a shard file name, got {name!r}")
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise CheckpointError(
+            f"{index}: weight_map[{key!r}] names {name!r}, which is not a file inside {directory}"
+        )
+    path = directory / relative
+    real = path.resolve()
+    if not any(real.is_relative_to(root) for root in _allowed_roots(directory)):
+        raise CheckpointError(
+            f"{index}: weight_map[{key!r}] names {name!r}, a link to {real}, outside {directory}"
+        )
+    return path
+
+
 def weight_files(directory: Path) -> list[Path]:
-    """model.safetensors, or the shards a model.safetensors.index.json names."""
+    """model.safetensors, or the shards a model.safetensors.index.json names (files inside `directory`)."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
-        files = [directory / name for name in dict.fromkeys(weight_map.values())]
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard files")
+        files = list(
+            dict.fromkeys(_shard_path(directory, index, key, name) for key, name in weight_map.items())
+        )
         missing = [str(f) for f in files if not f.exists()]
         if missing:
             raise CheckpointError(f"{index} names shards that are missing: {missing}")
@@ -296,13 +330,35 @@ class CheckpointReader:
         file, name = self.tensors[key]
         return file.shape(name)
 
+    def dtype(self, key: str) -> np.dtype:
+        file, name = self.tensors[key]
+        return file.dtype(name)
+
     def read(self, key: str) -> np.ndarray:
         file, name = self.tensors[key]
         return file.read(name)
 
 
+def _consensus(reader: CheckpointReader, dims: list[tuple[str, int]], configured: int) -> int:
+    """The size most of the present tensors `dims` (key, axis) give; `configured` where it is among the
+    most common. A tensor that disagrees with the others is then the one the shape check names, instead of
+    one bad tensor setting a width that all the good ones would be blamed for."""
+    sizes = collections.Counter(
+        reader.shape(key)[axis]
+        for key, axis in dims
+        if key in reader.tensors and len(reader.shape(key)) > axis
+    )
+    if not sizes or sizes[configured] == max(sizes.values()):
+        return configured
+    return sizes.most_common(1)[0][0]
+
+
 def reconcile_config(config: Lfm2VlConfig, raw: dict[str, Any], reader: CheckpointReader) -> Lfm2VlConfig:
-    """Takes depths and widths from the checkpoint's tensors where the config is silent or disagrees."""
+    """Takes from the checkpoint's tensors the facts configs in the wild get wrong or leave out, where
+    the tensors agree: the vision depth (the custom-code model cut its tower after
+    `vision_feature_layer`), the projector width, whether the projector has a LayerNorm, and the MLP width
+    (the config's auto-adjust rule is easy to misstate). Every other size comes from the config, and a
+    tensor that disagrees with it is refused by name."""
     keys = reader.tensors
     layer_ids = {
         int(m.group(1))
@@ -311,8 +367,7 @@ def reconcile_config(config: Lfm2VlConfig, raw: dict[str, Any], reader: Checkpoi
     }
     vision = config.vision
     if layer_ids:
-        # The custom-code model cut the tower after `vision_feature_layer`; keep the smaller depth.
-        depth = min(max(layer_ids) + 1, vision.num_layers)
+        depth = min(max(layer_ids) + 1, vision.num_layers)  # keep the smaller depth
         if depth != vision.num_layers:
             warnings.warn(
                 f"config says {vision.num_layers} vision layers, the checkpoint holds "
@@ -322,9 +377,13 @@ def reconcile_config(config: Lfm2VlConfig, raw: dict[str, Any], reader: Checkpoi
             vision = dataclasses.replace(vision, num_layers=depth)
     changes: dict[str, Any] = {"vision": vision}
 
-    linear_1 = f"{PROJECTOR_PREFIX}linear_1.weight"
-    if linear_1 in keys and reader.shape(linear_1)[0] != config.projector_hidden_size:
-        hidden = reader.shape(linear_1)[0]
+    projector = [
+        (f"{PROJECTOR_PREFIX}linear_1.weight", 0),
+        (f"{PROJECTOR_PREFIX}linear_1.bias", 0),
+        (f"{PROJECTOR_PREFIX}linear_2.weight", 1),
+    ]
+    hidden = _consensus(reader, projector, config.projector_hidden_size)
+    if hidden != config.projector_hidden_size:
         warnings.warn(
             f"projector_hidden_size {config.projector_hidden_size} != checkpoint's {hidden}; using {hidden}",
             stacklevel=3,
@@ -334,9 +393,13 @@ def reconcile_config(config: Lfm2VlConfig, raw: dict[str, Any], reader: Checkpoi
         changes["projector_use_layernorm"] = f"{PROJECTOR_PREFIX}layer_norm.weight" in keys
 
     text = config.text
-    w1 = f"{TEXT_PREFIX}layers.0.feed_forward.w1.weight"
-    if w1 in keys and reader.shape(w1)[0] != text.intermediate_size:
-        width = reader.shape(w1)[0]
+    mlp = [
+        (key, 1 if m.group(1) == "2" else 0)
+        for key in keys
+        if (m := re.fullmatch(rf"{re.escape(TEXT_PREFIX)}layers\.\d+\.feed_forward\.w([123])\.weight", key))
+    ]
+    width = _consensus(reader, mlp, text.intermediate_size)
+    if width != text.intermediate_size:
         warnings.warn(
             f"MLP width from the config's auto-adjust rule is {text.intermediate_size}, "
             f"the checkpoint's is {width}; using {width}",
@@ -366,9 +429,14 @@ def _check_tensors(reader: CheckpointReader, table: dict[str, TensorMapping], co
         problems.append(f"{len(unexpected)} tensors the model has no place for, e.g. {unexpected[:5]}")
     if missing:
         problems.append(f"{len(missing)} tensors missing, e.g. {missing[:5]}")
-    for key in sorted(present & set(table)):
-        if reader.shape(key) != table[key].hf_shape:
-            problems.append(f"tensor {key!r} has shape {reader.shape(key)}, expected {table[key].hf_shape}")
+    wrong = [key for key in sorted(present & set(table)) if reader.shape(key) != table[key].hf_shape]
+    problems += [
+        f"tensor {key!r} has shape {reader.shape(key)}, expected {table[key].hf_shape}" for key in wrong[:5]
+    ]
+    if len(wrong) > 5:
+        problems.append(f"and {len(wrong) - 5} more tensors of the wrong shape")
+    not_float = [k for k in sorted(present & set(table)) if not jnp.issubdtype(reader.dtype(k), jnp.floating)]
+    problems += [f"tensor {k!r} is stored as {reader.dtype(k)}, not a float type" for k in not_float[:5]]
     if problems:
         raise CheckpointError(
             f"checkpoint {reader.directory} does not match its config: " + "; ".join(problems)
@@ -406,14 +474,12 @@ def load_hf_checkpoint(
     """
     runtime = RuntimeConfig() if runtime is None else runtime
     directory = Path(directory)
-    try:
-        raw = json.loads((directory / "config.json").read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"no config.json in {directory}") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{directory / 'config.json'} is not valid JSON: {err}") from None
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"no config.json in {directory}")
+    raw = read_config_json(directory)
     reader = CheckpointReader(directory)
-    config = reconcile_config(config_from_dict(raw), raw, reader).replace(runtime=runtime)
+    config = reconcile_config(config_from_dict(raw, directory / "config.json"), raw, reader)
+    config = config.replace(runtime=runtime)
     table = tensor_map(config)
     _check_tensors(reader, table, config)
 

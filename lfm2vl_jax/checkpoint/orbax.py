@@ -7,28 +7,28 @@ layout whatever layout saved it, and either format converts to the other alone.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 from ..config import DTypePolicy, Lfm2VlConfig, RuntimeConfig, load_config
 from ..nn.params import Params, abstract_params
 from ..parallel.sharding import param_shardings
 from .canonical import from_canonical, to_canonical
-from .export import DEFAULT_MAX_SHARD_SIZE, parse_size, save_hf_checkpoint
-from .files import ExportError, check_target, staging_directory, write_side_files
+from .export import DEFAULT_MAX_SHARD_SIZE, as_weight_dtype, parse_size, save_hf_checkpoint
+from .files import ExportError, check_target, check_writer_arguments, staging_directory, write_side_files
 from .hf import CheckpointReader, load_hf_checkpoint
 from .hub import resolve_checkpoint_dir
 
 ORBAX_PARAMS_DIR = "params"
-
-
-def _as_dtype(dtype: Any) -> np.dtype | None:
-    return None if dtype is None else np.dtype(jnp.dtype(dtype))
 
 
 def _orbax_checkpointer() -> ocp.Checkpointer:
@@ -38,10 +38,68 @@ def _orbax_checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
 
 
+@contextlib.contextmanager
+def _without_orbax_warnings() -> Iterator[None]:
+    """Orbax logs a warning on reading a damaged checkpoint; the error we raise says it alone."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+
+
+def _drop_abandoned_read_reports() -> None:
+    """After a failed orbax read: orbax closes its event loop at the first error, and the reads still in
+    flight then report "Event loop is closed" as unraisable exceptions (tracebacks on stderr) when they
+    finish, possibly after we return. Those reports, and only those, are dropped from then on."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_abandoned_reads", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_abandoned_reads = True
+    sys.unraisablehook = hook
+
+
+def _unreadable(where: Path, problem: str, error: BaseException | None = None) -> ExportError:
+    _drop_abandoned_read_reports()
+    detail = "" if error is None else f" ({_first_line(error)})"
+    return ExportError(f"{where}: {problem}{detail}")
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _check_database(params_dir: Path) -> None:
+    """Opens the checkpoint's OCDBT database (orbax's default format) and lists it: a cut or corrupt
+    manifest fails here, synchronously, rather than inside orbax, whose failing reads race the closing of
+    its event loop and print tracebacks of their own."""
+    if not (params_dir / "manifest.ocdbt").exists():
+        return
+    try:
+        spec = {"driver": "ocdbt", "base": f"file://{params_dir.absolute()}/"}
+        ts.KvStore.open(spec).result().list().result()
+    except (OSError, ValueError) as err:
+        raise _unreadable(params_dir, "the orbax checkpoint is truncated or corrupt", err) from None
+
+
 def _stored_arrays(params_dir: Path) -> Params:
     """The orbax checkpoint's tree of array metadata (shape, dtype), read without loading any data."""
-    with _orbax_checkpointer() as checkpointer:
-        return checkpointer.metadata(params_dir.absolute()).item_metadata.tree
+    _check_database(params_dir)
+    try:
+        with _without_orbax_warnings(), _orbax_checkpointer() as checkpointer:
+            metadata = checkpointer.metadata(params_dir.absolute()).item_metadata
+    except (OSError, ValueError) as err:
+        raise _unreadable(params_dir, "cannot read the orbax checkpoint's metadata", err) from None
+    if metadata is None or metadata.tree is None:
+        raise _unreadable(params_dir, "the orbax checkpoint's metadata is missing or corrupt")
+    return metadata.tree
 
 
 def _check_stored_arrays(params_dir: Path, stored: Params, expected: Params, check_dtypes: bool) -> None:
@@ -83,10 +141,11 @@ def save_orbax_checkpoint(
     (restorable with `ocp.StandardCheckpointer` too), beside config.json and the carried-over files
     (arguments as `save_hf_checkpoint`); the stored tree, shapes and dtypes are checked before the
     rename."""
+    check_writer_arguments(overwrite, processor)
     dtypes = {np.dtype(x.dtype) for x in jax.tree.leaves(params)}
     canonical = to_canonical(params, config)
     target = Path(out_dir)
-    with staging_directory(target, overwrite) as staging:
+    with staging_directory(target, overwrite, source_dir) as staging:
         write_side_files(
             staging, config, max(dtypes, key=lambda d: d.itemsize), source_dir, generation_config, processor
         )
@@ -111,10 +170,7 @@ def load_orbax_checkpoint(
     params_dir = directory / ORBAX_PARAMS_DIR
     if not params_dir.is_dir():
         raise ExportError(f"{directory} holds no orbax checkpoint ({ORBAX_PARAMS_DIR}/ is missing)")
-    try:
-        stored = _stored_arrays(params_dir)
-    except (OSError, ValueError) as err:
-        raise ExportError(f"{params_dir}: cannot read the orbax checkpoint's metadata ({err})") from None
+    stored = _stored_arrays(params_dir)
     if runtime is None:
         stored_dtype = max({np.dtype(m.dtype) for m in jax.tree.leaves(stored)}, key=lambda d: d.itemsize)
         runtime = RuntimeConfig(dtypes=DTypePolicy.uniform(stored_dtype), scan_layers=False)
@@ -135,10 +191,13 @@ def load_orbax_checkpoint(
         )
         # Without a sharding, orbax would restore numpy arrays.
         restore_args = ocp.checkpoint_utils.construct_restore_args(shapes)
-    with _orbax_checkpointer() as checkpointer:
-        canonical = checkpointer.restore(
-            params_dir.absolute(), args=ocp.args.PyTreeRestore(shapes, restore_args=restore_args)
-        )
+    try:
+        with _without_orbax_warnings(), _orbax_checkpointer() as checkpointer:
+            canonical = checkpointer.restore(
+                params_dir.absolute(), args=ocp.args.PyTreeRestore(shapes, restore_args=restore_args)
+            )
+    except (OSError, ValueError) as err:  # tensorstore reports missing or cut data as ValueError
+        raise _unreadable(directory, "the orbax checkpoint is truncated or corrupt", err) from None
     return config, from_canonical(canonical, config)
 
 
@@ -156,9 +215,11 @@ def hf_to_orbax(
 ) -> Path:
     """A transformers checkpoint (directory or hub id) -> an orbax checkpoint directory, in `dtype` (default:
     the checkpoint's own), streaming tensor by tensor."""
-    check_target(Path(dst), overwrite)  # before the long part
+    dtype = as_weight_dtype(dtype)
+    check_target(Path(dst), overwrite, src if Path(src).is_dir() else None)  # before the long part
     source = resolve_checkpoint_dir(src)
-    dtype = _as_dtype(dtype) or _stored_dtype(source)
+    check_target(Path(dst), overwrite, source)
+    dtype = dtype or _stored_dtype(source)
     runtime = RuntimeConfig(dtypes=DTypePolicy.uniform(dtype), scan_layers=False)  # no restacking
     config, params = load_hf_checkpoint(source, runtime=runtime, progress=progress)
     return save_orbax_checkpoint(dst, config, params, overwrite=overwrite, source_dir=source)
@@ -174,8 +235,9 @@ def orbax_to_hf(
 ) -> Path:
     """An orbax checkpoint directory -> a transformers checkpoint directory, in `dtype` (default: as
     stored)."""
-    check_target(Path(dst), overwrite)
+    as_weight_dtype(dtype)
     parse_size(max_shard_size)
+    check_target(Path(dst), overwrite, src)
     config, params = load_orbax_checkpoint(src, as_numpy=True)
     return save_hf_checkpoint(
         dst,

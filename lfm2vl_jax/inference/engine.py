@@ -225,6 +225,13 @@ def prepare_batch(
     return PreparedBatch(ids, new_mask, values, patch_mask, shapes, len(input_ids))
 
 
+def cache_capacity(prompt_length: int, max_new_tokens: int) -> tuple[int, int]:
+    """(cache positions, token-buffer length) of a request: its bucketed prompt length plus the bucketed
+    number of new tokens (the same programs serve every `max_new_tokens` of a bucket)."""
+    new_bucket = bucket(max_new_tokens, minimum=16)
+    return prompt_length + new_bucket, new_bucket
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
     """Everything one generation call needs besides the model: prepared inputs and decoding options."""
@@ -250,7 +257,7 @@ def run(params: Params, config: Lfm2VlConfig, request: Request, loop: str = "hos
         raise Lfm2VlError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
     batch, sampling, pad_id = request.batch, request.sampling, request.pad_id
     rows, seq = batch.input_ids.shape
-    new_bucket = bucket(request.max_new_tokens, minimum=16)
+    capacity, new_bucket = cache_capacity(seq, request.max_new_tokens)
     stop = jnp.asarray(sorted(set(request.stop_ids)), jnp.int32)
     done = jnp.asarray(np.arange(rows) >= batch.num_rows)
     state = prefill(
@@ -265,7 +272,7 @@ def run(params: Params, config: Lfm2VlConfig, request: Request, loop: str = "hos
         sampling,
         stop,
         done,
-        max_len=seq + new_bucket,
+        max_len=capacity,
         max_new_tokens=new_bucket,
         pad_id=pad_id,
     )

@@ -22,9 +22,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import Lfm2VlError
+from ..memory import available_host_memory, gigabytes
 from .resize import BILINEAR, RESAMPLE_NAMES, SUPPORTED_RESAMPLE, resize_uint8
 
 ImageInput = Image.Image | np.ndarray | str | os.PathLike
+
+
+MAX_TILES = 10_000  # tile grids are enumerated up to max_tiles (the released models use 10)
 
 
 class ProcessorError(Lfm2VlError):
@@ -53,11 +57,16 @@ def _pil_to_rgb(image: Image.Image, label: str) -> np.ndarray:
     except (OSError, SyntaxError, ValueError) as error:
         raise ProcessorError(f"{label} could not be decoded: {error}") from error
     # transformers' convert_to_rgb: composite anything with alpha (or a transparent palette entry) on white.
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba)
-    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    try:
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(white, rgba)
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    except ValueError as error:  # modes Pillow cannot convert to RGB (e.g. premultiplied "La", "RGBa")
+        raise ProcessorError(
+            f"{label}: PIL image mode {image.mode!r} cannot be converted to RGB ({error})"
+        ) from None
 
 
 def _open_file(path: str | os.PathLike | BinaryIO, label: str) -> np.ndarray:
@@ -143,17 +152,17 @@ def round_by_factor(number: float, factor: int) -> int:
 
 @lru_cache(maxsize=64)
 def target_ratios(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
-    """(cols, rows) grids with min_tiles <= cols * rows <= max_tiles, by increasing tile count."""
-    ratios = [
-        (w, h)
-        for n in range(min_tiles, max_tiles + 1)
-        for w in range(1, n + 1)
-        for h in range(1, n + 1)
-        if min_tiles <= w * h <= max_tiles
-    ]
-    # Built exactly as the reference (list -> set -> stable sort): among grids with the same tile count the
-    # order is the set's, and it decides exact ties in find_closest_aspect_ratio.
-    return sorted(set(ratios), key=lambda ratio: ratio[0] * ratio[1])
+    """(cols, rows) grids with min_tiles <= cols * rows <= max_tiles, by increasing tile count.
+
+    Built as the reference builds it (list -> set -> stable sort by tile count), since among grids with the
+    same tile count the order is the set's and it decides exact ties in find_closest_aspect_ratio. The
+    reference's list, `(w, h) for n in range(min_tiles, max_tiles + 1) for w in range(1, n + 1) for h in
+    range(1, n + 1)` filtered by tile count, holds each grid many times (cubic in max_tiles); a set built
+    from the grids in order of first occurrence, at n = max(w, h, min_tiles), is the same set, same
+    iteration order included (repeated additions leave a set's table as it was)."""
+    grids = [(w, h) for w in range(1, max_tiles + 1) for h in range(-(-min_tiles // w), max_tiles // w + 1)]
+    grids.sort(key=lambda grid: (max(*grid, min_tiles), *grid))
+    return sorted(set(grids), key=lambda ratio: ratio[0] * ratio[1])
 
 
 def find_closest_aspect_ratio(
@@ -172,6 +181,20 @@ def find_closest_aspect_ratio(
         elif diff == best_diff and area > 0.5 * tile_size * tile_size * cols * rows:
             best = (cols, rows)
     return best
+
+
+def _real_numbers(value: Any, size: int, positive: bool) -> bool:
+    """A finite real number, or (size > 1) a sequence of `size` of them; all > 0 if `positive`."""
+    values = (
+        list(value) if size > 1 and isinstance(value, (list, tuple)) and len(value) in (1, size) else [value]
+    )
+    return all(
+        isinstance(v, (int, float, np.integer, np.floating))
+        and not isinstance(v, (bool, np.bool_))
+        and math.isfinite(v)
+        and (v > 0 or not positive)
+        for v in values
+    )
 
 
 class Lfm2VlImageProcessor:
@@ -234,6 +257,26 @@ class Lfm2VlImageProcessor:
                 raise ProcessorError(
                     f"image processor config: {name} must be a positive integer, not {value!r}"
                 )
+        for name, value in (
+            ("do_image_splitting", do_image_splitting),
+            ("use_thumbnail", use_thumbnail),
+            ("do_rescale", do_rescale),
+            ("do_normalize", do_normalize),
+        ):
+            if not isinstance(value, (bool, np.bool_)):
+                raise ProcessorError(f"image processor config: {name} must be true or false, not {value!r}")
+        for name, value, size in (
+            ("max_pixels_tolerance", max_pixels_tolerance, 1),
+            ("rescale_factor", rescale_factor, 1),
+            ("image_std", image_std, 3),
+            ("image_mean", image_mean, 3),
+        ):
+            if not _real_numbers(value, size, positive=name != "image_mean"):
+                kind = "a positive number" if size == 1 else f"a number or {size} numbers"
+                raise ProcessorError(
+                    f"image processor config: {name} must be {kind}"
+                    f"{', all positive' if name == 'image_std' else ''}, not {value!r}"
+                )
         if tile_size % encoder_patch_size:
             raise ProcessorError(
                 f"image processor config: tile_size ({tile_size}) is not a multiple of encoder_patch_size "
@@ -241,6 +284,15 @@ class Lfm2VlImageProcessor:
             )
         if do_image_splitting and min_tiles > max_tiles:
             raise ProcessorError(f"image processor config: min_tiles ({min_tiles}) > max_tiles ({max_tiles})")
+        if max_tiles > MAX_TILES:
+            raise ProcessorError(
+                f"image processor config: max_tiles ({max_tiles}) is above the {MAX_TILES} supported"
+            )
+        if min_image_tokens > max_image_tokens:
+            raise ProcessorError(
+                f"image processor config: min_image_tokens ({min_image_tokens}) > max_image_tokens "
+                f"({max_image_tokens})"
+            )
         if resample not in SUPPORTED_RESAMPLE:
             supported = ", ".join(f"{value} ({RESAMPLE_NAMES[value]})" for value in SUPPORTED_RESAMPLE)
             raise ProcessorError(
@@ -269,7 +321,17 @@ class Lfm2VlImageProcessor:
         self.image_std = tuple(float(v) for v in np.broadcast_to(np.asarray(image_std, dtype=float), (3,)))
         self.do_pad = True
         self.do_convert_rgb = do_convert_rgb
-        self._channel_scale, self._channel_offset = self._normalisation_constants()
+        with np.errstate(all="ignore"):  # pixels 0 and 255 must normalise to finite float32 values
+            self._channel_scale, self._channel_offset = self._normalisation_constants()
+            extremes = (np.float32([[0.0], [255.0]]) - self._channel_offset) / self._channel_scale
+        if not np.isfinite(extremes).all():
+            raise ProcessorError(
+                "image processor config: image_mean, image_std and rescale_factor give non-finite pixel "
+                f"values in float32 (mean {list(self.image_mean)}, std {list(self.image_std)}, "
+                f"rescale_factor {self.rescale_factor})"
+            )
+        most_tiles = self.max_tiles + self.use_thumbnail if self.do_image_splitting else 1
+        self._check_memory(most_tiles, "one image at these settings (max_tiles, tile_size, max_image_tokens)")
 
     # -- configuration ---------------------------------------------------------------------------------
 
@@ -309,6 +371,25 @@ class Lfm2VlImageProcessor:
         if self.do_normalize:
             return std, mean
         return np.ones(3, np.float32), np.zeros(3, np.float32)
+
+    def _check_memory(self, tiles: int, what: str) -> None:
+        """Refuses, before anything is allocated, `tiles` rows of pixel values (each row also bounds the
+        uint8 tile it is cut from) beyond the memory the host has available."""
+        needed = tiles * self.max_num_patches * 3 * self.encoder_patch_size**2 * 4  # float32
+        available = available_host_memory()
+        if available is not None and needed > available:
+            raise ProcessorError(
+                f"{what} would need {tiles} x {self.max_num_patches} patches of pixel values, "
+                f"{gigabytes(needed)}, more than the {gigabytes(available)} of memory available"
+            )
+
+    def num_tiles(self, height: int, width: int) -> int:
+        """Rows of `pixel_values` an image of this size becomes (its tiles and thumbnail, or one)."""
+        grid = self.grid_layout(height, width)
+        if grid is None:
+            return 1
+        rows, cols = grid
+        return rows * cols + (self.use_thumbnail and rows * cols != 1)
 
     # -- layout ----------------------------------------------------------------------------------------
 
@@ -402,6 +483,8 @@ class Lfm2VlImageProcessor:
         """Process already-loaded (H, W, 3) uint8 RGB images (see `load_image`); `labels` name them in
         errors. Returns the model inputs and, per image, its tile rows, cols and smart-resize size."""
         labels = labels or [f"image {index}" for index in range(len(images))]
+        tiles = sum(self.num_tiles(*image.shape[:2]) for image in images)
+        self._check_memory(tiles, f"{len(images)} image(s)")
         split = [self.split_image(image) for image in images]
         tiles = [(index, tile) for index, (image_tiles, *_) in enumerate(split) for tile in image_tiles]
         p = self.encoder_patch_size

@@ -139,14 +139,31 @@ def _alias_reasoning_fields(message: dict[str, Any]) -> dict[str, Any]:
     return {"thinking": reasoning, **message, "reasoning_content": reasoning}
 
 
-def _token_id_lists(token_ids: Any) -> list[list[int]]:
+def _id_list(row: Any, vocab_size: int) -> list[int]:
+    ids = np.asarray(row)
+    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        raise ProcessorError(f"token ids must be integers, got {row!r:.80}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ProcessorError(
+            f"token ids must lie in [0, {vocab_size}) (the tokenizer's vocabulary), "
+            f"got {ids.min()}..{ids.max()}"
+        )
+    return ids.astype(np.int64).tolist()
+
+
+def _token_id_lists(token_ids: Any, vocab_size: int) -> list[list[int]]:
     """(B, n) or (n,) ids as numpy/jax arrays or (possibly ragged) lists -> list of id lists."""
-    if np.ndim(token_ids) == 0:
-        return [[int(token_ids)]]
-    rows = list(token_ids)
-    if rows and np.ndim(rows[0]) > 0:
-        return [np.asarray(row, dtype=np.int64).tolist() for row in rows]
-    return [np.asarray(rows, dtype=np.int64).tolist()]
+    try:
+        if np.ndim(token_ids) == 0:
+            return [_id_list([token_ids], vocab_size)]
+        rows = list(token_ids)
+        if rows and np.ndim(rows[0]) > 0:
+            return [_id_list(row, vocab_size) for row in rows]
+        return [_id_list(rows, vocab_size)]
+    except ProcessorError:
+        raise
+    except (TypeError, ValueError) as error:  # not a sequence, or a ragged one numpy cannot hold
+        raise ProcessorError(f"cannot read {token_ids!r:.80} as token ids: {error}") from None
 
 
 class Lfm2VlProcessor:
@@ -357,6 +374,8 @@ class Lfm2VlProcessor:
         int32 and spatial_shapes (tiles, 2) int64."""
         if text is None:
             raise ProcessorError("text is required (an image is placed where its <image> placeholder is)")
+        if not isinstance(text, (str, list, tuple)):
+            raise ProcessorError(f"text must be a string or a list of strings, got {type(text).__name__}")
         texts = [text] if isinstance(text, str) else list(text)
         for index, sample in enumerate(texts):
             if not isinstance(sample, str):
@@ -367,6 +386,10 @@ class Lfm2VlProcessor:
         if padding_side not in ("left", "right"):
             raise ProcessorError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         max_length = max_length if max_length is not None else self.max_length
+        if max_length is not None and (
+            isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
+        ):
+            raise ProcessorError(f"max_length must be a positive integer, got {max_length!r}")
         if padding == "max_length" and max_length is None:
             raise ProcessorError("padding='max_length' needs a max_length")
         use_special = (
@@ -592,7 +615,7 @@ class Lfm2VlProcessor:
 
     def decode(self, token_ids: Any, skip_special_tokens: bool = False) -> str:
         """Text of one sequence of ids (list, numpy or jax array)."""
-        sequences = _token_id_lists(token_ids)
+        sequences = _token_id_lists(token_ids, self.tokenizer.get_vocab_size())
         if len(sequences) != 1:
             raise ProcessorError(f"decode takes one sequence, got {len(sequences)}; use batch_decode")
         (ids,) = sequences
@@ -601,7 +624,8 @@ class Lfm2VlProcessor:
     def batch_decode(self, token_ids: Any, skip_special_tokens: bool = False) -> list[str]:
         """Texts of a (B, n) batch of ids (padding after EOS is dropped with skip_special_tokens=True)."""
         texts = self.tokenizer.decode_batch(
-            _token_id_lists(token_ids), skip_special_tokens=skip_special_tokens
+            _token_id_lists(token_ids, self.tokenizer.get_vocab_size()),
+            skip_special_tokens=skip_special_tokens,
         )
         return [self._clean_up(text) for text in texts]
 

@@ -1,0 +1,83 @@
+"""Torch-free tiny checkpoints for unit tests: random weights from `init_params`, written by our own
+`save_hf_checkpoint`, plus helpers to damage them and to record a directory's exact content."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from lfm2vl_jax.checkpoint.export import save_hf_checkpoint
+from lfm2vl_jax.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
+from lfm2vl_jax.config import ATTENTION, CONV, Lfm2VlConfig, TextConfig, VisionConfig
+from lfm2vl_jax.nn.params import ParamSpec, is_spec, param_specs
+
+
+def tiny_config(vocab_size: int = 512, max_position_embeddings: int = 64) -> Lfm2VlConfig:
+    """A 3-layer text tower (conv, attention, conv) of width 32 and a 2-layer vision tower of width 32."""
+    return Lfm2VlConfig(
+        vision=VisionConfig(
+            hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, patch_size=4, num_patches=16
+        ),
+        text=TextConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            num_kv_heads=1,
+            head_dim=16,
+            layer_types=(CONV, ATTENTION, CONV),
+            max_position_embeddings=max_position_embeddings,
+        ),
+        projector_hidden_size=48,
+        image_token_id=396,
+    )
+
+
+def numpy_params(config: Lfm2VlConfig, seed: int = 0) -> dict:
+    """Random weights as `init_params` draws them (kernels ~ N(0, 1/fan_in), unit norms), in numpy: no
+    compilation, which costs seconds per shape on a busy machine."""
+    rng = np.random.default_rng(seed)
+
+    def init(spec: ParamSpec) -> np.ndarray:
+        if spec.init in ("ones", "zeros"):
+            return np.full(spec.shape, 1.0 if spec.init == "ones" else 0.0, np.float32)
+        return (spec.std * rng.standard_normal(spec.shape)).astype(np.float32)
+
+    return jax.tree.map(init, param_specs(config), is_leaf=is_spec)
+
+
+def write_tiny_checkpoint(directory: Path, config: Lfm2VlConfig | None = None, seed: int = 0) -> Path:
+    config = tiny_config() if config is None else config
+    return save_hf_checkpoint(directory, config, numpy_params(config, seed), progress=False)
+
+
+def copy_checkpoint(source: Path, directory: Path) -> Path:
+    shutil.copytree(source, directory)
+    return directory
+
+
+def replace_tensor(path: Path, name: str, value: np.ndarray) -> None:
+    """Rewrites one safetensors file with tensor `name` replaced (any shape or dtype)."""
+    file = SafetensorsFile(path)
+    tensors = {key: value if key == name else file.read(key) for key in file.keys()}  # noqa: SIM118
+    layout = [(key, array.dtype, array.shape) for key, array in tensors.items()]
+    write_safetensors(path, layout, tensors.values(), metadata={"format": "pt"})
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every entry under `directory` (hidden ones too): relative path -> SHA-256 of a file's bytes, the
+    target of a link, or "dir"."""
+    content = {}
+    for path in sorted(directory.rglob("*")):
+        key = str(path.relative_to(directory))
+        if path.is_symlink():
+            content[key] = f"-> {path.readlink()}"
+        elif path.is_dir():
+            content[key] = "dir"
+        else:
+            content[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return content
