@@ -179,7 +179,7 @@ def make_train_step(
             (loss, grads), _ = jax.lax.scan(accumulate, zeros, batch)
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "tokens": tokens,
             "learning_rate": schedule(state.step),
         }

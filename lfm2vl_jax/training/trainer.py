@@ -108,8 +108,8 @@ def device_memory_bytes() -> int | None:
 
 
 @dataclasses.dataclass
-class _Run:
-    """What the loop works with."""
+class TrainingRun:
+    """A prepared run (`SFTTrainer.run`): config, what trains, state, frozen params, data, checkpoints."""
 
     config: Lfm2VlConfig
     model_dir: Path
@@ -151,7 +151,7 @@ class SFTTrainer:
         self.config = config
         self.output = Path(config.output)
         self.primary = True
-        self.run: _Run | None = None  # after `train`: the final state, frozen params, config
+        self.run: TrainingRun | None = None  # after `train`: the final state, frozen params, config
 
     def log(self, message: str) -> None:
         if self.config.progress and self.primary:
@@ -284,7 +284,7 @@ class SFTTrainer:
             "metrics": str(metrics_file),
         }
 
-    def _prepare(self) -> _Run:
+    def _prepare(self) -> TrainingRun:
         """Everything up to the first step: checks first (data, output, mesh, batch, memory), then the
         weights, the state (fresh or restored) and the data pipeline."""
         c = self.config
@@ -356,7 +356,7 @@ class SFTTrainer:
                 config,
                 groups,
             )
-        return _Run(
+        return TrainingRun(
             config=config,
             model_dir=model_dir,
             trainable=trainable,
@@ -371,7 +371,7 @@ class SFTTrainer:
             start=start,
         )
 
-    def _loop(self, run: _Run) -> dict[str, Any]:
+    def _loop(self, run: TrainingRun) -> dict[str, Any]:
         """Steps run.start .. steps-1. Step s+1 is dispatched before step s's metrics are read; a step's
         time is from the previous step's metrics being read to its own (the first includes compiling)."""
         c, config, mesh = self.config, run.config, run.config.runtime.mesh
@@ -440,14 +440,14 @@ class SFTTrainer:
                     record(*pending)
                 pending = (step + 1, metrics, batch_counts(local))
                 done = step + 1 == c.steps
-                evaluate = run.evaluator is not None and (
+                eval_now = run.evaluator is not None and (
                     done or (c.eval_every and (step + 1) % c.eval_every == 0)
                 )
-                if done or evaluate:
+                if done or eval_now:
                     record(*pending)
                     pending = None
                 run.checkpoints.save(step + 1, run.state, data_state, force=done)
-                if evaluate:
+                if eval_now:
                     loss = run.evaluator(run.state.params, run.frozen)
                     write({"step": step + 1, "eval_loss": loss})
                     self.log(f"step {step + 1}: eval loss {loss:.4f}")
@@ -476,7 +476,7 @@ class SFTTrainer:
 
         return jax.jit(create_lora, out_shardings=shardings)()
 
-    def _export(self, run: _Run, final: Path) -> None:
+    def _export(self, run: TrainingRun, final: Path) -> None:
         """RUN_DIR/final: the trained weights (LoRA merged) as a transformers checkpoint, in float32, with
         the source checkpoint's tokenizer, processor and generation files."""
         params = jax.jit(run.trainable.assemble)(run.state.params, run.frozen)
