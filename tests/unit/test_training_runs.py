@@ -27,8 +27,15 @@ from lfm2vl_jax.training.config import SFTConfig, TrainingError
 from lfm2vl_jax.training.data import BatchLoader, BatchPlan, RowSlice, read_conversations
 from lfm2vl_jax.training.lora import LoraConfig, init_adapters
 from lfm2vl_jax.training.optimizer import OptimizerConfig, make_optimizer, parameter_labels
-from lfm2vl_jax.training.step import Trainable, token_loss_sum
-from lfm2vl_jax.training.trainer import SFTTrainer
+from lfm2vl_jax.training.step import (
+    Trainable,
+    TrainState,
+    abstract_state,
+    make_train_step,
+    state_shardings,
+    token_loss_sum,
+)
+from lfm2vl_jax.training.trainer import SFTTrainer, global_batch
 
 
 def test_overfits_four_image_conversations(tmp_path, tiny_checkpoint, tiny_conversations):
@@ -127,6 +134,38 @@ def test_optimizer_groups_multipliers_and_frozen_components():
     lr = float(schedule(1))
     np.testing.assert_allclose(updates["text"]["final_norm"]["scale"], -lr, rtol=1e-4)
     np.testing.assert_allclose(updates["projector"]["fc1"]["bias"], -0.25 * lr, rtol=1e-4)
+
+
+def test_gradient_accumulation_equals_one_batch(tmp_path, tiny_checkpoint):
+    """Two micro-batches of two rows give the loss (the mean over all the step's loss tokens, rows of
+    different lengths) and update of one batch of four."""
+    processor = Lfm2VlProcessor.from_pretrained(tiny_checkpoint)
+    records = [conversation([], "Hi?", "Hello " * n, "Be brief." if n % 2 else None) for n in (1, 9, 3, 17)]
+    dataset = read_conversations(write_jsonl(tmp_path / "t.jsonl", records), processor, 256)
+    config, params = load_hf_checkpoint(tiny_checkpoint, RuntimeConfig(mesh=make_mesh()), progress=False)
+    trainable = Trainable(config, ("projector", "text"))
+    options = OptimizerConfig(learning_rate=1e-2, total_steps=10, eps=1e-3)
+    tx = make_optimizer(options, parameter_labels(trainable.specs()))
+    shardings = state_shardings(trainable, tx, abstract_state(trainable, tx))
+    trained, frozen = trainable.split(params)
+    results = []
+    for micro_batches in (1, 2):
+        plan = BatchPlan(dataset.examples, 4, micro_batches=micro_batches, max_length=256)
+        local = next(
+            BatchLoader(dataset, plan, processor, RowSlice(0, 4 // micro_batches), 256, 1).iterator(1)
+        )
+        state = TrainState.create(jax.tree.map(jnp.copy, trained), tx, jax.random.PRNGKey(0))
+        step = make_train_step(trainable, options.schedule(), shardings, 2048)
+        state, metrics = step(
+            state, frozen, global_batch(local, config.runtime.mesh, config.runtime.rules, 1)
+        )
+        results.append((jax.device_get(metrics), jax.device_get(state.params)))
+    (one, params_one), (two, params_two) = results
+    assert one["tokens"] == two["tokens"]
+    for key in ("loss", "grad_norm"):
+        assert abs(one[key] - two[key]) <= 1e-6 * abs(one[key]), key
+    for a, b in zip(jax.tree.leaves(params_one), jax.tree.leaves(params_two), strict=True):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
 
 
 def test_flax_modules_hold_our_params_and_call_our_functions():
