@@ -1,6 +1,6 @@
-"""Command line: `lfm2vl generate` (streamed answer to a prompt with images) and `lfm2vl convert`
-(transformers <-> orbax checkpoints). All argument parsing lives here; library modules take plain
-arguments.
+"""Command line: `lfm2vl generate` (streamed answer to a prompt with images), `lfm2vl convert`
+(transformers <-> orbax checkpoints) and `lfm2vl train` (supervised fine-tuning). All argument parsing
+lives here; library modules take plain arguments.
 
 Errors the user can fix (a missing model, an unreadable image, a bad flag value, a refused target) print
 one `error:` line and exit with status 2; anything else is a bug in this package: one line saying so, exit
@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+from .config import REMAT_POLICIES
 from .errors import Lfm2VlError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -165,12 +167,96 @@ def _convert_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    # Only the flags given appear in the namespace (SUPPRESS), so that they override --config's values,
+    # which override `SFTConfig`'s defaults.
+    p = sub.add_parser(
+        "train",
+        help="fine-tune on JSONL conversations (see train/README.md)",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--config", help="YAML file of options named as these flags; flags given here win")
+    p.add_argument("--model", help="checkpoint directory or Hugging Face Hub id")
+    p.add_argument("--data", help="JSONL conversations (image paths relative to the file)")
+    p.add_argument("--output", help="run directory: metrics.jsonl, checkpoints/, final/")
+    p.add_argument("--eval-data", help="JSONL conversations to evaluate on")
+    p.add_argument("--eval-every", type=int, help="evaluate every N steps (default: at the end)")
+    p.add_argument("--steps", type=int, help="total optimizer steps of the run (default 1000)")
+    p.add_argument("--batch-size", type=int, help="conversations per step over all devices (default 8)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
+    p.add_argument("--learning-rate", type=float, help="peak learning rate (default 2e-5)")
+    p.add_argument("--warmup-steps", type=int, help="linear warmup steps, then cosine decay (default 0)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    p.add_argument("--max-grad-norm", type=float, help="clip the global gradient norm (default 1; 0: off)")
+    p.add_argument("--seed", type=int, help="data order and adapter initialisation (default 0)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (weights stay float32)")
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (default: all devices on data)")
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps (default 100)")
+    p.add_argument("--keep", type=int, help="checkpoints kept (default 3)")
+    p.add_argument("--resume", action="store_true", help="continue from the output's last checkpoint")
+    p.add_argument("--freeze", help="components that do not train: vision,projector,language")
+    p.add_argument("--lr-multiplier", help="per-component learning-rate factors, e.g. vision=0.1")
+    p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead of the weights")
+    p.add_argument("--lora-alpha", type=float, help="LoRA scaling numerator (scale alpha/rank; default 8)")
+    p.add_argument("--lora-targets", help="LoRA targets among attn,mlp,conv (default: all)")
+    p.add_argument("--max-length", type=int, help="longest conversation in tokens (default 2048)")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad data lines")
+    p.add_argument("--remat", choices=REMAT_POLICIES, help="what the backward pass recomputes (default none)")
+    p.add_argument(
+        "--scan-layers", action=argparse.BooleanOptionalAction, help="scanned text layers (default on)"
+    )
+    p.add_argument("--loss-chunk-tokens", type=int, help="tokens per cross-entropy chunk (default 2048)")
+    p.add_argument("--data-threads", type=int, help="image preprocessing threads (default 4)")
+    p.add_argument("--tensorboard", action="store_true", help="TensorBoard logs in RUN_DIR/tensorboard")
+    p.add_argument("--peak-tflops", type=float, help="device peak for MFU where it is not known")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    p.add_argument("--coordinator-address", help="multi-process: process 0's host:port")
+    p.add_argument("--num-processes", type=int, help="multi-process: number of processes")
+    p.add_argument("--process-id", type=int, help="multi-process: this process's index")
+    p.set_defaults(run=run_train, command="train")
+
+
+def train_options(args: argparse.Namespace) -> dict:
+    """The run's options: --config's YAML values, overridden by the flags given."""
+    from .training.config import TrainingError
+
+    values = {}
+    if "config" in args:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise TrainingError(f"--config {args.config}: not valid YAML ({err})") from None
+        if not isinstance(loaded, dict):
+            raise TrainingError(f"--config {args.config}: expected a mapping of options")
+        values.update(loaded)
+    given = {k: v for k, v in vars(args).items() if k not in ("run", "command", "config", "quiet")}
+    values.update(given)
+    if getattr(args, "quiet", False):
+        values["progress"] = False
+    return values
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import json
+
+    from .training.config import SFTConfig
+    from .training.trainer import SFTTrainer
+
+    source = f"--config {args.config}" if "config" in args else "lfm2vl train"
+    summary = SFTTrainer(SFTConfig.from_dict(train_options(args), source)).train()
+    print(json.dumps(summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lfm2vl", description="LFM2-VL vision-language models in JAX")
     add_debug_argument(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _convert_parser(sub)
+    _train_parser(sub)
     return parser
 
 

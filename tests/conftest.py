@@ -9,10 +9,18 @@ on the same files. The builders live in `processor_fixtures.py` (benchmarks reus
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 from processor_fixtures import PIXEL_PARITY, make_checkpoint_dir, make_reference_processor
+from training_fixtures import (
+    image_conversations,
+    make_tiny_checkpoint,
+    subprocess_env,
+    train_command,
+    uniform_conversations,
+)
 
 from lfm2vl_jax.processing.processor import Lfm2VlProcessor
 
@@ -56,6 +64,39 @@ def processor_thumbnail(checkpoint_1_6b: Path) -> Lfm2VlProcessor:
 @pytest.fixture(scope="session")
 def reference_processor_thumbnail(checkpoint_1_6b: Path):
     return make_reference_processor(checkpoint_1_6b)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random LFM2-VL transformers checkpoint with tokenizer and processor files (fine-tuning)."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_conversations(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train.jsonl: 4 image conversations (system turns, a second turn) over tests/data/images."""
+    return image_conversations(tmp_path_factory.mktemp("conversations"), 4)
+
+
+@pytest.fixture(scope="session")
+def training_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train.jsonl: 4 one-image conversations whose batches of two share one padded shape."""
+    return uniform_conversations(tmp_path_factory.mktemp("training-data"))
+
+
+@pytest.fixture(scope="session")
+def reference_training_run(tmp_path_factory, tiny_checkpoint, training_data) -> Path:
+    """RUN_DIR of an uninterrupted `lfm2vl train` subprocess on `training_data`
+    (training_fixtures.TRAIN_FLAGS), started with --resume on an empty directory (so: fresh). Its
+    compilation cache sits beside it."""
+    root = tmp_path_factory.mktemp("reference-run")
+    out = root / "run"
+    command = train_command(tiny_checkpoint, training_data, out, "--resume")
+    done = subprocess.run(
+        command, env=subprocess_env(root / "cache"), capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -210,7 +210,12 @@ def abstract_params(config: Lfm2VlConfig, dtype: Any = None) -> Params:
 def init_params(config: Lfm2VlConfig, key: jax.Array, dtype: Any = None) -> Params:
     """Random weights of realistic scale (kernels ~ N(0, 1/fan_in)), for tests and benchmarks."""
     dtype = config.runtime.dtypes.params if dtype is None else dtype
-    specs, treedef = jax.tree.flatten(param_specs(config), is_leaf=is_spec)
+    return init_from_specs(param_specs(config), key, dtype)
+
+
+def init_from_specs(spec_tree: Any, key: jax.Array, dtype: Any) -> Any:
+    """Arrays for a tree of `ParamSpec`s (the whole model's or any subtree), each drawn as its spec says."""
+    specs, treedef = jax.tree.flatten(spec_tree, is_leaf=is_spec)
     keys = jax.random.split(key, len(specs))
 
     def init(spec: ParamSpec, k: jax.Array) -> jax.Array:

@@ -1,0 +1,112 @@
+"""Training checkpoints under RUN_DIR/checkpoints: orbax's `CheckpointManager`, saving asynchronously
+every N steps and keeping the last K.
+
+Each checkpoint holds the train state (update count, what trains, its optimizer state, the PRNG key) and
+each process's data-iterator state (grain's handler: one JSON file per process). Orbax writes a checkpoint
+into a temporary directory and renames it when complete, so a process killed at any moment, even
+mid-save, leaves the last complete checkpoint as the latest one; leftovers of an unfinished save are
+removed when the manager next opens.
+
+The state is stored in the layout it trains in (`RuntimeConfig.scan_layers`): converting it to the
+canonical per-layer layout would copy every stacked array of params and optimizer state at each save.
+The run's settings in RUN_DIR/run.json pin the layout, and a resume with a different one is refused.
+Frozen weights are not stored: a resume reloads them from the base model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+STATE, DATA = "state", "data"
+
+
+class _IteratorState:
+    """Grain's checkpoint handler reads `get_state()` when the (asynchronous) save runs; this holds the
+    state taken at the step being saved, not that of the live iterator, which has moved on by then."""
+
+    def __init__(self, state: dict[str, Any]):
+        self.state = json.dumps(state).encode()
+
+    def get_state(self) -> bytes:
+        return self.state
+
+
+class _RestoredIteratorState:
+    """Receives the data-iterator state that grain's handler restores."""
+
+    state: dict[str, Any] | None = None
+
+    def set_state(self, state: bytes) -> None:
+        self.state = json.loads(state)
+
+    def start_prefetch(self) -> None:
+        pass
+
+
+class Checkpoints:
+    def __init__(self, directory: Path, save_every: int, keep: int):
+        self.save_every = save_every  # decided here: orbax's own interval also saves the first step
+        self.manager = ocp.CheckpointManager(
+            directory.absolute(),
+            item_handlers={
+                STATE: ocp.StandardCheckpointHandler(),
+                DATA: grain.checkpoint.CheckpointHandler(),
+            },
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                enable_async_checkpointing=True,
+                cleanup_tmp_directories=True,
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict[str, Any], force: bool = False) -> bool:
+        """Starts saving after every `save_every`-th step (any step with `force`); returns once the arrays
+        are copied off the devices, the writing continues in the background."""
+        if not force and step % self.save_every:
+            return False
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    STATE: ocp.args.StandardSave(state),
+                    DATA: grain.checkpoint.CheckpointSave(_IteratorState(data_state)),
+                }
+            ),
+            force=True,
+        )
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """(state, data-iterator state) of checkpoint `step`, the arrays placed as `abstract_state`'s
+        shardings say."""
+        data = _RestoredIteratorState()
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    STATE: ocp.args.StandardRestore(abstract_state),
+                    DATA: grain.checkpoint.CheckpointRestore(data),
+                }
+            ),
+        )
+        return restored[STATE], data.state
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+    return jax.tree.map(
+        lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract, shardings
+    )

@@ -1,0 +1,181 @@
+"""`SFTConfig`: every option of a fine-tuning run, as `lfm2vl train` and `--config run.yaml` name them
+(dashes become underscores), checked before anything is loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..config import REMAT_POLICIES
+from ..errors import Lfm2VlError
+from .lora import TARGET_GROUPS
+from .optimizer import COMPONENTS
+
+DTYPES = ("float32", "bfloat16")
+
+
+class TrainingError(Lfm2VlError):
+    """A fine-tuning run that cannot start or continue as asked (options, output directory, resources)."""
+
+
+def _names(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = value.split(",")
+    return tuple(v.strip() for v in value if v.strip())
+
+
+def _multipliers(value: str | Mapping[str, float] | None) -> dict[str, float]:
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        items = value.items()
+    else:
+        items = []
+        for part in _names(value):
+            name, sep, number = part.partition("=")
+            if not sep:
+                raise TrainingError(f"--lr-multiplier {value!r}: expected component=factor pairs")
+            items.append((name.strip(), number))
+    out = {}
+    for name, number in items:
+        try:
+            out[name] = float(number)
+        except (TypeError, ValueError):
+            raise TrainingError(f"--lr-multiplier: {name}={number!r} is not a number") from None
+    return out
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    """A supervised fine-tuning run (see train/README.md for a walk-through).
+
+    model: checkpoint directory or hub id; data / eval_data: JSONL conversations (image paths relative to
+    the file); output: the run directory (metrics.jsonl, checkpoints/, final/).
+    steps: the run's total number of optimizer updates (a resumed run continues to it).
+    batch_size: conversations per update over all devices and micro-batches; grad_accum: micro-batches
+    per update (each batch_size / grad_accum conversations).
+    dtype: compute dtype (weights are kept and updated in float32); default float32 on CPU, bfloat16
+    elsewhere. mesh: "data=D,fsdp=F,tensor=T" (default: every device on `data`).
+    freeze: components that do not train (vision, projector, language); lr_multiplier: per-component
+    factors on the learning rate. lora_rank > 0: train LoRA adapters (see `training.lora`) instead of
+    the weights of the components that are not frozen.
+    """
+
+    model: str
+    data: str
+    output: str
+    eval_data: str | None = None
+    eval_every: int = 0  # 0: evaluate at the end only (when there is eval data)
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    learning_rate: float = 2e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    dtype: str | None = None
+    mesh: str | Mapping[str, int] | None = None
+    save_every: int = 100
+    keep: int = 3
+    resume: bool = False
+    freeze: str | Sequence[str] | None = None
+    lr_multiplier: str | Mapping[str, float] | None = None
+    lora_rank: int = 0
+    lora_alpha: float = 8.0
+    lora_targets: str | Sequence[str] = TARGET_GROUPS
+    max_length: int = 2048
+    skip_bad: bool = False
+    remat: str = "none"
+    scan_layers: bool = True
+    loss_chunk_tokens: int = 2048
+    data_threads: int = 4
+    tensorboard: bool = False
+    peak_tflops: float | None = None
+    progress: bool = True
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    def __post_init__(self):
+        self.freeze = _names(self.freeze)
+        self.lora_targets = _names(self.lora_targets)
+        self.lr_multiplier = _multipliers(self.lr_multiplier)
+        positive = ("steps", "batch_size", "grad_accum", "save_every", "keep", "max_length")
+        for name in (*positive, "loss_chunk_tokens", "data_threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise TrainingError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        for name in ("eval_every", "lora_rank", "warmup_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise TrainingError(f"--{name.replace('_', '-')} must be an integer >= 0, got {value!r}")
+        if self.batch_size % self.grad_accum:
+            raise TrainingError(
+                f"--batch-size {self.batch_size} is not a multiple of --grad-accum {self.grad_accum}"
+            )
+        unknown = sorted(set(self.freeze) - set(COMPONENTS))
+        if unknown:
+            raise TrainingError(
+                f"--freeze: unknown components {unknown} (components: {', '.join(COMPONENTS)})"
+            )
+        if set(self.freeze) == set(COMPONENTS):
+            raise TrainingError("--freeze: every component is frozen; nothing would train")
+        unknown = sorted(set(self.lr_multiplier) - set(COMPONENTS))
+        if unknown:
+            raise TrainingError(
+                f"--lr-multiplier: unknown components {unknown} (components: {', '.join(COMPONENTS)})"
+            )
+        unknown = sorted(set(self.lora_targets) - set(TARGET_GROUPS))
+        if unknown or not self.lora_targets:
+            raise TrainingError(
+                f"--lora-targets: {unknown or 'none given'}; choose from {', '.join(TARGET_GROUPS)}"
+            )
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise TrainingError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise TrainingError(f"--remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
+        if self.eval_every and not self.eval_data:
+            raise TrainingError("--eval-every needs --eval-data")
+        if self.lora_rank and set(self.freeze) >= {"vision", "language"}:
+            raise TrainingError("--lora-rank: vision and language are both frozen; no weight to adapt")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum
+
+    @property
+    def trained_components(self) -> tuple[str, ...]:
+        return tuple(name for name in COMPONENTS if name not in self.freeze)
+
+    def run_settings(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it continues (they fix the data order, the
+        trained parameters and their layout)."""
+        return {
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "seed": self.seed,
+            "max_length": self.max_length,
+            "freeze": list(self.freeze),
+            "lora_rank": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
+            "lora_targets": list(self.lora_targets),
+            "scan_layers": self.scan_layers,
+            "skip_bad": self.skip_bad,
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> SFTConfig:
+        """From a mapping such as a parsed run.yaml (keys as the flags, dashes or underscores)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        normalized = {key.replace("-", "_"): value for key, value in values.items()}
+        unknown = sorted(set(normalized) - fields)
+        if unknown:
+            raise TrainingError(f"{source}: unknown options {unknown}")
+        missing = sorted(k for k in ("model", "data", "output") if normalized.get(k) is None)
+        if missing:
+            raise TrainingError(f"{source}: missing {', '.join('--' + k for k in missing)}")
+        return cls(**normalized)
