@@ -175,6 +175,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         help="fine-tune on JSONL conversations (see train/README.md)",
         argument_default=argparse.SUPPRESS,
     )
+    add_debug_argument(p)
     p.add_argument("--config", help="YAML file of options named as these flags; flags given here win")
     p.add_argument("--model", help="checkpoint directory or Hugging Face Hub id")
     p.add_argument("--data", help="JSONL conversations (image paths relative to the file)")
@@ -231,7 +232,7 @@ def train_options(args: argparse.Namespace) -> dict:
         if not isinstance(loaded, dict):
             raise TrainingError(f"--config {args.config}: expected a mapping of options")
         values.update(loaded)
-    given = {k: v for k, v in vars(args).items() if k not in ("run", "command", "config", "quiet")}
+    given = {k: v for k, v in vars(args).items() if k not in ("run", "command", "config", "quiet", "debug")}
     values.update(given)
     if getattr(args, "quiet", False):
         values["progress"] = False
