@@ -51,7 +51,7 @@ def compile_seconds(layer_types: tuple[str, ...], scan_layers: bool, dtype) -> f
             tokens=jnp.zeros((batch, 128), jnp.int32),
             num_generated=jnp.ones((), jnp.int32),
             done=jnp.zeros((batch,), bool),
-            seen=jnp.zeros((batch, text.vocab_size), bool),
+            seen=None,
             key=jax.random.key(0),
         )
     )

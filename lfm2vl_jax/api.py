@@ -136,13 +136,14 @@ class Lfm2VlForConditionalGeneration:
             value = options.get(key)
             return value if value is not None else defaults.get(key, fallback)
 
+        penalty = float(pick("repetition_penalty", 1.0))
         sampling = SamplingParams(
             do_sample=bool(pick("do_sample", False)),
             top_k=int(pick("top_k", 50) or 0),
             temperature=float(pick("temperature", 1.0)),
             top_p=float(pick("top_p", 1.0)),
             min_p=float(pick("min_p", 0.0) or 0.0),
-            repetition_penalty=float(pick("repetition_penalty", 1.0)),
+            repetition_penalty=None if penalty == 1.0 else penalty,  # 1.0: transformers applies none
         )
         eos = pick("eos_token_id", self.config.eos_token_id)
         stop = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]

@@ -1,24 +1,85 @@
 """Attention implementations beyond the reference einsum in `nn/attention.py`, chosen by name through
 `RuntimeConfig.attention`. Each takes the reference's arguments (queries, head-major keys and values,
-`kv_lengths`, `q_positions`, `causal`, `new_k`/`new_v`) and must equal it within rounding; the tests hold
-every registered implementation to the reference.
+`kv_lengths`, `q_positions`, `causal`, `new_k`/`new_v`) and must equal it within rounding, gradients
+included; the tests hold every registered implementation to the reference.
 
-"auto" resolves, per call, to the best implementation for the backend and shapes; until kernels are
-registered, that is the reference.
+- "blockwise" (`blockwise.py`): flash attention in pure JAX, any backend and dtype; memory O(T x block)
+  forward and backward (a custom VJP recomputes the scores from the saved log-sum-exp).
+- "cudnn" (`dot_product_attention.py`): `jax.nn.dot_product_attention`'s fused cuDNN kernel; GPUs,
+  bf16/fp16, no cached decoding. "xla" is the same wrapper on XLA's own implementation (any backend).
+
+`choose("auto", call)` picks per call, from what `Call` states (backend, dtype, shapes, masking):
+cuDNN where it runs, else the reference while its score matrix stays small (it is the fastest there),
+else blockwise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import numpy as np
+
 from ..errors import Lfm2VlError
 
-REGISTRY: dict[str, Callable[..., Any]] = {}
+# Above this many bytes of float32 scores (batch x heads x queries x keys), "auto" leaves the reference
+# for the blockwise kernel: the reference then spends its time writing and re-reading the scores, and
+# holds them all at once (a 16k-token prompt at 450M shapes: 17 GB). Measured crossover on a 2-core x86
+# CPU: see benchmarks/bench_attention.py.
+REFERENCE_MAX_SCORE_BYTES = 64 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """The static facts of one attention call that decide which implementation may and should run it."""
+
+    backend: str  # `backend()`: "cpu", "cuda", "rocm", "tpu"
+    dtype: np.dtype  # of the queries
+    batch: int
+    q_len: int
+    kv_len: int  # keys of `k`/`v` (the cache's capacity when decoding)
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    causal: bool
+    cached: bool  # new_k/new_v given: cached decoding
+    default_positions: bool  # q_positions not given: queries at 0 .. T-1
+
+    @property
+    def score_bytes(self) -> int:
+        keys = self.kv_len + (self.q_len if self.cached else 0)
+        return 4 * self.batch * self.num_heads * self.q_len * keys
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    fn: Callable[..., Any]
+    unsupported: Callable[[Call], str | None]  # why it cannot run a call, or None
+
+
+REGISTRY: dict[str, Kernel] = {}
 
 
 class UnknownImplementationError(Lfm2VlError):
     pass
+
+
+class UnsupportedAttentionError(Lfm2VlError):
+    """A named attention implementation cannot run this call (backend, dtype, shape or masking)."""
+
+
+def backend() -> str:
+    """The default backend, GPUs told apart by vendor (cuDNN exists on CUDA only)."""
+    name = jax.default_backend()
+    if name == "gpu":
+        return "rocm" if "rocm" in jax.devices()[0].client.platform_version.lower() else "cuda"
+    return name
+
+
+def register(name: str, fn: Callable[..., Any], unsupported: Callable[[Call], str | None]) -> None:
+    REGISTRY[name] = Kernel(fn, unsupported)
 
 
 def names() -> tuple[str, ...]:
@@ -27,17 +88,31 @@ def names() -> tuple[str, ...]:
 
 def get(name: str) -> Callable[..., Any]:
     try:
-        return REGISTRY[name]
+        return REGISTRY[name].fn
     except KeyError:
         raise UnknownImplementationError(
             f"attention implementation {name!r} is not one of {', '.join(names())}"
         ) from None
 
 
-def choose(implementation: str, **facts: Any) -> str:
-    """The implementation to run for `implementation` ("auto" picks from `facts`: q, k, causal, cached)."""
-    if implementation == "auto":
-        return "reference"
-    if implementation != "reference":
+def choose(implementation: str, call: Call) -> str:
+    """The implementation to run: `implementation` itself (an error if it cannot run `call`), or for
+    "auto" the best one that can."""
+    if implementation == "reference":
+        return implementation
+    if implementation != "auto":
         get(implementation)  # a clear error for an unknown name
-    return implementation
+        reason = REGISTRY[implementation].unsupported(call)
+        if reason:
+            raise UnsupportedAttentionError(f"attention implementation {implementation!r}: {reason}")
+        return implementation
+    if REGISTRY["cudnn"].unsupported(call) is None:
+        return "cudnn"
+    if call.score_bytes > REFERENCE_MAX_SCORE_BYTES:
+        return "blockwise"
+    return "reference"
+
+
+from . import blockwise, dot_product_attention  # noqa: E402  (register themselves)
+
+__all__ = ["Call", "backend", "choose", "get", "names", "register", "blockwise", "dot_product_attention"]

@@ -3,7 +3,8 @@
 Images of different sizes share one batch: each is a row of `max_num_patches` flattened patches (row-major
 over its `spatial_shapes` grid), the padding patches masked out of attention as keys.
 
-Axis legend: I images, P patch slots (max_num_patches), E width, N heads, H head dim, G position-grid side.
+Axis legend: I images, P patch slots (max_num_patches), E width, N heads, H head dim, F = N * H,
+G position-grid side.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ..config import RuntimeConfig, VisionConfig
 from .attention import attention
-from .layers import activation, cast, dense, layer_norm, remat
+from .layers import activation, cast, dense, layer_norm, matmul_precision, remat
 from .params import Params
 
 
@@ -66,7 +67,8 @@ def _encoder_layer(
         q, k, v = checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
         # Bidirectional over each image's valid patches (a prefix of its slots).
         attn = attention(q, k, v, kv_lengths=num_patches, implementation=runtime.attention)
-        x = x + jnp.einsum("ipnh,nhe->ipe", attn, p["attn"]["o"]["kernel"]) + p["attn"]["o"]["bias"]
+        o = p["attn"]["o"]["kernel"].reshape(-1, p["attn"]["o"]["kernel"].shape[-1])  # one contraction axis
+        x = x + jnp.einsum("ipf,fe->ipe", attn.reshape(*attn.shape[:2], -1), o) + p["attn"]["o"]["bias"]
     with jax.named_scope("mlp"):
         y = layer_norm(x, p["ln2"], cfg.layer_norm_eps)
         y = dense(activation(cfg.hidden_act)(dense(y, p["mlp"]["fc1"])), p["mlp"]["fc2"])
@@ -84,14 +86,14 @@ def vision_tower(
     """(I, P, C*patch*patch) patches -> (I, P, E) post-layernormed features. Each image's valid patches
     are the first ones of its row (`pixel_attention_mask` a prefix, as the processor makes it)."""
     dtype = runtime.dtypes.compute
-    x = dense(pixel_values.astype(dtype), cast(params["patch_embed"], dtype))
-    positions = resize_position_grid(params["position_grid"], spatial_shapes, pixel_values.shape[1])
-    x = x + positions.astype(dtype)
     num_patches = pixel_attention_mask.astype(jnp.int32).sum(axis=1)
 
     def body(x: jax.Array, layer: Params) -> tuple[jax.Array, None]:
         with jax.named_scope("vision_layer"):
             return _encoder_layer(layer, x, num_patches, cfg, runtime), None
 
-    x, _ = jax.lax.scan(remat(body, runtime.remat), x, params["layers"])
+    with matmul_precision(dtype):
+        x = dense(pixel_values.astype(dtype), cast(params["patch_embed"], dtype))
+        positions = resize_position_grid(params["position_grid"], spatial_shapes, pixel_values.shape[1])
+        x, _ = jax.lax.scan(remat(body, runtime.remat), x + positions.astype(dtype), params["layers"])
     return layer_norm(x, cast(params["post_ln"], dtype), cfg.layer_norm_eps)
