@@ -1,8 +1,8 @@
 """What a compiled XLA program does per call, read off its optimized HLO text (`compiled.as_text()`):
 the kernels it launches (instructions of the entry computation and of the control-flow computations it
 runs, each loop body counted once per iteration when XLA knows the trip count) and the copies it makes
-(kernels that only move data: copies, transposes, slices, with their sizes). Used by the tests that keep the decode step
-lean and by the benchmarks that report it; no device needed.
+(kernels that only move data: copies, transposes, slices, with their sizes). Used by the tests that keep
+the decode step lean and by the benchmarks that report it; no device needed.
 """
 
 from __future__ import annotations
@@ -50,11 +50,12 @@ def _parse_instruction(line: str) -> Instruction | None:
     name, rest = match.groups()
     if rest.startswith("("):  # tuple type: skip to the matching parenthesis
         depth = 0
-        for i, char in enumerate(rest):
+        end = 0
+        for end, char in enumerate(rest, start=1):  # noqa: B007 (used after the loop)
             depth += {"(": 1, ")": -1}.get(char, 0)
             if depth == 0:
                 break
-        shape, rest = rest[: i + 1], rest[i + 1 :].lstrip()
+        shape, rest = rest[:end], rest[end:].lstrip()
     else:
         shape, _, rest = rest.partition(" ")
     op = re.match(r"([\w\-]+)\(", rest)
@@ -127,8 +128,13 @@ def step_stats(hlo: str) -> StepStats:
             elif ins.op == "call":
                 visit(ins.attribute("to_apply"), times)
             elif ins.op == "conditional":
-                branches = re.findall(r"%([\w.\-]+)", ins.line.split("branch_computations=")[-1].split("}")[0])
-                for branch in branches or [ins.attribute("true_computation"), ins.attribute("false_computation")]:
+                branches = re.findall(
+                    r"%([\w.\-]+)", ins.line.split("branch_computations=")[-1].split("}")[0]
+                )
+                for branch in branches or [
+                    ins.attribute("true_computation"),
+                    ins.attribute("false_computation"),
+                ]:
                     visit(branch, times)  # an upper bound: one branch runs
             elif ins.op not in FREE_OPS:
                 kernels[ins.op] += times

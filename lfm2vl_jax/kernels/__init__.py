@@ -28,7 +28,7 @@ from ..errors import Lfm2VlError
 # for the blockwise kernel: the reference then spends its time writing and re-reading the scores, and
 # holds them all at once (a 16k-token prompt at 450M shapes: 17 GB). Measured crossover on a 2-core x86
 # CPU: see benchmarks/bench_attention.py.
-REFERENCE_MAX_SCORE_BYTES = 64 * 2**20
+REFERENCE_MAX_SCORE_BYTES = 16 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
