@@ -88,7 +88,10 @@ def main() -> None:
         **machine_description(),
         "dtype": args.dtype,
         "grad": args.grad,
-        "reference_max_score_MB": kernels.REFERENCE_MAX_SCORE_BYTES / 2**20,
+        "reference_max_score_MB": kernels.REFERENCE_MAX_SCORE_BYTES.get(
+            kernels.backend(), kernels.DEFAULT_REFERENCE_MAX_SCORE_BYTES
+        )
+        / 2**20,
         "rows": rows,
     }
     print(json.dumps(report))

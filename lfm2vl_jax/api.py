@@ -88,7 +88,8 @@ class Lfm2VlForConditionalGeneration:
             `dtype`, `mesh` and `scan_layers` are ignored when it is given.
         """
         if runtime is None:
-            runtime = RuntimeConfig(dtypes=DTypePolicy.uniform(dtype), scan_layers=bool(scan_layers), mesh=mesh)
+            dtypes = DTypePolicy.uniform(dtype)
+            runtime = RuntimeConfig(dtypes=dtypes, scan_layers=bool(scan_layers), mesh=mesh)
         directory = resolve_checkpoint_dir(path_or_hub_id)
         config, params = load_hf_checkpoint(directory, runtime=runtime, progress=progress)
         generation_file = directory / "generation_config.json"

@@ -9,8 +9,8 @@ included; the tests hold every registered implementation to the reference.
   bf16/fp16, no cached decoding. "xla" is the same wrapper on XLA's own implementation (any backend).
 
 `choose("auto", call)` picks per call, from what `Call` states (backend, dtype, shapes, masking):
-cuDNN where it runs, else the reference while its score matrix stays small (it is the fastest there),
-else blockwise.
+cuDNN where it runs, else the reference while its score matrix stays small (it is the fastest there, and
+for decoding, where a step's scores are one row per query), else blockwise.
 """
 
 from __future__ import annotations
@@ -25,10 +25,17 @@ import numpy as np
 from ..errors import Lfm2VlError
 
 # Above this many bytes of float32 scores (batch x heads x queries x keys), "auto" leaves the reference
-# for the blockwise kernel: the reference then spends its time writing and re-reading the scores, and
-# holds them all at once (a 16k-token prompt at 450M shapes: 17 GB). Measured crossover on a 2-core x86
-# CPU: see benchmarks/bench_attention.py.
-REFERENCE_MAX_SCORE_BYTES = 16 * 2**20
+# for the blockwise kernel. On the CPU the reference is slower from about 256 tokens on (its score matrix
+# leaves the caches: 95 ms against 13 ms for a 512-token causal prefill at the text tower's shapes,
+# benchmarks/bench_attention.py); on accelerators XLA fuses the reference well and the blockwise loop
+# costs launches, so it takes over only where the scores get large (not measured yet: run the benchmark
+# there with --dtype float32; bfloat16 goes to cuDNN on NVIDIA GPUs). A 16k-token prompt's scores are
+# 17 GB at 450M shapes, far above either.
+REFERENCE_MAX_SCORE_BYTES = {"cpu": 2 * 2**20}
+DEFAULT_REFERENCE_MAX_SCORE_BYTES = 64 * 2**20
+# Cached decoding of up to this many tokens per row stays on the reference whatever the cache length: its
+# one row of scores per query is a few percent of the cache it reads anyway, in one fused pass.
+DECODE_MAX_QUERIES = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +115,9 @@ def choose(implementation: str, call: Call) -> str:
         return implementation
     if REGISTRY["cudnn"].unsupported(call) is None:
         return "cudnn"
-    if call.score_bytes > REFERENCE_MAX_SCORE_BYTES:
+    if call.cached and call.q_len <= DECODE_MAX_QUERIES:
+        return "reference"
+    if call.score_bytes > REFERENCE_MAX_SCORE_BYTES.get(call.backend, DEFAULT_REFERENCE_MAX_SCORE_BYTES):
         return "blockwise"
     return "reference"
 

@@ -28,8 +28,11 @@ import jax.numpy as jnp
 
 from . import Call, register
 
-BLOCK_Q = 512
-BLOCK_K = 512
+# (query block, key block) per backend. On the CPU a block's (heads x 256 x 256) float32 scores stay in
+# cache, and 256 measured fastest among 128-512 at the text and vision towers' shapes (see
+# benchmarks/bench_attention.py); accelerators want fewer, larger blocks.
+BLOCKS = {"cpu": (256, 256)}
+DEFAULT_BLOCKS = (512, 512)
 
 
 def blockwise_attention(
@@ -42,10 +45,12 @@ def blockwise_attention(
     causal: bool,
     new_k: jax.Array | None,
     new_v: jax.Array | None,
-    block_q: int = BLOCK_Q,
-    block_k: int = BLOCK_K,
+    block_q: int | None = None,
+    block_k: int | None = None,
 ) -> jax.Array:
-    """The entry point's arguments (see `nn.attention.attention`); returns (B, T, N, H) in q's dtype."""
+    """The entry point's arguments (see `nn.attention.attention`); returns (B, T, N, H) in q's dtype.
+    Block sizes default to the backend's (`BLOCKS`)."""
+    default_q, default_k = BLOCKS.get(jax.default_backend(), DEFAULT_BLOCKS)
     batch, q_len = q.shape[:2]
     limits = jnp.broadcast_to(kv_lengths.astype(jnp.int32)[:, None], (batch, q_len))
     if causal:
@@ -55,7 +60,19 @@ def blockwise_attention(
         sources.append(
             (new_k, new_v, jnp.broadcast_to(jnp.arange(1, q_len + 1, dtype=jnp.int32), limits.shape))
         )
-    return _flash(q, tuple(sources), min(block_q, q_len), block_k)
+    block_q = _balanced(q_len, block_q or default_q)
+    return _flash(q, tuple(sources), block_q, block_k or default_k)
+
+
+def _balanced(length: int, block: int) -> int:
+    """The block size, at most `block`, that splits `length` into as few blocks as `block` does with the
+    least padding (a multiple of 8): 320 queries in blocks of 256 become two blocks of 160, not 256 + 64
+    computed as 256 + 256."""
+    if length <= block:
+        return length
+    blocks = -(-length // block)
+    size = -(-length // blocks)
+    return min(block, -(-size // 8) * 8)
 
 
 def _precision(dtype: jnp.dtype) -> jax.lax.Precision | None:
@@ -79,6 +96,21 @@ def _query_blocks(x: jax.Array, block_q: int) -> jax.Array:
     return jnp.moveaxis(x, 1, 0)
 
 
+def _head_major_blocks(x: jax.Array, num_kv_heads: int, block_q: int) -> jax.Array:
+    """(B, T, N, H) -> (nq, B, K, G, block_q, H): transposed once per call, so that every block's products
+    read their operands in place."""
+    batch, q_len, num_heads, head_dim = x.shape
+    x = _query_blocks(x.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim), block_q)
+    return x.transpose(0, 1, 3, 4, 2, 5)
+
+
+def _from_head_major_blocks(x: jax.Array, q_len: int) -> jax.Array:
+    """(nq, B, K, G, block_q, H) -> (B, T, N, H)."""
+    _, batch, num_kv_heads, groups, _, head_dim = x.shape
+    x = x.transpose(1, 0, 4, 2, 3, 5).reshape(batch, -1, num_kv_heads * groups, head_dim)
+    return x[:, :q_len]
+
+
 class Source(NamedTuple):
     """One key source, padded to whole key blocks."""
 
@@ -90,7 +122,7 @@ class Source(NamedTuple):
 
 
 def _source(keys: jax.Array, values: jax.Array, limits: jax.Array, block_q: int, block_k: int) -> Source:
-    block_k = min(block_k, keys.shape[2])
+    block_k = _balanced(keys.shape[2], block_k)
     blocks = _query_blocks(limits, block_q)
     visible = -(-blocks.max(axis=(1, 2)) // block_k)
     return Source(_pad(keys, 2, block_k), _pad(values, 2, block_k), blocks, visible, block_k)
@@ -109,7 +141,7 @@ def _scores(
 ) -> tuple[jax.Array, jax.Array]:
     """Scaled scores (B, K, G, q, s) in float32 and the mask (B, 1, 1, q, s) of visible keys."""
     s = jnp.einsum(
-        "bqkgh,bksh->bkgqs", qi, keys, preferred_element_type=jnp.float32, precision=_precision(qi.dtype)
+        "bkgqh,bksh->bkgqs", qi, keys, preferred_element_type=jnp.float32, precision=_precision(qi.dtype)
     )
     mask = index[None, None, :] < limits[:, :, None]
     return s * qi.shape[-1] ** -0.5, mask[:, None, None]
@@ -120,7 +152,7 @@ def _forward(q: jax.Array, sources: tuple, block_q: int, block_k: int) -> tuple[
     num_kv_heads = sources[0][0].shape[1]
     groups = num_heads // num_kv_heads
     prepared = [_source(*s, block_q, block_k) for s in sources]
-    q_blocks = _query_blocks(q.reshape(batch, q_len, num_kv_heads, groups, head_dim), block_q)
+    q_blocks = _head_major_blocks(q, num_kv_heads, block_q)
     precision = _precision(q.dtype)
 
     def query_block(xs: tuple) -> tuple[jax.Array, jax.Array]:
@@ -157,8 +189,7 @@ def _forward(q: jax.Array, sources: tuple, block_q: int, block_k: int) -> tuple[
 
     xs = (q_blocks, [s.limits for s in prepared], [s.visible_blocks for s in prepared])
     outs, lse = jax.lax.map(query_block, xs)  # (nq, B, K, G, q, H), (nq, B, K, G, q)
-    out = outs.transpose(1, 0, 4, 2, 3, 5).reshape(batch, -1, num_heads, head_dim)[:, :q_len]
-    return out.astype(q.dtype), lse
+    return _from_head_major_blocks(outs, q_len).astype(q.dtype), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -175,14 +206,12 @@ def _flash_bwd(block_q: int, block_k: int, residuals: tuple, d_out: jax.Array) -
     q, sources, out, lse = residuals
     batch, q_len, num_heads, head_dim = q.shape
     num_kv_heads = sources[0][0].shape[1]
-    groups = num_heads // num_kv_heads
     precision = _precision(q.dtype)
     prepared = [_source(*s, block_q, block_k) for s in sources]
-    grouped = (batch, q_len, num_kv_heads, groups)
-    q_blocks = _query_blocks(q.reshape(*grouped, head_dim), block_q)
-    do_blocks = _query_blocks(d_out.reshape(*grouped, head_dim), block_q)
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1).reshape(grouped)
-    delta_blocks = jnp.moveaxis(_query_blocks(delta, block_q), 2, -1)  # (nq, B, K, G, q), as lse
+    q_blocks = _head_major_blocks(q, num_kv_heads, block_q)
+    do_blocks = _head_major_blocks(d_out, num_kv_heads, block_q)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    delta_blocks = _head_major_blocks(delta, num_kv_heads, block_q)[..., 0]  # (nq, B, K, G, q), as lse
 
     def grads(i: jax.Array, source: Source, j: jax.Array) -> tuple:
         """Block (i, j)'s probabilities p and score gradients ds (B, K, G, q, s), with its inputs."""
@@ -191,7 +220,7 @@ def _flash_bwd(block_q: int, block_k: int, residuals: tuple, d_out: jax.Array) -
         s, mask = _scores(qi, keys, index, source.limits[i])
         p = jnp.where(mask, jnp.exp(s - lse[i][..., None]), 0.0)
         dp = jnp.einsum(
-            "bqkgh,bksh->bkgqs", doi, values, preferred_element_type=jnp.float32, precision=precision
+            "bkgqh,bksh->bkgqs", doi, values, preferred_element_type=jnp.float32, precision=precision
         )
         ds = p * (dp - delta_blocks[i][..., None]) * head_dim**-0.5
         return p, ds, qi, doi, keys
@@ -203,7 +232,7 @@ def _flash_bwd(block_q: int, block_k: int, residuals: tuple, d_out: jax.Array) -
             def key_block(j: jax.Array, dq: jax.Array, source: Source = source) -> jax.Array:
                 _, ds, _, _, keys = grads(i, source, j)
                 return dq + jnp.einsum(
-                    "bkgqs,bksh->bqkgh",
+                    "bkgqs,bksh->bkgqh",
                     ds.astype(keys.dtype),
                     keys,
                     preferred_element_type=jnp.float32,
@@ -214,8 +243,8 @@ def _flash_bwd(block_q: int, block_k: int, residuals: tuple, d_out: jax.Array) -
         return dq
 
     num_q_blocks = q_blocks.shape[0]
-    dq = jax.lax.map(dq_block, jnp.arange(num_q_blocks))  # (nq, B, q, K, G, H)
-    dq = jnp.moveaxis(dq, 0, 1).reshape(batch, -1, num_heads, head_dim)[:, :q_len].astype(q.dtype)
+    dq = jax.lax.map(dq_block, jnp.arange(num_q_blocks))  # (nq, B, K, G, q, H)
+    dq = _from_head_major_blocks(dq, q_len).astype(q.dtype)
 
     d_sources = []
     for (keys, values, _), source in zip(sources, prepared, strict=True):
@@ -226,14 +255,14 @@ def _flash_bwd(block_q: int, block_k: int, residuals: tuple, d_out: jax.Array) -
                     dk, dv = carry
                     p, ds, qi, doi, _ = grads(i, source, j)
                     dv = dv + jnp.einsum(
-                        "bkgqs,bqkgh->bksh",
+                        "bkgqs,bkgqh->bksh",
                         p.astype(doi.dtype),
                         doi,
                         preferred_element_type=jnp.float32,
                         precision=precision,
                     )
                     dk = dk + jnp.einsum(
-                        "bkgqs,bqkgh->bksh",
+                        "bkgqs,bkgqh->bksh",
                         ds.astype(qi.dtype),
                         qi,
                         preferred_element_type=jnp.float32,

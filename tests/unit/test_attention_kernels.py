@@ -69,9 +69,8 @@ def values_and_grads(fn, arrays, options):
         out = fn(q, k, v, **options, new_k=kwargs.get("new_k"), new_v=kwargs.get("new_v"))
         return jnp.sum(out * weights), out
 
-    (_, out), grads = jax.value_and_grad(loss, argnums=tuple(range(len(names))), has_aux=True)(
-        *(arrays[n] for n in names)
-    )
+    gradient = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(names))), has_aux=True))
+    (_, out), grads = gradient(*(arrays[n] for n in names))
     return out, dict(zip(names, grads, strict=True))
 
 
@@ -111,7 +110,12 @@ def test_jax_nn_wrapper_equals_reference(causal):
     options = masking(2, 37, 37, causal, cached=False)
     assert_same(kernels.get("xla"), arrays, options)
     # through the entry point (default positions), as the text tower's prefill calls it
-    out = attention(**arrays, kv_lengths=options["kv_lengths"], causal=causal, implementation="xla")
+    entry = jax.jit(
+        lambda q, k, v: attention(
+            q, k, v, kv_lengths=options["kv_lengths"], causal=causal, implementation="xla"
+        )
+    )
+    out = entry(**arrays)
     np.testing.assert_allclose(
         out, reference_attention(**arrays, **options, new_k=None, new_v=None), atol=ATOL
     )
@@ -122,7 +126,7 @@ def test_blockwise_in_bfloat16_matches_the_float32_reference():
     options = masking(2, 21, 37, causal=True, cached=False)
     expected = reference_attention(**arrays, **options, new_k=None, new_v=None)
     low = {name: x.astype(jnp.bfloat16) for name, x in arrays.items()}
-    out = BLOCKWISE(**low, **options, new_k=None, new_v=None)
+    out = jax.jit(lambda q, k, v: BLOCKWISE(q, k, v, **options, new_k=None, new_v=None))(**low)
     assert out.dtype == jnp.bfloat16
     # bf16 inputs carry 2**-8 relative error; outputs are averages of unit-scale values
     np.testing.assert_allclose(out.astype(jnp.float32), expected, atol=3e-2)
@@ -145,26 +149,30 @@ def call(**changes) -> kernels.Call:
     return kernels.Call(**(facts | changes))
 
 
+def auto(**changes) -> str:
+    return kernels.choose("auto", call(**changes))
+
+
 def test_auto_picks_reference_for_short_inputs_and_blockwise_for_long_ones():
-    assert kernels.choose("auto", call(q_len=300, kv_len=300)) == "reference"
-    assert kernels.choose("auto", call(q_len=1, kv_len=32768, cached=True)) == "reference"  # decoding
-    assert kernels.choose("auto", call(q_len=4096, kv_len=4096)) == "blockwise"
-    assert (
-        kernels.choose("auto", call(q_len=16384, kv_len=16384, dtype=jnp.dtype(jnp.bfloat16))) == "blockwise"
-    )
-    vision = call(q_len=1024, kv_len=1024, num_heads=12, num_kv_heads=12, causal=False, batch=3)
-    assert kernels.choose("auto", vision) == "blockwise"
+    assert auto(q_len=128, kv_len=128) == "reference"
+    assert auto(q_len=300, kv_len=300) == "blockwise"  # on the CPU
+    assert auto(q_len=4096, kv_len=4096) == "blockwise"
+    assert auto(q_len=16384, kv_len=16384, dtype=jnp.dtype(jnp.bfloat16)) == "blockwise"
+    assert auto(q_len=1024, kv_len=1024, num_heads=12, num_kv_heads=12, causal=False, batch=3) == "blockwise"
+    assert auto(q_len=1, kv_len=32768, cached=True, batch=32) == "reference"  # decoding
+    assert auto(q_len=2048, kv_len=8192, cached=True) == "blockwise"  # a long chunk onto a cache
 
 
 def test_auto_picks_cudnn_only_where_it_runs():
     gpu = dict(backend="cuda", dtype=jnp.dtype(jnp.bfloat16))
-    assert kernels.choose("auto", call(**gpu)) == "cudnn"
-    assert kernels.choose("auto", call(**gpu, q_len=64, kv_len=64, causal=False)) == "cudnn"  # vision
-    assert kernels.choose("auto", call(backend="cuda")) == "reference"  # float32
-    assert kernels.choose("auto", call(**gpu, q_len=1, cached=True)) == "reference"
-    assert kernels.choose("auto", call(**gpu, default_positions=False)) == "reference"
-    assert kernels.choose("auto", call(**gpu, head_dim=72 + 4)) == "reference"
-    assert kernels.choose("auto", call(backend="rocm", dtype=jnp.dtype(jnp.bfloat16))) == "reference"
+    assert auto(**gpu) == "cudnn"
+    assert auto(**gpu, q_len=64, kv_len=64, causal=False) == "cudnn"  # vision
+    assert auto(backend="cuda", q_len=64, kv_len=64) == "reference"  # float32
+    assert auto(backend="cuda", q_len=4096, kv_len=4096) == "blockwise"
+    assert auto(**gpu, q_len=1, cached=True) == "reference"
+    assert auto(**gpu, default_positions=False) == "reference"
+    assert auto(**gpu, head_dim=76) == "reference"
+    assert auto(backend="rocm", dtype=jnp.dtype(jnp.bfloat16)) == "reference"
 
 
 def test_a_named_implementation_that_cannot_run_a_call_says_why():
