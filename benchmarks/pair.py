@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from processor_fixtures import REFERENCE_DIR, make_checkpoint_dir  # noqa: E402
 
 from lfm2vl_jax import Lfm2VlForConditionalGeneration, Lfm2VlProcessor  # noqa: E402
+from lfm2vl_jax.checkpoint.canonical import from_canonical, to_canonical  # noqa: E402
 from lfm2vl_jax.config import DTypePolicy, RuntimeConfig, config_from_dict  # noqa: E402
 from lfm2vl_jax.nn.params import init_params  # noqa: E402
 
@@ -62,6 +63,12 @@ class ModelPair:
             )
         self.processor = Lfm2VlProcessor.from_pretrained(directory)
         self.directory = directory
+
+    def with_layout(self, scan_layers: bool) -> Lfm2VlForConditionalGeneration:
+        """Our model with the same weights in the other text-layer layout."""
+        config = self.ours.config.with_runtime(scan_layers=scan_layers)
+        params = from_canonical(to_canonical(self.ours.params, self.ours.config), config)
+        return Lfm2VlForConditionalGeneration(config, params)
 
     def torch_inputs(self, inputs: dict) -> dict:
         import torch

@@ -33,6 +33,10 @@ from . import Call, register
 # benchmarks/bench_attention.py); accelerators want fewer, larger blocks.
 BLOCKS = {"cpu": (256, 256)}
 DEFAULT_BLOCKS = (512, 512)
+# Backends that attend one batch row at a time, so that a block's scores stay that small whatever the
+# batch (six 1024-patch images at once: 1.45x faster per row on the CPU). Accelerators want the whole batch
+# in each block for parallelism.
+ROW_BY_ROW = {"cpu"}
 
 
 def blockwise_attention(
@@ -60,8 +64,15 @@ def blockwise_attention(
         sources.append(
             (new_k, new_v, jnp.broadcast_to(jnp.arange(1, q_len + 1, dtype=jnp.int32), limits.shape))
         )
-    block_q = _balanced(q_len, block_q or default_q)
-    return _flash(q, tuple(sources), block_q, block_k or default_k)
+    block_q, block_k = _balanced(q_len, block_q or default_q), block_k or default_k
+    if batch > 1 and jax.default_backend() in ROW_BY_ROW:
+
+        def one_row(row: tuple) -> jax.Array:
+            q_row, row_sources = jax.tree.map(lambda x: x[None], row)
+            return _flash(q_row, row_sources, block_q, block_k)[0]
+
+        return jax.lax.map(one_row, (q, tuple(sources)))
+    return _flash(q, tuple(sources), block_q, block_k)
 
 
 def _balanced(length: int, block: int) -> int:
