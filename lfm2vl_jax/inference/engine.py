@@ -3,9 +3,13 @@
 
 Two drivers run the same step. `loop="device"` (the default without streaming) runs it inside one
 `lax.while_loop`: measured 12-18% faster than the host loop on a 2-core CPU (no per-step dispatch from
-Python competing with the compute threads). `loop="host"` (needed to stream tokens) dispatches jitted steps
-asynchronously and looks at the `done` flags only every few steps, so the device never waits on Python.
-`benchmarks/bench_generate.py` reports both.
+Python competing with the compute threads), and the loop the H200 numbers were taken with. `loop="host"`
+(needed to stream tokens) dispatches jitted steps asynchronously and looks at the `done` flags only every
+few steps, so the device never waits on Python. `benchmarks/bench_generate.py --loops device host`
+reports both.
+
+The step is kept lean (see `tests/unit/test_decode_step.py`): greedy decoding splits no random key and,
+without a repetition penalty, `DecodeState.seen` is None (no (B, V) array carried or updated).
 
 Shapes are bucketed (batch rows, prompt length, image count, cache length) so that a stream of varied
 requests compiles a bounded number of programs; padding rows and images are dropped from the output.

@@ -77,6 +77,11 @@ class UnsupportedAttentionError(Lfm2VlError):
     """A named attention implementation cannot run this call (backend, dtype, shape or masking)."""
 
 
+class KernelUnavailableError(UnsupportedAttentionError):
+    """Raised by a kernel while tracing when the backend lacks what it needs (e.g. a usable cuDNN); "auto"
+    then falls back to the next choice, a named implementation fails with it."""
+
+
 def backend() -> str:
     """The default backend, GPUs told apart by vendor (cuDNN exists on CUDA only)."""
     name = jax.default_backend()
@@ -102,9 +107,9 @@ def get(name: str) -> Callable[..., Any]:
         ) from None
 
 
-def choose(implementation: str, call: Call) -> str:
+def choose(implementation: str, call: Call, exclude: tuple[str, ...] = ()) -> str:
     """The implementation to run: `implementation` itself (an error if it cannot run `call`), or for
-    "auto" the best one that can."""
+    "auto" the best one that can, other than those in `exclude`."""
     if implementation == "reference":
         return implementation
     if implementation != "auto":
@@ -113,7 +118,7 @@ def choose(implementation: str, call: Call) -> str:
         if reason:
             raise UnsupportedAttentionError(f"attention implementation {implementation!r}: {reason}")
         return implementation
-    if REGISTRY["cudnn"].unsupported(call) is None:
+    if "cudnn" not in exclude and REGISTRY["cudnn"].unsupported(call) is None:
         return "cudnn"
     if call.cached and call.q_len <= DECODE_MAX_QUERIES:
         return "reference"
@@ -124,4 +129,14 @@ def choose(implementation: str, call: Call) -> str:
 
 from . import blockwise, dot_product_attention  # noqa: E402  (register themselves)
 
-__all__ = ["Call", "backend", "choose", "get", "names", "register", "blockwise", "dot_product_attention"]
+__all__ = [
+    "Call",
+    "Callable",
+    "backend",
+    "choose",
+    "get",
+    "names",
+    "register",
+    "blockwise",
+    "dot_product_attention",
+]

@@ -17,7 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import Call, register
+from . import Call, KernelUnavailableError, register
 
 CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 CUDNN_MAX_HEAD_DIM = 128  # 256 on Hopper and later; 128 everywhere
@@ -38,14 +38,17 @@ def dot_product_attention(
     """The entry point's arguments; q_positions must be 0 .. T-1 under `causal` and new_k/new_v None (as
     `unsupported` ensures)."""
     del q_positions, new_k, new_v
-    return jax.nn.dot_product_attention(
-        q,
-        jnp.swapaxes(k, 1, 2),
-        jnp.swapaxes(v, 1, 2),
-        is_causal=causal,
-        key_value_seq_lengths=kv_lengths.astype(jnp.int32),
-        implementation=implementation,
-    )
+    try:
+        return jax.nn.dot_product_attention(
+            q,
+            jnp.swapaxes(k, 1, 2),
+            jnp.swapaxes(v, 1, 2),
+            is_causal=causal,
+            key_value_seq_lengths=kv_lengths.astype(jnp.int32),
+            implementation=implementation,
+        )
+    except (NotImplementedError, RuntimeError) as err:  # JAX's checks of cuDNN's version and shapes
+        raise KernelUnavailableError(f"{implementation} attention is unavailable here: {err}") from err
 
 
 def _unsupported_xla(call: Call) -> str | None:

@@ -26,6 +26,9 @@ Scores and softmax are computed in float32 whatever the input dtype.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -64,11 +67,20 @@ def attention(
         q_positions = jnp.broadcast_to(jnp.arange(q_len, dtype=jnp.int32), (batch, q_len))
     if kv_lengths is None:
         kv_lengths = jnp.full((batch,), k.shape[2], jnp.int32)
+    arguments = dict(kv_lengths=kv_lengths, q_positions=q_positions, causal=causal, new_k=new_k, new_v=new_v)
     name = kernels.choose(implementation, call)
-    fn = reference_attention if name == "reference" else kernels.get(name)
-    return fn(
-        q, k, v, kv_lengths=kv_lengths, q_positions=q_positions, causal=causal, new_k=new_k, new_v=new_v
-    )
+    try:
+        return _implementation(name)(q, k, v, **arguments)
+    except kernels.KernelUnavailableError as err:  # raised while tracing: e.g. no usable cuDNN
+        if implementation != "auto":
+            raise
+        fallback = kernels.choose(implementation, call, exclude=(name,))
+        warnings.warn(f"{err}; attention uses {fallback!r} instead", stacklevel=2)
+        return _implementation(fallback)(q, k, v, **arguments)
+
+
+def _implementation(name: str) -> Callable[..., jax.Array]:
+    return reference_attention if name == "reference" else kernels.get(name)
 
 
 def visible(

@@ -185,6 +185,24 @@ def test_a_named_implementation_that_cannot_run_a_call_says_why():
     assert kernels.choose("blockwise", call(q_len=1, cached=True)) == "blockwise"
 
 
+def test_auto_falls_back_when_a_kernel_is_unavailable_while_tracing(monkeypatch):
+    """cuDNN missing or too old on a GPU: "auto" warns and runs the next choice; a named one fails."""
+
+    def unavailable(*args, **kwargs):
+        raise kernels.KernelUnavailableError("cudnn attention is unavailable here: cuDNN is not detected")
+
+    monkeypatch.setitem(kernels.REGISTRY, "cudnn", kernels.Kernel(unavailable, lambda call: None))
+    arrays = inputs()
+    options = masking(2, 21, 37, causal=True, cached=False)
+    with pytest.warns(UserWarning, match="cuDNN is not detected; attention uses 'reference' instead"):
+        out = attention(**arrays, **options)
+    np.testing.assert_allclose(
+        out, reference_attention(**arrays, **options, new_k=None, new_v=None), atol=ATOL
+    )
+    with pytest.raises(kernels.KernelUnavailableError):
+        attention(**arrays, **options, implementation="cudnn")
+
+
 def test_blockwise_memory_is_linear_in_length_forward_and_backward():
     """Compiled (not run): the temporaries of the blockwise kernel's gradient at 8k tokens are a small
     fraction of one (heads x T x T) score matrix, which the reference's gradient holds several of."""
