@@ -1,25 +1,33 @@
 """Generation benchmark: ours vs transformers on the same random weights, in the same run.
 
 Models: the real LFM2-VL-450M shapes (released config) and 1.6B shapes (reconstructed config), random
-weights of realistic scale saved by transformers and loaded by both. Workloads:
+weights of realistic scale. For each model and each text-layer layout (`--layouts`; per-layer is the
+default, scanned the compile-time-friendly alternative):
 - prefill: one 512x512 image + a 24-token prompt, time to the first token;
-- decode: tokens/s at batch 1, 8, 32 with 128 new tokens (24-token text prompts, no early stop), with
-  the device loop (generate's default) and the host loop (used when streaming);
-- end to end: one 1024x1024 image, a short prompt, 100 new tokens, preprocessing included.
-On CPU it also reports the decode roofline: (text-tower weight bytes read per step) / (read bandwidth
-measured in this run by a large reduction), and our and transformers' batch-1 fraction of it.
+- decode: tokens/s at each `--batches` size with `--new-tokens` new tokens (24-token text prompts, no early
+  stop), with the device loop (generate's default) and the host loop (used when streaming);
+- long contexts: batch-1 decoding after a text prompt of each `--contexts` length (1k and 8k tokens);
+- end to end: one 1024x1024 image, a short prompt, 100 new tokens, preprocessing included;
+- the decode step's compiled program: kernels per step and bytes copied per step (batch 1).
+transformers (eager) runs the same workloads once per model, unless `--ours-only` (then torch is never
+imported and the weights come from our own initialiser).
 
-Prints one JSON line, then a table. Ratios compare the two in the same run; absolute times depend on the
-machine and its load (run it on an idle machine).
+Roofline: a batch-1 decode step reads every text-tower weight once, so tokens/s <= bandwidth / weight
+bytes. The bandwidth is measured in the same run: a large reduction (bytes read / s) and a large copy
+(bytes read + written / s); the CPU roofline uses the first, accelerators the second (the closer to what
+their memory system streams).
+
+Prints one JSON line (machine, CPU model, XLA flags, every number), then a table. Ratios compare ours and
+transformers in the same run; absolute times depend on the machine and its load.
 
     python benchmarks/bench_generate.py [--models 450m 1.6b] [--dtype float32|bfloat16] [--batches 1 8 32]
+        [--layouts per-layer scan] [--contexts 1024 8192] [--ours-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,18 +38,20 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
+from machine import machine_description
+from pair import DTYPES, MODELS, ModelPair
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from processor_fixtures import make_checkpoint_dir, make_reference_processor, synthetic_image  # noqa: E402
-from reference_models import REFERENCE_CONFIGS, randomize_weights  # noqa: E402
+from hlo_stats import step_stats  # noqa: E402
+from processor_fixtures import synthetic_image  # noqa: E402
 
-from lfm2vl_jax import Lfm2VlForConditionalGeneration, Lfm2VlProcessor  # noqa: E402
+from lfm2vl_jax import Lfm2VlForConditionalGeneration  # noqa: E402
 from lfm2vl_jax.inference import engine  # noqa: E402
-from lfm2vl_jax.nn.params import tree_bytes  # noqa: E402
+from lfm2vl_jax.inference.cache import init_cache  # noqa: E402
+from lfm2vl_jax.inference.sampling import SamplingParams  # noqa: E402
+from lfm2vl_jax.nn.params import abstract_params, tree_bytes  # noqa: E402
 
-MODELS = {"450m": "lfm2-vl-450m", "1.6b": "lfm2-vl-1.6b"}
-DTYPES = {"float32": (jnp.float32, torch.float32), "bfloat16": (jnp.bfloat16, torch.bfloat16)}
+LAYOUTS = ("per-layer", "scan")
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
@@ -55,55 +65,18 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def sync(result: object) -> object:
-    jax.block_until_ready(result)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return result
-
-
 def read_bandwidth() -> float:
     """Bytes/s of a jitted sum over 400 MB: what a memory-bound decode step can at best stream."""
     x = jnp.ones((100_000_000,), jnp.float32)
     total = jax.jit(jnp.sum)
-    seconds = timed(lambda: sync(total(x)), 10)
-    return x.nbytes / seconds
+    return x.nbytes / timed(lambda: jax.block_until_ready(total(x)), 10)
 
 
-class Setup:
-    """One checkpoint directory (processor files + transformers-saved random weights), both models."""
-
-    def __init__(self, name: str, directory: Path, dtype: str, scan_layers: bool):
-        jax_dtype, torch_dtype = DTYPES[dtype]
-        make_checkpoint_dir(directory, MODELS[name])
-        from transformers import Lfm2VlConfig as HfConfig
-        from transformers import Lfm2VlForConditionalGeneration as HfModel
-
-        raw = json.loads((REFERENCE_CONFIGS / MODELS[name] / "config.json").read_text())
-        config = HfConfig(**{k: v for k, v in raw.items() if k != "model_type"})
-        torch.manual_seed(0)
-        reference = randomize_weights(HfModel(config).float(), seed=0)
-        reference.save_pretrained(directory)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.reference = reference.to(self.device, torch_dtype).eval()
-        self.reference_processor = make_reference_processor(directory)
-        self.processor = Lfm2VlProcessor.from_pretrained(directory)
-        self.model = Lfm2VlForConditionalGeneration.from_pretrained(
-            directory, dtype=jax_dtype, scan_layers=scan_layers, progress=False
-        )
-        self.directory = directory
-
-    def torch_inputs(self, inputs: dict) -> dict:
-        return {k: torch.as_tensor(np.asarray(v)).to(self.device) for k, v in inputs.items()}
-
-    def image_prompt(self, size: int, text: str) -> dict:
-        image = synthetic_image(size, size)
-        conversation = [
-            {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}
-        ]
-        return self.processor.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=True, return_dict=True
-        )
+def copy_bandwidth() -> float:
+    """Bytes/s read + written by a jitted elementwise pass over 400 MB."""
+    x = jnp.ones((100_000_000,), jnp.float32)
+    bump = jax.jit(lambda x: x + 1)
+    return 2 * x.nbytes / timed(lambda: jax.block_until_ready(bump(x)), 10)
 
 
 def ours_run(model: Lfm2VlForConditionalGeneration, inputs: dict, new_tokens: int, loop: str = "host"):
@@ -112,24 +85,44 @@ def ours_run(model: Lfm2VlForConditionalGeneration, inputs: dict, new_tokens: in
     return engine.run(model.params, model.config, request, loop=loop)
 
 
-def prefill_seconds(setup: Setup, repeats: int) -> dict:
-    inputs = setup.image_prompt(512, "Describe this image in detail, please, with every object you see.")
-    ours = timed(lambda: sync(next(ours_run(setup.model, inputs, 1)).tokens), repeats)
-    torch_inputs = setup.torch_inputs(inputs)
-    with torch.no_grad():
-        reference = timed(lambda: sync(setup.reference(**torch_inputs, use_cache=True).logits), repeats)
-    return {"prompt_tokens": int(inputs["input_ids"].shape[1]), "ours_s": ours, "transformers_s": reference}
+def image_prompt(pair: ModelPair, size: int, text: str) -> dict:
+    conversation = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": synthetic_image(size, size)},
+                {"type": "text", "text": text},
+            ],
+        }
+    ]
+    return pair.processor.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+
+
+def text_batch(batch: int, length: int = 24) -> dict:
+    rng = np.random.default_rng(batch + length)
+    ids = rng.integers(1000, 60000, (batch, length))
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+PREFILL_TEXT = "Describe this image in detail, please, with every object you see."
+
+
+def ours_prefill_seconds(pair: ModelPair, model: Lfm2VlForConditionalGeneration, repeats: int) -> float:
+    inputs = image_prompt(pair, 512, PREFILL_TEXT)
+    return timed(lambda: pair.sync(next(ours_run(model, inputs, 1)).tokens), repeats)
 
 
 def ours_decode_tokens_per_s(
-    model: Lfm2VlForConditionalGeneration, inputs: dict, new_tokens: int, loop: str = "host"
+    model: Lfm2VlForConditionalGeneration, inputs: dict, new_tokens: int, loop: str
 ) -> float:
     def decode_only() -> float:
         steps = ours_run(model, inputs, new_tokens, loop)
-        sync(next(steps).tokens)
+        jax.block_until_ready(next(steps).tokens)
         start = time.perf_counter()
         *_, last = steps
-        sync(last.tokens)
+        jax.block_until_ready(last.tokens)
         return time.perf_counter() - start
 
     decode_only()  # compile
@@ -137,57 +130,126 @@ def ours_decode_tokens_per_s(
     return inputs["input_ids"].shape[0] * (new_tokens - 1) / seconds
 
 
-def reference_decode_tokens_per_s(setup: Setup, inputs: dict, new_tokens: int) -> float:
-    torch_inputs = setup.torch_inputs(inputs)
+def ours_end_to_end_seconds(pair: ModelPair, model: Lfm2VlForConditionalGeneration, new_tokens: int) -> float:
+    conversation = end_to_end_conversation()
 
-    def generate(n: int) -> float:
-        start = time.perf_counter()
-        with torch.no_grad():
-            sync(
-                setup.reference.generate(**torch_inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            )
-        return time.perf_counter() - start
+    def run() -> object:
+        inputs = pair.processor.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return model.generate(**inputs, max_new_tokens=new_tokens, eos_token_id=[])
 
-    generate(2)  # warm-up
-    total, first = generate(new_tokens), generate(1)
-    return inputs["input_ids"].shape[0] * (new_tokens - 1) / (total - first)
+    return timed(run, 1)
 
 
-def text_batch(batch: int, length: int = 24) -> dict:
-    rng = np.random.default_rng(batch)
-    ids = rng.integers(1000, 60000, (batch, length))
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-
-
-def end_to_end_seconds(setup: Setup, new_tokens: int) -> dict:
-    conversation = [
+def end_to_end_conversation() -> list:
+    image = synthetic_image(1024, 1024)
+    return [
         {
             "role": "user",
             "content": [
-                {"type": "image", "image": synthetic_image(1024, 1024)},
+                {"type": "image", "image": image},
                 {"type": "text", "text": "What is in this image?"},
             ],
         }
     ]
 
-    def ours() -> object:
-        inputs = setup.processor.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+
+def decode_step_program(model: Lfm2VlForConditionalGeneration, capacity: int = 1024) -> dict:
+    """Kernels and copies of one compiled greedy decode step at batch 1 (the backend's own HLO)."""
+    config = model.config
+    state = jax.eval_shape(
+        lambda: engine.DecodeState(
+            cache=init_cache(config, 1, capacity),
+            tokens=jnp.zeros((1, 128), jnp.int32),
+            num_generated=jnp.ones((), jnp.int32),
+            done=jnp.zeros((1,), bool),
+            seen=None,
+            key=jax.random.key(0),
         )
-        return setup.model.generate(**inputs, max_new_tokens=new_tokens, eos_token_id=[])
+    )
+    lowered = engine.decode_step.lower(
+        abstract_params(config), config, state, SamplingParams(), jnp.array([7]), 0
+    )
+    stats = step_stats(lowered.compile().as_text())
+    return {
+        "kernels": stats.total_kernels,
+        "by_kind": dict(stats.kernels.most_common()),
+        "copied_bytes": stats.copied_bytes,
+        "largest_copy_bytes": stats.largest_copy_bytes(),
+    }
 
-    def reference() -> object:
-        inputs = setup.reference_processor.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        ).to(setup.device)
+
+def ours_workloads(pair: ModelPair, model: Lfm2VlForConditionalGeneration, args: argparse.Namespace) -> dict:
+    result: dict = {
+        "prefill_s": ours_prefill_seconds(pair, model, args.repeats),
+        "decode": {},
+        "contexts": {},
+    }
+    for batch in args.batches:
+        inputs = text_batch(batch)
+        result["decode"][batch] = {
+            loop: ours_decode_tokens_per_s(model, inputs, args.new_tokens, loop) for loop in args.loops
+        }
+    for context in args.contexts:
+        result["contexts"][context] = ours_decode_tokens_per_s(
+            model, text_batch(1, context), args.context_new_tokens, "device"
+        )
+    if not args.skip_end_to_end:
+        result["end_to_end_s"] = ours_end_to_end_seconds(pair, model, 100)
+    result["decode_step_program"] = decode_step_program(model)
+    return result
+
+
+def reference_workloads(pair: ModelPair, args: argparse.Namespace) -> dict:
+    import torch
+
+    reference = pair.reference
+
+    def generate(inputs: dict, n: int) -> float:
+        torch_inputs = pair.torch_inputs(inputs)
+        start = time.perf_counter()
         with torch.no_grad():
-            return sync(
-                setup.reference.generate(
-                    **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
-                )
-            )
+            pair.sync(reference.generate(**torch_inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False))
+        return time.perf_counter() - start
 
-    return {"ours_s": timed(ours, 1), "transformers_s": timed(reference, 1)}
+    def decode_tokens_per_s(inputs: dict, new_tokens: int) -> float:
+        generate(inputs, 2)  # warm-up
+        total, first = generate(inputs, new_tokens), generate(inputs, 1)
+        return inputs["input_ids"].shape[0] * (new_tokens - 1) / (total - first)
+
+    prefill_inputs = pair.torch_inputs(image_prompt(pair, 512, PREFILL_TEXT))
+
+    def prefill() -> object:
+        with torch.no_grad():
+            logits = reference(**prefill_inputs, use_cache=True, logits_to_keep=1).logits
+            return pair.sync(logits[:, -1].argmax(-1))
+
+    result: dict = {"prefill_s": timed(prefill, args.repeats), "decode": {}, "contexts": {}}
+    for batch in args.batches:
+        result["decode"][batch] = decode_tokens_per_s(text_batch(batch), args.new_tokens)
+    for context in args.contexts:
+        result["contexts"][context] = decode_tokens_per_s(text_batch(1, context), args.context_new_tokens)
+    if not args.skip_end_to_end:
+
+        def end_to_end() -> object:
+            from processor_fixtures import make_reference_processor
+
+            processor = make_reference_processor(pair.directory)
+            inputs = processor.apply_chat_template(
+                end_to_end_conversation(),
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+            ).to(pair.device)
+            with torch.no_grad():
+                return pair.sync(
+                    reference.generate(**inputs, max_new_tokens=100, min_new_tokens=100, do_sample=False)
+                )
+
+        result["end_to_end_s"] = timed(end_to_end, 1)
+    return result
 
 
 def main() -> None:
@@ -195,80 +257,112 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["450m"])
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--scan-layers", action="store_true", help="scanned layer layout (default: per-layer)"
+        "--contexts", nargs="*", type=int, default=[1024, 8192], help="prompt lengths for batch-1 decoding"
     )
+    parser.add_argument("--context-new-tokens", type=int, default=32)
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=["per-layer"])
+    parser.add_argument("--loops", nargs="+", choices=["device", "host"], default=["device", "host"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ours-only", action="store_true", help="no transformers (torch is not imported)")
+    parser.add_argument("--skip-end-to-end", action="store_true")
     args = parser.parse_args()
 
     device = jax.devices()[0]
+    bandwidth = {"read_GB_s": read_bandwidth() / 1e9, "copy_GB_s": copy_bandwidth() / 1e9}
+    roofline_bandwidth = bandwidth["read_GB_s" if device.platform == "cpu" else "copy_GB_s"]
     report = {
         "benchmark": "generate",
-        "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
-        "host": platform.processor() or platform.machine(),
+        **machine_description(),
         "dtype": args.dtype,
-        "layout": "scan" if args.scan_layers else "per-layer",
+        "bandwidth": bandwidth,
+        "roofline_bandwidth": "read" if device.platform == "cpu" else "copy",
         "models": {},
     }
-    bandwidth = read_bandwidth() if device.platform == "cpu" else None
     for name in args.models:
         with tempfile.TemporaryDirectory() as tmp:
-            setup = Setup(name, Path(tmp), args.dtype, args.scan_layers)
-            result: dict = {"prefill": prefill_seconds(setup, args.repeats), "decode": {}}
-            for batch in args.batches:
-                inputs = text_batch(batch)
-                result["decode"][batch] = {
-                    "ours_tok_s": ours_decode_tokens_per_s(setup.model, inputs, args.new_tokens, "device"),
-                    "ours_host_loop_tok_s": ours_decode_tokens_per_s(
-                        setup.model, inputs, args.new_tokens, "host"
-                    ),
-                    "transformers_tok_s": reference_decode_tokens_per_s(setup, inputs, args.new_tokens),
-                }
-            result["end_to_end"] = end_to_end_seconds(setup, 100)
-            if bandwidth:
-                step_bytes = tree_bytes(setup.model.params["text"])
-                roofline = bandwidth / step_bytes
-                one = result["decode"].get(1)
-                result["roofline"] = {
-                    "read_GB_s": bandwidth / 1e9,
-                    "text_weight_GB": step_bytes / 1e9,
-                    "batch1_tok_s": roofline,
-                    "ours_fraction": one and one["ours_tok_s"] / roofline,
-                    "ours_host_loop_fraction": one and one["ours_host_loop_tok_s"] / roofline,
-                    "transformers_fraction": one and one["transformers_tok_s"] / roofline,
-                }
+            first = args.layouts[0] == "scan"
+            pair = ModelPair(name, Path(tmp), args.dtype, scan_layers=first, ours_only=args.ours_only)
+            result: dict = {"layouts": {}}
+            for layout in args.layouts:
+                model = pair.ours if (layout == "scan") == first else pair.with_layout(layout == "scan")
+                result["layouts"][layout] = ours_workloads(pair, model, args)
+            if not args.ours_only:
+                result["transformers"] = reference_workloads(pair, args)
+            weight_gb = tree_bytes(pair.ours.params["text"]) / 1e9
+            batch1 = roofline_bandwidth / weight_gb
+            result["roofline"] = {"text_weight_GB": weight_gb, "batch1_tok_s": batch1}
+            for layout, r in result["layouts"].items():
+                for loop, tokens_per_s in r["decode"].get(1, {}).items():
+                    result["roofline"][f"{layout}_{loop}_loop_fraction"] = tokens_per_s / batch1
+            if "transformers" in result and 1 in result["transformers"]["decode"]:
+                result["roofline"]["transformers_fraction"] = result["transformers"]["decode"][1] / batch1
             report["models"][name] = result
-            del setup
+            del pair
     print(json.dumps(report))
     print_table(report)
 
 
 def print_table(report: dict) -> None:
-    print(f"\n{report['device']} ({report['host']}), {report['dtype']}, {report['layout']} layout")
-    print(f"{'model':<6}{'workload':<30}{'ours':>10}{'transformers':>14}{'ours/hf':>9}")
+    bw = report["bandwidth"]
+    print(f"\n{report['device']} ({report['cpu']}), {report['dtype']}, XLA_FLAGS={report['xla_flags']!r}")
+    print(f"bandwidth: read {bw['read_GB_s']:.1f} GB/s, copy {bw['copy_GB_s']:.1f} GB/s")
     for name, r in report["models"].items():
-        p, e = r["prefill"], r["end_to_end"]
-        rows = [(f"prefill {p['prompt_tokens']} tok (s)", p["ours_s"], p["transformers_s"], False)]
-        for batch, d in r["decode"].items():
-            rows.append((f"decode b={batch} (tok/s)", d["ours_tok_s"], d["transformers_tok_s"], True))
-            rows.append(
-                (f"  host loop b={batch} (tok/s)", d["ours_host_loop_tok_s"], d["transformers_tok_s"], True)
+        layouts = list(r["layouts"])
+        hf = r.get("transformers")
+        head = f"{name:<6}{'workload':<28}" + "".join(f"{layout:>12}" for layout in layouts)
+        print("\n" + head + (f"{'transformers':>14}{'ours/hf':>9}" if hf else ""))
+
+        def row(
+            label: str, values: list, reference: float | None, higher_is_better: bool, name: str = name
+        ) -> None:
+            line = f"{name:<6}{label:<28}" + "".join(f"{v:>12.3f}" for v in values)
+            if reference is not None:
+                ratio = values[0] / reference if higher_is_better else reference / values[0]
+                line += f"{reference:>14.3f}{ratio:>9.2f}"
+            print(line)
+
+        ours = [r["layouts"][layout] for layout in layouts]
+        row("prefill 512px (s)", [o["prefill_s"] for o in ours], hf and hf["prefill_s"], False)
+        for batch in ours[0]["decode"]:
+            reference = hf and hf["decode"][batch]
+            for loop in ours[0]["decode"][batch]:
+                label = f"decode b={batch} (tok/s)" if loop == "device" else f"  {loop} loop b={batch}"
+                row(label, [o["decode"][batch][loop] for o in ours], reference, True)
+        for context in ours[0]["contexts"]:
+            row(
+                f"decode at {context} ctx (tok/s)",
+                [o["contexts"][context] for o in ours],
+                hf and hf["contexts"][context],
+                True,
             )
-        rows.append(("end-to-end 1024px+100 (s)", e["ours_s"], e["transformers_s"], False))
-        for label, ours, reference, higher_is_better in rows:
-            ratio = ours / reference if higher_is_better else reference / ours
-            print(f"{name:<6}{label:<30}{ours:>10.3f}{reference:>14.3f}{ratio:>9.2f}")
-        if "roofline" in r:
-            f = r["roofline"]
-            print(
-                f"{name:<6}roofline b=1: {f['batch1_tok_s']:.1f} tok/s ({f['text_weight_GB']:.2f} GB at "
-                f"{f['read_GB_s']:.1f} GB/s); ours {f['ours_fraction']:.2f} (host loop "
-                f"{f['ours_host_loop_fraction']:.2f}), transformers {f['transformers_fraction']:.2f}"
+        if "end_to_end_s" in ours[0]:
+            row(
+                "end-to-end 1024px+100 (s)",
+                [o["end_to_end_s"] for o in ours],
+                hf and hf["end_to_end_s"],
+                False,
             )
-    print("(ours/hf > 1: ours is faster; ours = generate's default, the device loop)")
+        row("kernels per decode step", [o["decode_step_program"]["kernels"] for o in ours], None, True)
+        row(
+            "MB copied per decode step",
+            [o["decode_step_program"]["copied_bytes"] / 1e6 for o in ours],
+            None,
+            True,
+        )
+        f = r["roofline"]
+        fractions = ", ".join(
+            f"{k.removesuffix('_fraction')} {v:.2f}" for k, v in f.items() if k.endswith("fraction")
+        )
+        used = bw[f"{report['roofline_bandwidth']}_GB_s"]
+        print(
+            f"{name:<6}roofline b=1: {f['batch1_tok_s']:.1f} tok/s ({f['text_weight_GB']:.2f} GB at "
+            f"{used:.1f} GB/s, {report['roofline_bandwidth']}); {fractions}"
+        )
+    print("(ours/hf > 1: ours is faster; ours/hf uses the first layout and the first loop listed)")
 
 
 if __name__ == "__main__":

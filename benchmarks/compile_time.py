@@ -1,9 +1,11 @@
-"""Compile time of the decode step against depth: scanned motifs vs the per-layer Python loop.
+"""Compile time against depth: scanned motifs vs the per-layer Python loop (the default layout), for the
+decode step and for a text prefill.
 
 The text tower of LFM2-1.2B (the 1.6B model's; hidden 2048, 32/8 heads, MLP 8192) at 4, 16 and 32 layers:
 4 = one `conv, conv, attention, conv` motif, 32 = eight of them, 16 = LFM2's own irregular pattern. Only
 shapes are needed (`jax.ShapeDtypeStruct` params), so nothing is allocated. Prints one JSON line, then
-a table of seconds to trace + lower + compile one decode step at batch 8 with a 1024-token cache.
+a table of seconds to trace + lower + compile one decode step at batch 8 with a 1024-token cache, and the
+prefill of a 1024-token text prompt (whose attention is the blockwise kernel's loops on the CPU).
 
     python benchmarks/compile_time.py [--dtype bfloat16]
 """
@@ -16,10 +18,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+from machine import machine_description
 
 from lfm2vl_jax.config import ATTENTION, CONV, DTypePolicy, Lfm2VlConfig, RuntimeConfig, TextConfig
 from lfm2vl_jax.inference.cache import init_cache
-from lfm2vl_jax.inference.engine import DecodeState, decode_step
+from lfm2vl_jax.inference.engine import DecodeState, decode_step, prefill
 from lfm2vl_jax.inference.sampling import SamplingParams
 from lfm2vl_jax.nn.params import abstract_params
 
@@ -31,7 +34,7 @@ PATTERNS = {
 }
 
 
-def compile_seconds(layer_types: tuple[str, ...], scan_layers: bool, dtype) -> float:
+def compile_seconds(layer_types: tuple[str, ...], scan_layers: bool, dtype, program: str) -> float:
     text = TextConfig(
         vocab_size=65536,
         hidden_size=2048,
@@ -44,19 +47,40 @@ def compile_seconds(layer_types: tuple[str, ...], scan_layers: bool, dtype) -> f
     runtime = RuntimeConfig(dtypes=DTypePolicy.uniform(dtype), scan_layers=scan_layers)
     config = Lfm2VlConfig(text=text, runtime=runtime)
     params = abstract_params(config)
-    batch, max_len = 8, 1024
-    state = jax.eval_shape(
-        lambda: DecodeState(
-            cache=init_cache(config, batch, max_len),
-            tokens=jnp.zeros((batch, 128), jnp.int32),
-            num_generated=jnp.ones((), jnp.int32),
-            done=jnp.zeros((batch,), bool),
-            seen=jnp.zeros((batch, text.vocab_size), bool),
-            key=jax.random.key(0),
-        )
-    )
+    stop = jnp.array([7])
     start = time.perf_counter()
-    decode_step.lower(params, config, state, SamplingParams(), jnp.array([7]), 0).compile()
+    if program == "decode":
+        batch, max_len = 8, 1024
+        state = jax.eval_shape(
+            lambda: DecodeState(
+                cache=init_cache(config, batch, max_len),
+                tokens=jnp.zeros((batch, 128), jnp.int32),
+                num_generated=jnp.ones((), jnp.int32),
+                done=jnp.zeros((batch,), bool),
+                seen=None,
+                key=jax.random.key(0),
+            )
+        )
+        decode_step.lower(params, config, state, SamplingParams(), stop, 0).compile()
+    else:
+        ids = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
+        done = jax.ShapeDtypeStruct((1,), jnp.bool_)
+        prefill.lower(
+            params,
+            config,
+            ids,
+            ids,
+            None,
+            None,
+            None,
+            jax.random.key(0),
+            SamplingParams(),
+            stop,
+            done,
+            max_len=1152,
+            max_new_tokens=128,
+            pad_id=0,
+        ).compile()
     return time.perf_counter() - start
 
 
@@ -68,23 +92,24 @@ def main() -> None:
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
     results = {
-        depth: {layout: compile_seconds(pattern, layout == "scan", dtype) for layout in ("scan", "per-layer")}
-        for depth, pattern in PATTERNS.items()
+        program: {
+            depth: {
+                layout: compile_seconds(pattern, layout == "scan", dtype, program)
+                for layout in ("scan", "per-layer")
+            }
+            for depth, pattern in PATTERNS.items()
+        }
+        for program in ("decode", "prefill")
     }
-    device = jax.devices()[0]
     print(
         json.dumps(
-            {
-                "benchmark": "compile_time",
-                "device": f"{device.platform}:{device.device_kind}",
-                "dtype": args.dtype,
-                "seconds": results,
-            }
+            {"benchmark": "compile_time", **machine_description(), "dtype": args.dtype, "seconds": results}
         )
     )
-    print(f"{'layers':<16}{'scan (s)':>10}{'per-layer (s)':>15}")
-    for depth, r in results.items():
-        print(f"{depth:<16}{r['scan']:>10.2f}{r['per-layer']:>15.2f}")
+    print(f"{'program':<10}{'layers':<16}{'scan (s)':>10}{'per-layer (s)':>15}")
+    for program, by_depth in results.items():
+        for depth, r in by_depth.items():
+            print(f"{program:<10}{depth:<16}{r['scan']:>10.2f}{r['per-layer']:>15.2f}")
 
 
 if __name__ == "__main__":

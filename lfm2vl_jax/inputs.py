@@ -224,6 +224,8 @@ def resolve_generation_options(
         if not _is_real(value) or not math.isfinite(value) or not accepts(value):
             raise OptionError(f"{where}{name} must be {description}, got {value!r}")
         values[name] = float(value)
+    if values["repetition_penalty"] == 1.0:  # transformers applies none; None keeps no (B, V) seen record
+        values["repetition_penalty"] = None
     if not do_sample:  # greedy decoding reads only the repetition penalty: one program for any others
         values = {"repetition_penalty": values["repetition_penalty"]}
     sampling = SamplingParams(do_sample=bool(do_sample), **values)

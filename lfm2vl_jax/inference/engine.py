@@ -3,9 +3,13 @@
 
 Two drivers run the same step. `loop="device"` (the default without streaming) runs it inside one
 `lax.while_loop`: measured 12-18% faster than the host loop on a 2-core CPU (no per-step dispatch from
-Python competing with the compute threads). `loop="host"` (needed to stream tokens) dispatches jitted steps
-asynchronously and looks at the `done` flags only every few steps, so the device never waits on Python.
-`benchmarks/bench_generate.py` reports both.
+Python competing with the compute threads), and the loop the H200 numbers were taken with. `loop="host"`
+(needed to stream tokens) dispatches jitted steps asynchronously and looks at the `done` flags only every
+few steps, so the device never waits on Python. `benchmarks/bench_generate.py --loops device host`
+reports both.
+
+The step is kept lean (see `tests/unit/test_decode_step.py`): greedy decoding splits no random key and,
+without a repetition penalty, `DecodeState.seen` is None (no (B, V) array carried or updated).
 
 Shapes are bucketed (batch rows, prompt length, image count, cache length) so that a stream of varied
 requests compiles a bounded number of programs; padding rows and images are dropped from the output.
@@ -38,23 +42,37 @@ HOST_CHECK_EVERY = 8  # host loop: decode steps dispatched between looks at the 
 
 @flax.struct.dataclass
 class DecodeState:
+    """Everything a decode step reads and writes; donated to the step, which updates it in place."""
+
     cache: Cache
     tokens: jax.Array  # (B, max_new) generated tokens, pad after a row's stop token
     num_generated: jax.Array  # () int32
     done: jax.Array  # (B,) bool: the row has emitted a stop token
-    seen: jax.Array  # (B, V) bool: tokens of the prompt or generated so far (repetition penalty)
-    key: jax.Array
+    # (B, V) bool: tokens of the prompt or generated so far; None unless a repetition penalty is applied
+    # (`SamplingParams.repetition_penalty`), so that the common case updates no (B, V) array per step.
+    seen: jax.Array | None
+    key: jax.Array  # split per step only when sampling
 
 
 def _record(state: DecodeState, token: jax.Array, stop_ids: jax.Array, pad_id: int) -> DecodeState:
     token = jnp.where(state.done, pad_id, token)
-    rows = jnp.arange(token.shape[0])
+    seen = state.seen
+    if seen is not None:
+        seen = seen.at[jnp.arange(token.shape[0]), token].set(True)
     return state.replace(
         tokens=state.tokens.at[:, state.num_generated].set(token),
         num_generated=state.num_generated + 1,
         done=state.done | jnp.isin(token, stop_ids),
-        seen=state.seen.at[rows, token].set(True),
+        seen=seen,
     )
+
+
+def _split(key: jax.Array, sampling: SamplingParams) -> tuple[jax.Array, jax.Array | None]:
+    """The state's next key and this step's sampling key (greedy decoding draws nothing)."""
+    if not sampling.do_sample:
+        return key, None
+    key, subkey = jax.random.split(key)
+    return key, subkey
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_len", "max_new_tokens", "pad_id"))
@@ -90,9 +108,11 @@ def prefill(
         cache = cache.replace(blocks=blocks)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     logits = lm_logits(params["text"], last)
-    rows = jnp.arange(batch)[:, None]
-    seen = jnp.zeros((batch, config.text.vocab_size), bool).at[rows, input_ids].max(mask)
-    key, subkey = jax.random.split(key)
+    seen = None
+    if sampling.repetition_penalty is not None:
+        rows = jnp.arange(batch)[:, None]
+        seen = jnp.zeros((batch, config.text.vocab_size), bool).at[rows, input_ids].max(mask)
+    key, subkey = _split(key, sampling)
     state = DecodeState(
         cache=cache,
         tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
@@ -121,7 +141,7 @@ def _decode(
     )
     cache = append(state.cache, entries, jnp.ones((batch,), jnp.int32), after=hidden)
     logits = lm_logits(params["text"], hidden[:, 0])
-    key, subkey = jax.random.split(state.key)
+    key, subkey = _split(state.key, sampling)
     token = next_token(logits, state.seen, subkey, sampling)
     return _record(state.replace(cache=cache, key=key), token, stop_ids, pad_id)
 

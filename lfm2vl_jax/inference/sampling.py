@@ -18,14 +18,18 @@ from ..errors import Lfm2VlError
 class SamplingParams:
     """Static fields pick the program (greedy or sampling, top-k width); the floats are traced, so
     changing them does not recompile. Defaults are transformers' `GenerationConfig` defaults; the model
-    card recommends `temperature=0.1, min_p=0.15, repetition_penalty=1.05`."""
+    card recommends `temperature=0.1, min_p=0.15, repetition_penalty=1.05`.
+
+    `repetition_penalty=None` (no penalty; `Lfm2VlForConditionalGeneration` maps transformers' 1.0 to it)
+    is part of the program too: the decoder then keeps no (batch, vocab) record of the tokens seen.
+    """
 
     do_sample: bool = flax.struct.field(pytree_node=False, default=False)
     top_k: int = flax.struct.field(pytree_node=False, default=50)  # 0: off
     temperature: float = 1.0
     top_p: float = 1.0
     min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = None
 
     def __post_init__(self):
         valid = {
@@ -37,7 +41,7 @@ class SamplingParams:
         }
         for name, ok in valid.items():
             value = getattr(self, name)
-            if isinstance(value, (int, float)) and not ok(value):  # not when traced
+            if isinstance(value, (int, float)) and not ok(value):  # not when traced (nor None)
                 raise Lfm2VlError(f"invalid sampling parameter {name}={value}")
 
 
@@ -63,22 +67,32 @@ def _top_p_min_p(logits: jax.Array, top_p: jax.Array | float, min_p: jax.Array |
     return jnp.where(probs < min_p * jnp.max(probs, axis=-1, keepdims=True), -jnp.inf, logits)
 
 
-def process_logits(logits: jax.Array, seen: jax.Array, params: SamplingParams) -> jax.Array:
-    """The full-vocabulary logits a sampling step draws from (B, V); -inf where removed."""
-    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty) / params.temperature
+def _penalised(logits: jax.Array, seen: jax.Array | None, params: SamplingParams) -> jax.Array:
+    if params.repetition_penalty is None:
+        return logits
+    return apply_repetition_penalty(logits, seen, params.repetition_penalty)
+
+
+def process_logits(logits: jax.Array, seen: jax.Array | None, params: SamplingParams) -> jax.Array:
+    """The full-vocabulary logits a sampling step draws from (B, V); -inf where removed. `seen` (B, V)
+    may be None without a repetition penalty."""
+    logits = _penalised(logits, seen, params) / params.temperature
     if params.top_k:
         kth = jax.lax.top_k(logits, min(params.top_k, logits.shape[-1]))[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     return _top_p_min_p(logits, params.top_p, params.min_p)
 
 
-def next_token(logits: jax.Array, seen: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
-    """(B, V) float32 logits -> (B,) int32 tokens.
+def next_token(
+    logits: jax.Array, seen: jax.Array | None, key: jax.Array | None, params: SamplingParams
+) -> jax.Array:
+    """(B, V) float32 logits -> (B,) int32 tokens. `seen` may be None without a repetition penalty, `key`
+    when greedy.
 
     With top-k on, top-p and min-p run on the k candidates rather than sorting the whole vocabulary: the
     same distribution as `process_logits` (tokens tied with the k-th are not kept, a measure-zero case).
     """
-    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    logits = _penalised(logits, seen, params)
     if not params.do_sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / params.temperature

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .layers import activation, cast, dense, layer_norm
+from .layers import activation, cast, dense, layer_norm, matmul_precision
 from .params import Params
 
 
@@ -45,5 +45,6 @@ def project(params: Params, features: jax.Array, spatial_shapes: jax.Array, fact
     x = pixel_unshuffle(features, spatial_shapes, factor)
     if "ln" in params:
         x = layer_norm(x, params["ln"], eps=1e-5)  # nn.LayerNorm's default eps in the reference
-    x = activation("gelu")(dense(x, params["fc1"]))
-    return dense(x, params["fc2"])
+    with matmul_precision(features.dtype):
+        x = activation("gelu")(dense(x, params["fc1"]))
+        return dense(x, params["fc2"])

@@ -36,8 +36,12 @@ def causal_depthwise_conv(
         window[:, i : i + seq_len].astype(jnp.float32) * kernel[i].astype(jnp.float32)
         for i in range(history + 1)
     )
-    take = num_new[:, None] + jnp.arange(history)[None, :]  # window rows just before position num_new
-    new_state = jnp.take_along_axis(window, take[..., None], axis=1)
+    # The window rows just before position num_new: rows num_new .. num_new + L-2 of the window. Picked
+    # by a masked sum rather than a gather, which XLA fuses into one pass (a gather became a copy per row,
+    # every decoding step).
+    take = num_new[:, None] + jnp.arange(history)[None, :]  # (B, L-1)
+    picks = take[:, :, None] == jnp.arange(window.shape[1])[None, None, :]  # (B, L-1, L-1+T)
+    new_state = jnp.where(picks[..., None], window[:, None], 0).sum(axis=2, dtype=window.dtype)
     return out, new_state
 
 

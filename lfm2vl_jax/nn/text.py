@@ -24,7 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 from ..config import CONV, RuntimeConfig, TextConfig
 from ..parallel.sharding import constrain
 from .attention import attention
-from .layers import apply_rope, cast, remat, rms_norm
+from .layers import apply_rope, cast, matmul_precision, remat, rms_norm
 from .params import Params
 from .short_conv import gated_short_conv
 
@@ -57,23 +57,17 @@ def attention_block(
     """GQA attention with per-head RMSNorm on queries and keys before NeoX RoPE.
 
     `cached`: {"k", "v"} (B, K, S, H) of earlier tokens, or None. Returns the output and this call's
-    keys and values (B, K, T, H), which the caller writes into the cache.
+    keys and values (B, K, T, H), which the caller writes into the cache. Each projection is computed in
+    its natural order and transposed after (a small activation) rather than asking for head-major output
+    from the einsum, which made XLA transpose the weight instead, at every decoding step.
     """
     q = rms_norm(jnp.einsum("btd,dnh->btnh", x, p["q"]), p["q_norm"], cfg.norm_eps)
     k = rms_norm(jnp.einsum("btd,dkh->btkh", x, p["k"]), p["k_norm"], cfg.norm_eps)
     q = checkpoint_name(apply_rope(q, ctx.positions, cfg.rope_theta), "q")
     k = checkpoint_name(jnp.swapaxes(apply_rope(k, ctx.positions, cfg.rope_theta), 1, 2), "k")  # head-major
-    v = checkpoint_name(jnp.einsum("btd,dkh->bkth", x, p["v"]), "v")
-    if cached is None:
-        out = attention(
-            q,
-            k,
-            v,
-            kv_lengths=ctx.num_new,
-            q_positions=ctx.positions,
-            causal=True,
-            implementation=runtime.attention,
-        )
+    v = checkpoint_name(jnp.swapaxes(jnp.einsum("btd,dkh->btkh", x, p["v"]), 1, 2), "v")
+    if cached is None:  # positions 0 .. T-1: the default, which lets kernels use a plain causal mask
+        out = attention(q, k, v, kv_lengths=ctx.num_new, causal=True, implementation=runtime.attention)
     else:
         out = attention(
             q,
@@ -86,7 +80,10 @@ def attention_block(
             new_v=v,
             implementation=runtime.attention,
         )
-    return jnp.einsum("btnh,nhd->btd", out, p["o"]), {"k": k, "v": v}
+    # One contraction axis (N*H): contracting (N, H) as two let XLA pick (H, N) and transpose the
+    # weight at every call.
+    o = p["o"].reshape(-1, p["o"].shape[-1])
+    return jnp.einsum("bte,ed->btd", out.reshape(*out.shape[:2], -1), o), {"k": k, "v": v}
 
 
 def decoder_layer(
@@ -181,7 +178,8 @@ def text_forward(
     )
     h = constrain(embeds.astype(runtime.dtypes.compute), RESIDUAL_AXES, runtime)
     cache_blocks = None if cache is None else cache.blocks
-    h, entries = run_layers(params["blocks"], h, ctx, cache_blocks, cfg, runtime)
+    with matmul_precision(runtime.dtypes.compute):
+        h, entries = run_layers(params["blocks"], h, ctx, cache_blocks, cfg, runtime)
     scale = params["final_norm"]["scale"].astype(runtime.dtypes.compute)
     return rms_norm(h, scale, cfg.norm_eps), entries
 
@@ -197,4 +195,5 @@ def lm_head(params: Params) -> tuple[jax.Array, str]:
 def lm_logits(params: Params, h: jax.Array) -> jax.Array:
     """Logits in float32 (the head cast to the hidden states' compute dtype)."""
     head, equation = lm_head(params)
-    return jnp.einsum(equation, h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+    with matmul_precision(h.dtype):
+        return jnp.einsum(equation, h, head.astype(h.dtype), preferred_element_type=jnp.float32)
