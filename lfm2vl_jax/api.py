@@ -6,7 +6,7 @@ import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,15 +18,17 @@ from .checkpoint.hub import resolve_checkpoint_dir
 from .config import DTypePolicy, Lfm2VlConfig, RuntimeConfig
 from .inference import engine
 from .inference.sampling import SamplingParams
-from .inputs import as_numpy_inputs, check_inputs
+from .inputs import MODEL_INPUTS, as_numpy_inputs, check_inputs
 from .nn.model import forward
 from .nn.params import Params
 from .parallel.sharding import batch_sharding
 
+if TYPE_CHECKING:
+    from .inference.batching import BatchEngine
+
 # The plain forward pass, jitted here, at its entry point (the config is static: it picks the program).
 _forward = jax.jit(forward, static_argnames=("config",))
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "spatial_shapes")
 SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
 
@@ -119,17 +121,13 @@ class Lfm2VlForConditionalGeneration:
 
     # Generation -------------------------------------------------------------------------------------------
 
-    def request(
-        self, inputs: dict[str, Any], max_new_tokens: int, seed: int, options: dict[str, Any]
-    ) -> engine.Request:
-        """Validates and prepares one generation call: bucketed inputs (sharded over the mesh's `data`
-        axis when there is one) and the decoding options, filled from the checkpoint's
-        generation_config.json, then transformers' defaults."""
+    def decoding_options(self, options: dict[str, Any]) -> tuple[SamplingParams, tuple[int, ...], int]:
+        """(sampling parameters, stop token ids, pad id) of a generation call's `options` (transformers'
+        names, plus `stop_token_ids`), filled from the checkpoint's generation_config.json, then
+        transformers' defaults."""
         unknown = set(options) - set(SAMPLING_KEYS) - {"eos_token_id", "pad_token_id", "stop_token_ids"}
         if unknown:
             raise TypeError(f"generate() got unexpected arguments {sorted(unknown)}")
-        inputs = as_numpy_inputs(**inputs)
-        check_inputs(self.config, **inputs)
         defaults = self.generation_config
 
         def pick(key: str, fallback: Any) -> Any:
@@ -149,6 +147,17 @@ class Lfm2VlForConditionalGeneration:
         stop += list(options.get("stop_token_ids") or [])
         pad = pick("pad_token_id", self.config.pad_token_id)
         pad = int(pad if pad is not None else stop[0] if stop else 0)
+        return sampling, tuple(int(token) for token in stop), pad
+
+    def request(
+        self, inputs: dict[str, Any], max_new_tokens: int, seed: int, options: dict[str, Any]
+    ) -> engine.Request:
+        """Validates and prepares one generation call: bucketed inputs (sharded over the mesh's `data`
+        axis when there is one) and the decoding options, filled from the checkpoint's
+        generation_config.json, then transformers' defaults."""
+        sampling, stop, pad = self.decoding_options(options)
+        inputs = as_numpy_inputs(**inputs)
+        check_inputs(self.config, **inputs)
         rows = 1
         if self.mesh is not None:
             for axis in self.config.runtime.rules.mesh_axes("batch"):
@@ -169,7 +178,7 @@ class Lfm2VlForConditionalGeneration:
                     for name in ("pixel_values", "pixel_attention_mask", "spatial_shapes")
                 },
             )
-        return engine.Request(batch, sampling, tuple(stop), pad, max_new_tokens, seed)
+        return engine.Request(batch, sampling, stop, pad, max_new_tokens, seed)
 
     def generate(
         self,
@@ -219,6 +228,40 @@ class Lfm2VlForConditionalGeneration:
             yield engine.latest_tokens(state, request.batch.num_rows)
             if np.asarray(state.done).all():
                 return
+
+    def batch_engine(
+        self,
+        processor: Any = None,
+        *,
+        slots: int = 64,
+        max_length: int = 4096,
+        max_new_tokens: int = 256,
+        seed: int = 0,
+        **options: Any,
+    ) -> BatchEngine:
+        """A continuous-batching engine over this model (`inference.batching.BatchEngine`): `slots` rows
+        decode together, each refilled with the next request as soon as its own finishes; each request
+        gets exactly the tokens `generate` gives it alone.
+
+        >>> engine = model.batch_engine(processor, slots=64, max_new_tokens=128)
+        >>> for result in engine.run({"id": i, "messages": m} for i, m in enumerate(conversations)):
+        ...     print(result.id, result.text)
+
+        processor: renders requests' `messages` and decodes the text (an `Lfm2VlProcessor`).
+        max_length: prompt + new tokens per request. Other arguments are the requests' defaults (options as
+        `generate`); `prefill_batch`, `workers` and `chunk` tune the engine (see `BatchEngine`).
+        """
+        from .inference.batching import BatchEngine
+
+        return BatchEngine(
+            self,
+            processor,
+            slots=slots,
+            max_length=max_length,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            **options,
+        )
 
     # Export -----------------------------------------------------------------------------------------------
 

@@ -10,6 +10,9 @@ import numpy as np
 from .config import Lfm2VlConfig
 from .errors import Lfm2VlError
 
+# The model's inputs, in the order of the reference's forward signature.
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "spatial_shapes")
+
 
 class InputError(Lfm2VlError):
     """Model inputs that cannot go together (shapes, image token counts)."""
