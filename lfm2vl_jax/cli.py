@@ -128,7 +128,7 @@ def _batch_parser(sub: argparse._SubParsersAction) -> None:
         help="stacked, scanned text layers (default: per-layer on CPU, scanned on accelerators)",
     )
     p.add_argument("--prefill-batch", type=int, help="most requests prefilled together (default slots/4)")
-    p.add_argument("--workers", type=int, help="threads preparing requests (default: CPUs, at most 4)")
+    p.add_argument("--workers", type=int, help="threads preparing requests (default: CPUs - 1, 1..4)")
     p.add_argument("--resume", action="store_true", help="skip the ids already in --output, append the rest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,9 +1,11 @@
 """Continuous batching: a fixed set of decode slots sharing one cache, each refilled with the next request
 as soon as its own finishes, while the others keep decoding (what vLLM and JetStream do).
 
-Device side, three jitted programs over a `SlotState` (slots = rows of one cache):
-- `prefill_rows`: a bucketed group of queued prompts (images included) through the model, each row's
-  first token sampled; returns the rows' cache entries. Compiled per (rows, prompt length, images) bucket.
+Device side, jitted programs over a `SlotState` (slots = rows of one cache):
+- `encode_images`, `embed_prompts`, `prefill_rows`: a bucketed group of queued prompts through the vision
+  tower (compiled per image-count bucket), the embeddings (a small program per combination) and the text
+  tower (per rows and prompt-length bucket), each row's first token sampled; returns the rows' cache
+  entries.
 - `insert_rows`: writes those entries (conv states, K/V) and the rows' decoding state into free slots of
   the shared cache, in place (the state is donated). Compiled per bucket and cache capacity.
 - `decode_slots`: decode steps over every slot in a `lax.while_loop`, until enough slots are free to be
@@ -17,9 +19,9 @@ Host side, `BatchEngine` (`model.batch_engine(...)`): requests are rendered and 
 preprocessed on worker threads ahead of the device; the loop inserts ready requests into free slots, runs
 the decode program, and yields each result as its request finishes.
 
-The cache capacity (positions per slot) grows in buckets as requests need it, up to `max_length`: the
-attention reads every cached position, so a cache sized for the longest possible request would make every
-step pay for it.
+The cache capacity (positions per slot) grows in buckets (`engine.bucket`) as requests need it, up to
+`max_length`: the attention reads every cached position, so a cache sized for the longest possible
+request would make every step pay for it.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import numpy as np
 from ..config import Lfm2VlConfig
 from ..errors import Lfm2VlError
 from ..inputs import MODEL_INPUTS, as_numpy_inputs, check_inputs
-from ..nn.model import embed_inputs
+from ..nn.model import image_features, merge_image_features
 from ..nn.params import Params
 from ..nn.text import embed_tokens, lm_logits, text_forward
 from ..parallel.sharding import batch_sharding, cache_shardings
@@ -151,23 +153,49 @@ def grow_capacity(config: Lfm2VlConfig, state: SlotState, capacity: int) -> Slot
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
+def encode_images(
+    params: Params,
+    config: Lfm2VlConfig,
+    pixel_values: jax.Array,
+    pixel_attention_mask: jax.Array,
+    spatial_shapes: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Vision tower + projector: each image's tokens (I, N, D) and which are real (I, N). A program per
+    image-count bucket, apart from the text tower's: prefill compiles per (rows, length) and per images,
+    not per combination of the three."""
+    return image_features(params, config, pixel_values, pixel_attention_mask, spatial_shapes)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def embed_prompts(
+    params: Params,
+    config: Lfm2VlConfig,
+    input_ids: jax.Array,
+    features: jax.Array | None,
+    valid: jax.Array | None,
+) -> jax.Array:
+    """Token embeddings with the images' tokens at the `<image>` positions (`nn.model.embed_inputs`)."""
+    embeds = embed_tokens(params["text"], input_ids, config.runtime)
+    if features is None:
+        return embeds
+    return merge_image_features(embeds, input_ids, config.image_token_id, features, valid)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
 def prefill_rows(
     params: Params,
     config: Lfm2VlConfig,
     input_ids: jax.Array,
     attention_mask: jax.Array,
-    pixel_values: jax.Array | None,
-    pixel_attention_mask: jax.Array | None,
-    spatial_shapes: jax.Array | None,
+    embeds: jax.Array,
     keys: jax.Array,
     sampling: SamplingParams,
     do_sample: jax.Array,
 ) -> PrefilledRows:
-    """`engine.prefill` for rows with their own options: vision tower + projector + text tower over
-    right-padded prompts, each row's first token drawn from its own key."""
+    """`engine.prefill` for rows with their own options: the text tower over right-padded prompts (their
+    embeddings from `embed_prompts`), each row's first token drawn from its own key."""
     batch = input_ids.shape[0]
     mask = attention_mask.astype(bool)
-    embeds = embed_inputs(params, config, input_ids, pixel_values, pixel_attention_mask, spatial_shapes)
     hidden, entries = text_forward(params["text"], config.text, config.runtime, embeds, mask)
     lengths = mask.sum(axis=1).astype(jnp.int32)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
@@ -367,8 +395,8 @@ class BatchEngine:
             stop_token_ids). `top_k` is per engine (a static shape): a sampling request that sets another
             value fails.
         prefill_batch: most requests prefilled together (default slots // 4, at least 1).
-        workers: threads rendering and preprocessing requests ahead of the device (default: CPU count,
-            at most 4).
+        workers: threads rendering and preprocessing requests ahead of the device (default: the CPU
+            count - 1, at least 1, at most 4).
         chunk: most decode steps between two looks of the host at the slots.
     """
 
@@ -405,7 +433,8 @@ class BatchEngine:
         self.options = dict(options)
         self.top_k, self.pad_id = sampling.top_k, pad_id
         self.prefill_batch = max(1, min(slots, prefill_batch or slots // 4))
-        self.workers = workers or min(4, os.cpu_count() or 1)
+        # One core left to the device's host threads (on a CPU backend, the device itself).
+        self.workers = workers or max(1, min(4, (os.cpu_count() or 2) - 1))
         self.chunk = chunk
         self.key_shape = tuple(jax.random.key_data(jax.random.key(0)).shape)
         self.stats = BatchStats(slots)
@@ -527,7 +556,9 @@ class BatchEngine:
     # -- device --------------------------------------------------------------------------------------------
 
     def _ensure_capacity(self, need: int) -> None:
-        capacity = bucket(need, minimum=64)
+        # Buckets (at most 25% over): a new capacity compiles the decode and insert programs again, but
+        # the capacity only grows, and each step reads all of it.
+        capacity = bucket(need, minimum=256)
         if self._state is None:
             self._state = init_slots(self.config, self.slots, capacity, self.top_k, self.key_shape)
         elif self._state.cache.capacity < capacity:
@@ -566,17 +597,13 @@ class BatchEngine:
         arrays = [batch.input_ids, batch.attention_mask]
         if self.model.mesh is not None:
             arrays = [jax.device_put(a, batch_sharding(self.config, a.shape)) for a in arrays]
-        prefilled = prefill_rows(
-            self.model.params,
-            self.config,
-            *arrays,
-            batch.pixel_values,
-            batch.pixel_attention_mask,
-            batch.spatial_shapes,
-            keys,
-            sampling,
-            do_sample,
-        )
+        params = self.model.params
+        features = valid = None
+        if batch.pixel_values is not None:
+            images = (batch.pixel_values, batch.pixel_attention_mask, batch.spatial_shapes)
+            features, valid = encode_images(params, self.config, *images)
+        embeds = embed_prompts(params, self.config, arrays[0], features, valid)
+        prefilled = prefill_rows(params, self.config, *arrays, embeds, keys, sampling, do_sample)
         stops = np.full((rows, MAX_STOP_TOKENS), -1, np.int32)
         for i, ready in enumerate(group):
             stops[i, : len(ready.stop_ids)] = ready.stop_ids
@@ -647,11 +674,17 @@ class BatchEngine:
                 turn.ready.append((tag, prepared))
 
     def _refill(self, turn: _Turn) -> None:
-        """Prefills ready requests, a group of at most `prefill_batch` at a time, into free slots."""
+        """Prefills ready requests into free slots: the oldest with up to `prefill_batch - 1` others whose
+        prompts fall in its length bucket (a group is padded to its longest prompt: mixing a long prompt
+        with short ones would mostly compute padding)."""
         while turn.free and turn.ready:
-            size = min(len(turn.free), len(turn.ready), self.prefill_batch)
-            group = [turn.ready.popleft() for _ in range(size)]
-            slots, turn.free = turn.free[:size], turn.free[size:]
+            size = min(len(turn.free), self.prefill_batch)
+            width = bucket(len(turn.ready[0][1].input_ids), minimum=16)
+            group = [item for item in turn.ready if bucket(len(item[1].input_ids), minimum=16) == width]
+            group = group[:size]
+            for item in group:
+                turn.ready.remove(item)
+            slots, turn.free = turn.free[: len(group)], turn.free[len(group) :]
             first = self._insert([item for _, item in group], slots)
             for row, (slot, (tag, item)) in enumerate(zip(slots, group, strict=True)):
                 turn.running[slot] = _Running(tag, item, [], first, row)
@@ -659,12 +692,13 @@ class BatchEngine:
     def _dispatch_decode(self, turn: _Turn) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Starts decoding (asynchronously) until enough slots are free for the requests at hand."""
         coming = bool(turn.pending or not turn.exhausted)
-        if turn.ready:
-            max_steps, refill = self.chunk, len(turn.free) + min(len(turn.ready), self.prefill_batch)
+        if turn.ready:  # come back when a few slots are free (one, up to 16 slots): few idle slot-steps
+            max_steps, refill = self.chunk, len(turn.free) + min(len(turn.ready), max(1, self.slots // 16))
         elif coming:  # requests on their way: look again soon if a slot is already free
             max_steps, refill = (POLL_STEPS if turn.free else self.chunk), len(turn.free) + 1
         else:
             max_steps, refill = self.chunk, self.slots + 1
+        max_steps = min(max_steps, self.chunk)  # the token buffer holds `chunk` steps
         self._state, tokens, steps = decode_slots(
             self.model.params,
             self.config,
