@@ -6,7 +6,7 @@ import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,9 @@ from .checkpoint.hf import load_hf_checkpoint
 from .checkpoint.hub import resolve_checkpoint_dir
 from .config import ConfigError, DTypePolicy, Lfm2VlConfig, RuntimeConfig
 from .inference import engine
+from .inference.sampling import SamplingParams
 from .inputs import (
+    MODEL_INPUTS,
     OptionError,
     as_numpy_inputs,
     check_generation_fits,
@@ -30,10 +32,12 @@ from .nn.model import forward
 from .nn.params import Params
 from .parallel.sharding import batch_sharding
 
+if TYPE_CHECKING:
+    from .inference.batching import BatchEngine
+
 # The plain forward pass, jitted here, at its entry point (the config is static: it picks the program).
 _forward = jax.jit(forward, static_argnames=("config",))
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "spatial_shapes")
 INT32_MAX = 2**31 - 1  # token counts and positions are int32 on the device
 
 
@@ -139,6 +143,12 @@ class Lfm2VlForConditionalGeneration:
 
     # Generation -------------------------------------------------------------------------------------------
 
+    def decoding_options(self, options: dict[str, Any]) -> tuple[SamplingParams, tuple[int, ...], int]:
+        """(sampling parameters, stop token ids, pad id) of a generation call's `options` (transformers'
+        names, plus `stop_token_ids`), filled from the checkpoint's generation_config.json, then
+        transformers' defaults; each checked for type and range."""
+        return resolve_generation_options(self.config, options, self.generation_config)
+
     def request(
         self, inputs: dict[str, Any], max_new_tokens: int, seed: int, options: dict[str, Any]
     ) -> engine.Request:
@@ -149,7 +159,7 @@ class Lfm2VlForConditionalGeneration:
         is allocated."""
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1, INT32_MAX)
         seed = check_int("seed", seed, -(2**63), 2**63 - 1)
-        sampling, stop, pad = resolve_generation_options(self.config, options, self.generation_config)
+        sampling, stop, pad = self.decoding_options(options)
         inputs = as_numpy_inputs(**inputs)
         check_inputs(self.config, **inputs)
         rows = 1
@@ -229,6 +239,40 @@ class Lfm2VlForConditionalGeneration:
             yield engine.latest_tokens(state, request.batch.num_rows)
             if np.asarray(state.done).all():
                 return
+
+    def batch_engine(
+        self,
+        processor: Any = None,
+        *,
+        slots: int = 64,
+        max_length: int = 4096,
+        max_new_tokens: int = 256,
+        seed: int = 0,
+        **options: Any,
+    ) -> BatchEngine:
+        """A continuous-batching engine over this model (`inference.batching.BatchEngine`): `slots` rows
+        decode together, each refilled with the next request as soon as its own finishes; each request
+        gets exactly the tokens `generate` gives it alone.
+
+        >>> engine = model.batch_engine(processor, slots=64, max_new_tokens=128)
+        >>> for result in engine.run({"id": i, "messages": m} for i, m in enumerate(conversations)):
+        ...     print(result.id, result.text)
+
+        processor: renders requests' `messages` and decodes the text (an `Lfm2VlProcessor`).
+        max_length: prompt + new tokens per request. Other arguments are the requests' defaults (options as
+        `generate`); `prefill_batch`, `workers` and `chunk` tune the engine (see `BatchEngine`).
+        """
+        from .inference.batching import BatchEngine
+
+        return BatchEngine(
+            self,
+            processor,
+            slots=slots,
+            max_length=max_length,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            **options,
+        )
 
     # Export -----------------------------------------------------------------------------------------------
 

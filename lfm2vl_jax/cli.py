@@ -103,6 +103,144 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_parser(sub: argparse._SubParsersAction) -> None:
+    from pathlib import Path
+
+    p = sub.add_parser(
+        "batch",
+        help="answer every request of a JSONL file (continuous batching)",
+        description="Generates for each line of --input ({'id', 'messages', ...}) and appends one result "
+        "line per request to --output as it finishes. Exit status: 0 if every request succeeded, 1 if "
+        "some failed (their lines say why), 2 on an error that stops the run.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face Hub id")
+    p.add_argument("--input", required=True, type=Path, help="requests, one JSON object per line")
+    p.add_argument("--output", required=True, type=Path, help="results file (JSONL, appended)")
+    p.add_argument("--slots", type=int, default=64, help="requests decoded together (default 64)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="default for requests that do not say")
+    p.add_argument(
+        "--max-length", type=int, default=4096, help="most prompt + new tokens per request (default 4096)"
+    )
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int, default=0, help="default seed of requests that do not set one")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        help="default: float32 on CPU (faster there), bfloat16 elsewhere",
+    )
+    p.add_argument(
+        "--mesh", help="shard over devices, e.g. data=2,tensor=4 (slots over data, heads over tensor)"
+    )
+    p.add_argument(
+        "--scan-layers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="stacked, scanned text layers (default: per-layer on CPU, scanned on accelerators)",
+    )
+    p.add_argument("--prefill-batch", type=int, help="most requests prefilled together (default slots/4)")
+    p.add_argument("--workers", type=int, help="threads preparing requests (default: CPUs - 1, 1..4)")
+    p.add_argument("--resume", action="store_true", help="skip the ids already in --output, append the rest")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_batch)
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    """`lfm2vl batch`: the JSONL requests through `BatchEngine`, one result line each as it finishes."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from .api import Lfm2VlForConditionalGeneration
+    from .inference.batch_io import BatchResult, ResultWriter, count_lines, line_id, read_requests
+    from .parallel.mesh import make_mesh, parse_mesh
+    from .processing.processor import Lfm2VlProcessor
+
+    if not args.input.is_file():
+        raise Lfm2VlError(f"--input {args.input}: no such file")
+    mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
+    options = {
+        "do_sample": args.do_sample or None,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+    }
+    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    with ResultWriter(args.output, resume=args.resume, overwrite=args.overwrite) as writer:
+        processor = Lfm2VlProcessor.from_pretrained(args.model)
+        model = Lfm2VlForConditionalGeneration.from_pretrained(
+            args.model,
+            dtype=DTYPES[dtype],
+            mesh=mesh,
+            scan_layers=args.scan_layers,
+            progress=not args.quiet and sys.stderr.isatty(),
+        )
+        engine = model.batch_engine(
+            processor,
+            slots=args.slots,
+            max_length=args.max_length,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            prefill_batch=args.prefill_batch,
+            workers=args.workers,
+            **options,
+        )
+        bar = tqdm(total=count_lines(args.input), unit="req", disable=args.quiet or None, dynamic_ncols=True)
+        totals = {"stop": 0, "length": 0, "error": 0, "skipped": 0}
+        first_line: dict = {}
+
+        def record(result: BatchResult) -> None:
+            writer.write(result)
+            totals[result.finish_reason] += 1
+            bar.update()
+
+        def requests():  # what the engine runs; bad lines, duplicates and done ids are handled here
+            for number, item in read_requests(args.input):
+                if item.id in first_line:  # a duplicate is known by its line, the id being taken
+                    duplicate = BatchResult.failure(
+                        line_id(number),
+                        f"line {number}: duplicate id {item.id!r} (first on line {first_line[item.id]})",
+                    )
+                    item = duplicate
+                else:
+                    first_line[item.id] = number
+                if item.id in writer.done_ids:
+                    totals["skipped"] += 1
+                    bar.update()
+                elif isinstance(item, BatchResult):
+                    record(item)
+                else:
+                    yield item
+
+        start = time.perf_counter()
+        with bar:
+            for result in engine.run(requests()):
+                record(result)
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix_str(
+                    f"{engine.stats.completion_tokens / elapsed:.1f} tok/s, "
+                    f"{engine.busy_slots}/{args.slots} slots busy, {totals['error']} errors",
+                    refresh=False,
+                )
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    tokens = engine.stats.completion_tokens
+    print(
+        f"lfm2vl batch: {totals['stop'] + totals['length']} done ({totals['stop']} stopped, "
+        f"{totals['length']} at the length limit), {totals['error']} failed, {totals['skipped']} skipped "
+        f"(already in {args.output}); {tokens} new tokens in {elapsed:.1f} s ({tokens / elapsed:.1f} "
+        f"tokens/s), slot occupancy {engine.stats.occupancy:.0%}",
+        file=sys.stderr,
+    )
+    return 1 if totals["error"] else 0
+
+
 def _conversion_arguments(p: argparse.ArgumentParser, src_help: str, dst_help: str, to_hf: bool) -> None:
     p.add_argument("src", metavar="SRC", help=src_help)
     p.add_argument("dst", metavar="DST", help=dst_help)
@@ -256,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_debug_argument(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    _batch_parser(sub)
     _convert_parser(sub)
     _train_parser(sub)
     return parser

@@ -36,6 +36,9 @@ INPUT_KINDS: dict[str, tuple[str, Callable[[np.dtype], bool]]] = {
     "spatial_shapes": ("integers", _integers),
 }
 
+# The model's inputs, in the order of the reference's forward signature.
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "spatial_shapes")
+
 
 class InputError(Lfm2VlError):
     """Model inputs that cannot go together (shapes, image token counts)."""

@@ -65,3 +65,30 @@ def tiny_inputs(config: Lfm2VlConfig, seed: int = 0) -> dict[str, np.ndarray]:
         "pixel_attention_mask": patch_mask,
         "spatial_shapes": np.array([[4, 6]], np.int32),
     }
+
+
+def prompt_inputs(
+    config: Lfm2VlConfig, segments: list[int | tuple[int, int]], seed: int = 0, max_patches: int = 64
+) -> dict[str, np.ndarray]:
+    """One row's inputs: ints are runs of random text tokens, (rows, cols) pairs are one image (its
+    `<image>` tokens, and random patches padded to `max_patches`)."""
+    rng = np.random.default_rng(seed)
+    f = config.downsample_factor
+    ids: list[int] = []
+    shapes = []
+    for segment in segments:
+        if isinstance(segment, tuple):
+            ids += [config.image_token_id] * ((segment[0] // f) * (segment[1] // f))
+            shapes.append(segment)
+        else:
+            ids += rng.integers(10, 390, segment).tolist()
+    inputs = {"input_ids": np.array([ids], np.int32), "attention_mask": np.ones((1, len(ids)), np.int32)}
+    if shapes:
+        patch_dim = config.vision.num_channels * config.vision.patch_size**2
+        pixel_values = np.zeros((len(shapes), max_patches, patch_dim), np.float32)
+        mask = np.zeros((len(shapes), max_patches), np.int32)
+        for i, (rows, cols) in enumerate(shapes):
+            pixel_values[i, : rows * cols] = rng.uniform(-1, 1, (rows * cols, patch_dim))
+            mask[i, : rows * cols] = 1
+        inputs.update(pixel_values=pixel_values, pixel_attention_mask=mask, spatial_shapes=np.array(shapes))
+    return inputs

@@ -101,3 +101,25 @@ def next_token(
     values, ids = jax.lax.top_k(logits, min(params.top_k, logits.shape[-1]))
     choice = jax.random.categorical(key, _top_p_min_p(values, params.top_p, params.min_p))
     return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def next_token_rows(
+    logits: jax.Array, seen: jax.Array, keys: jax.Array, params: SamplingParams, do_sample: jax.Array
+) -> jax.Array:
+    """`next_token` with options per row: `params`' floats are (B,) arrays (its static `top_k` is shared),
+    `do_sample` (B,) bool, `keys` (B,) one PRNG key per row.
+
+    Row b gets exactly the token `next_token` gives it alone, as a batch of one: the sampling rows are
+    vmapped, so each draws from its own key with the (1, V) (or (1, k)) shape of a single request.
+    Rows that do not sample take the penalised argmax; the sampling branch runs only when a row samples.
+    """
+    greedy = next_token(
+        logits, seen, keys[0], SamplingParams(repetition_penalty=params.repetition_penalty[:, None])
+    )
+    sampled = params.replace(do_sample=True)
+
+    def draw(_: None) -> jax.Array:
+        one = jax.vmap(lambda row, row_seen, key, p: next_token(row[None], row_seen[None], key, p)[0])
+        return jnp.where(do_sample, one(logits, seen, keys, sampled), greedy)
+
+    return jax.lax.cond(jnp.any(do_sample), draw, lambda _: greedy, None)

@@ -1,0 +1,759 @@
+"""Continuous batching: a fixed set of decode slots sharing one cache, each refilled with the next request
+as soon as its own finishes, while the others keep decoding (what vLLM and JetStream do).
+
+Device side, jitted programs over a `SlotState` (slots = rows of one cache):
+- `encode_images`, `embed_prompts`, `prefill_rows`: a bucketed group of queued prompts through the vision
+  tower (compiled per image-count bucket), the embeddings (a small program per combination) and the text
+  tower (per rows and prompt-length bucket), each row's first token sampled; returns the rows' cache
+  entries.
+- `insert_rows`: writes those entries (conv states, K/V) and the rows' decoding state into free slots of
+  the shared cache, in place (the state is donated). Compiled per bucket and cache capacity.
+- `decode_slots`: decode steps over every slot in a `lax.while_loop`, until enough slots are free to be
+  refilled or a step budget is spent; its shape is fixed by the slot count and capacity, so requests
+  coming and going never recompile it.
+Every slot carries its own decoding options (sampling parameters as arrays, stop tokens, limit) and its
+own PRNG stream, split exactly as `engine.run` splits a single request's key, so each request gets exactly
+the tokens `generate` gives it alone, whatever shares the batch and whenever it was inserted.
+
+Host side, `BatchEngine` (`model.batch_engine(...)`): requests are rendered and their images decoded and
+preprocessed on worker threads ahead of the device; the loop inserts ready requests into free slots, runs
+the decode program, and yields each result as its request finishes.
+
+The cache capacity (positions per slot) grows in buckets (`engine.bucket`) as requests need it, up to
+`max_length`: the attention reads every cached position, so a cache sized for the longest possible
+request would make every step pay for it.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import Lfm2VlConfig
+from ..errors import Lfm2VlError
+from ..inputs import MODEL_INPUTS, as_numpy_inputs, check_inputs
+from ..nn.model import image_features, merge_image_features
+from ..nn.params import Params
+from ..nn.text import embed_tokens, lm_logits, text_forward
+from ..parallel.sharding import batch_sharding, cache_shardings
+from .batch_io import BatchRequest, BatchRequestError, BatchResult
+from .cache import Cache, append, cache_layout, init_cache, is_layout
+from .engine import bucket, prepare_batch
+from .sampling import SamplingParams, next_token_rows
+
+if TYPE_CHECKING:
+    from ..api import Lfm2VlForConditionalGeneration
+    from ..processing.processor import Lfm2VlProcessor
+
+MAX_STOP_TOKENS = 8  # stop ids per request (eos and `stop_token_ids`)
+POLL_STEPS = 4  # decode steps between looks at the workers while a slot waits for a request
+SAMPLING_FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty")
+
+
+def _float(sampling: SamplingParams, name: str) -> float:
+    """A request's sampling float as a slot array entry: no repetition penalty (None) is a penalty of 1.0,
+    which leaves every logit unchanged."""
+    value = getattr(sampling, name)
+    return 1.0 if value is None else value
+
+
+@flax.struct.dataclass
+class SlotState:
+    """Everything the decode program carries per slot (S slots, vocabulary V)."""
+
+    cache: Cache  # S rows of `cache.capacity` positions
+    last: jax.Array  # (S,) int32: the slot's latest token, fed to its next step
+    generated: jax.Array  # (S,) int32: tokens its request has produced
+    limit: jax.Array  # (S,) int32: its request's max_new_tokens
+    done: jax.Array  # (S,) bool: free, or its request has finished
+    seen: jax.Array  # (S, V) bool: prompt and generated tokens (repetition penalty)
+    keys: jax.Array  # (S, ...) uint32 key data: its request's PRNG stream
+    stop_ids: jax.Array  # (S, MAX_STOP_TOKENS) int32, -1 where unused
+    sampling: SamplingParams  # floats (S,); `top_k` (static) shared by every slot
+    do_sample: jax.Array  # (S,) bool
+
+
+@flax.struct.dataclass
+class PrefilledRows:
+    """A prefilled group of R prompt rows, ready to be inserted into slots."""
+
+    entries: list  # per-layer cache entries (conv states; K/V over the padded prompt length)
+    lengths: jax.Array  # (R,) prompt tokens
+    token: jax.Array  # (R,) first generated token
+    keys: jax.Array  # (R, ...) key data after the first draw
+    seen: jax.Array  # (R, V) bool
+
+
+def _split_rows(key_data: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each row's key split as `engine.prefill`/`_decode` split a request's key: (next key data, subkeys)."""
+    keys = jax.vmap(jax.random.split)(jax.random.wrap_key_data(key_data))  # (B, 2) keys
+    return jax.random.key_data(keys[:, 0]), keys[:, 1]
+
+
+def _constrain(config: Lfm2VlConfig, state: SlotState) -> SlotState:
+    """Every slot array over the mesh's batch axes, the cache's heads over `tensor` (a no-op without a
+    mesh). Fixed shardings, so that a program's output state is a valid input of the next: the decode
+    program never recompiles for a new layout."""
+    if config.runtime.mesh is None:
+        return state
+    cache = state.cache
+    blocks = jax.lax.with_sharding_constraint(
+        cache.blocks, cache_shardings(config, cache.lengths.shape[0], cache.capacity)
+    )
+
+    def rows(x: jax.Array) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, batch_sharding(config, x.shape))
+
+    constrained = jax.tree.map(rows, state.replace(cache=None))
+    return constrained.replace(cache=cache.replace(blocks=blocks, lengths=rows(cache.lengths)))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "slots", "capacity", "top_k", "key_shape"))
+def init_slots(config: Lfm2VlConfig, slots: int, capacity: int, top_k: int, key_shape: tuple) -> SlotState:
+    """Every slot free, a cache of `capacity` positions per slot."""
+    zeros = jnp.zeros((slots,), jnp.int32)
+    ones = jnp.ones((slots,), jnp.float32)
+    state = SlotState(
+        cache=init_cache(config, slots, capacity),
+        last=zeros,
+        generated=zeros,
+        limit=zeros,
+        done=jnp.ones((slots,), bool),
+        seen=jnp.zeros((slots, config.text.vocab_size), bool),
+        keys=jnp.zeros((slots, *key_shape), jnp.uint32),
+        stop_ids=jnp.full((slots, MAX_STOP_TOKENS), -1, jnp.int32),
+        sampling=SamplingParams(
+            do_sample=True, top_k=top_k, temperature=ones, top_p=ones, min_p=0 * ones, repetition_penalty=ones
+        ),
+        do_sample=jnp.zeros((slots,), bool),
+    )
+    return _constrain(config, state)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "capacity"))
+def grow_capacity(config: Lfm2VlConfig, state: SlotState, capacity: int) -> SlotState:
+    """The same slots with room for `capacity` positions each (K/V copied over; not donated: no buffer of
+    the old capacity fits the new one)."""
+    slots = state.last.shape[0]
+
+    def grow(spec: tuple, held: jax.Array, new: jax.Array) -> jax.Array:
+        if "cache_seq" not in spec[1]:
+            return held
+        return jax.lax.dynamic_update_slice(new, held, (0,) * held.ndim)
+
+    fresh = init_cache(config, slots, capacity)
+    layout = cache_layout(config, slots, capacity)
+    blocks = jax.tree.map(grow, layout, state.cache.blocks, fresh.blocks, is_leaf=is_layout)
+    cache = Cache(blocks=blocks, lengths=state.cache.lengths, capacity=capacity)
+    return _constrain(config, state.replace(cache=cache))
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def encode_images(
+    params: Params,
+    config: Lfm2VlConfig,
+    pixel_values: jax.Array,
+    pixel_attention_mask: jax.Array,
+    spatial_shapes: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Vision tower + projector: each image's tokens (I, N, D) and which are real (I, N). A program per
+    image-count bucket, apart from the text tower's: prefill compiles per (rows, length) and per images,
+    not per combination of the three."""
+    return image_features(params, config, pixel_values, pixel_attention_mask, spatial_shapes)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def embed_prompts(
+    params: Params,
+    config: Lfm2VlConfig,
+    input_ids: jax.Array,
+    features: jax.Array | None,
+    valid: jax.Array | None,
+) -> jax.Array:
+    """Token embeddings with the images' tokens at the `<image>` positions (`nn.model.embed_inputs`)."""
+    embeds = embed_tokens(params["text"], input_ids, config.runtime)
+    if features is None:
+        return embeds
+    return merge_image_features(embeds, input_ids, config.image_token_id, features, valid)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def prefill_rows(
+    params: Params,
+    config: Lfm2VlConfig,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    embeds: jax.Array,
+    keys: jax.Array,
+    sampling: SamplingParams,
+    do_sample: jax.Array,
+) -> PrefilledRows:
+    """`engine.prefill` for rows with their own options: the text tower over right-padded prompts (their
+    embeddings from `embed_prompts`), each row's first token drawn from its own key."""
+    batch = input_ids.shape[0]
+    mask = attention_mask.astype(bool)
+    hidden, entries = text_forward(params["text"], config.text, config.runtime, embeds, mask)
+    lengths = mask.sum(axis=1).astype(jnp.int32)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    logits = lm_logits(params["text"], last)
+    rows = jnp.arange(batch)[:, None]
+    seen = jnp.zeros((batch, config.text.vocab_size), bool).at[rows, input_ids].max(mask)
+    keys, subkeys = _split_rows(keys)
+    token = next_token_rows(logits, seen, subkeys, sampling, do_sample)
+    seen = seen.at[rows[:, 0], token].set(True)
+    return PrefilledRows(entries=entries, lengths=lengths, token=token, keys=keys, seen=seen)
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
+def insert_rows(
+    config: Lfm2VlConfig,
+    state: SlotState,
+    rows: PrefilledRows,
+    slots: jax.Array,
+    limit: jax.Array,
+    stop_ids: jax.Array,
+    sampling: SamplingParams,
+    do_sample: jax.Array,
+) -> SlotState:
+    """Row r of `rows` into slot `slots[r]` (in place); a slot index out of range drops the row (padding).
+    Cached positions past a row's prompt keep stale values, which its length masks."""
+    num_slots = state.last.shape[0]
+
+    def write(spec: tuple, held: jax.Array, new: jax.Array) -> jax.Array:
+        axes = spec[1]
+        index: list[Any] = [slice(None)] * held.ndim
+        index[axes.index("batch")] = slots
+        if "cache_seq" in axes:
+            seq = axes.index("cache_seq")
+            index[seq] = slice(0, new.shape[seq])
+        return held.at[tuple(index)].set(new.astype(held.dtype), mode="drop")
+
+    layout = cache_layout(config, num_slots, state.cache.capacity)
+    blocks = jax.tree.map(write, layout, state.cache.blocks, rows.entries, is_leaf=is_layout)
+
+    def put(held: jax.Array, new: jax.Array) -> jax.Array:
+        return held.at[slots].set(new.astype(held.dtype), mode="drop")
+
+    stopped = jnp.any(rows.token[:, None] == stop_ids, axis=1)
+    cache = state.cache.replace(blocks=blocks, lengths=put(state.cache.lengths, rows.lengths))
+    state = state.replace(
+        cache=cache,
+        last=put(state.last, rows.token),
+        generated=put(state.generated, jnp.ones_like(limit)),
+        limit=put(state.limit, limit),
+        done=put(state.done, stopped | (limit <= 1)),
+        seen=put(state.seen, rows.seen),
+        keys=put(state.keys, rows.keys),
+        stop_ids=put(state.stop_ids, stop_ids),
+        sampling=jax.tree.map(put, state.sampling, sampling),
+        do_sample=put(state.do_sample, do_sample),
+    )
+    return _constrain(config, state)
+
+
+def _slot_step(params: Params, config: Lfm2VlConfig, state: SlotState) -> tuple[SlotState, jax.Array]:
+    """One token for every busy slot (`engine._decode` per slot); free slots compute and discard one."""
+    num_slots = state.last.shape[0]
+    busy = ~state.done
+    embeds = embed_tokens(params["text"], state.last[:, None], config.runtime)
+    new = jnp.ones((num_slots, 1), bool)
+    hidden, entries = text_forward(
+        params["text"], config.text, config.runtime, embeds, new, cache=state.cache
+    )
+    cache = append(state.cache, entries, busy.astype(jnp.int32), after=hidden)
+    logits = lm_logits(params["text"], hidden[:, 0])
+    keys, subkeys = _split_rows(state.keys)
+    token = next_token_rows(logits, state.seen, subkeys, state.sampling, state.do_sample)
+    token = jnp.where(busy, token, -1)
+    generated = state.generated + busy
+    stopped = jnp.any(token[:, None] == state.stop_ids, axis=1)
+    rows = jnp.arange(num_slots)
+    seen_at = jnp.where(busy, token, config.text.vocab_size)  # out of range: dropped
+    state = state.replace(
+        cache=cache,
+        keys=keys,
+        last=jnp.where(busy, token, state.last),
+        generated=generated,
+        done=state.done | stopped | (generated >= state.limit),
+        seen=state.seen.at[rows, seen_at].set(True, mode="drop"),
+    )
+    return state, token
+
+
+@functools.partial(jax.jit, static_argnames=("config", "chunk"), donate_argnames=("state",))
+def decode_slots(
+    params: Params,
+    config: Lfm2VlConfig,
+    state: SlotState,
+    max_steps: jax.Array,
+    return_at_free: jax.Array,
+    *,
+    chunk: int,
+) -> tuple[SlotState, jax.Array, jax.Array]:
+    """Decode steps over every slot until `max_steps` (<= chunk) are done, every slot is free, or
+    `return_at_free` slots are free (to be refilled). Returns the state, the tokens (S, chunk) each slot
+    produced at each step (-1 where it produced none) and the number of steps run."""
+    num_slots = state.last.shape[0]
+
+    def running(carry: tuple) -> jax.Array:
+        state, _, step = carry
+        free = jnp.sum(state.done)
+        return (step < max_steps) & (free < num_slots) & (free < return_at_free)
+
+    def step(carry: tuple) -> tuple:
+        state, tokens, index = carry
+        state, token = _slot_step(params, config, state)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], index, axis=1)
+        return state, tokens, index + 1
+
+    tokens = jnp.full((num_slots, chunk), -1, jnp.int32)
+    state, tokens, steps = jax.lax.while_loop(running, step, (state, tokens, jnp.zeros((), jnp.int32)))
+    return _constrain(config, state), tokens, steps
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host side.
+
+
+@dataclasses.dataclass
+class _Ready:
+    """A request rendered, preprocessed and validated, waiting for a slot."""
+
+    request: BatchRequest
+    input_ids: np.ndarray  # (L,) the prompt
+    images: dict[str, np.ndarray] | None  # pixel_values, pixel_attention_mask, spatial_shapes
+    limit: int
+    stop_ids: tuple[int, ...]
+    sampling: SamplingParams
+    key: np.ndarray  # key data of jax.random.key(seed)
+
+
+@dataclasses.dataclass
+class _Running:
+    tag: Any  # the caller's handle on the request
+    ready: _Ready
+    tokens: list[int]
+    first: Any  # the device array of its group's first tokens, until read
+    row: int
+
+
+@dataclasses.dataclass
+class _Turn:
+    """The host loop's bookkeeping."""
+
+    free: list[int]  # slots without a request
+    running: dict[int, _Running] = dataclasses.field(default_factory=dict)  # slot -> its request
+    pending: set = dataclasses.field(default_factory=set)  # futures of requests being prepared
+    ready: collections.deque = dataclasses.field(default_factory=collections.deque)  # (tag, _Ready)
+    exhausted: bool = False  # the request source is used up
+
+
+@dataclasses.dataclass
+class BatchStats:
+    """Counters of a `BatchEngine` since it was created."""
+
+    slots: int
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    decode_steps: int = 0
+    busy_slot_steps: int = 0  # sum over decode steps of the slots holding a running request
+    prefill_groups: int = 0
+    seconds: float = 0.0  # inside `run`
+
+    @property
+    def occupancy(self) -> float:
+        """Mean share of slots busy per decode step."""
+        return self.busy_slot_steps / max(1, self.decode_steps * self.slots)
+
+
+class BatchEngine:
+    """Generates for a stream of requests with continuous batching: `slots` rows decode together and each
+    is refilled with the next request as soon as its own finishes.
+
+    >>> engine = model.batch_engine(processor, slots=64, max_length=4096, max_new_tokens=256)
+    >>> for result in engine.run(requests):  # BatchRequest or dicts: {"id", "messages", ...}
+    ...     print(result.id, result.finish_reason, result.text)
+
+    Each request gets exactly the tokens `model.generate` gives it alone (greedy, or sampled from its own
+    `seed`). Results come in the order requests finish; a request that cannot run (unreadable image,
+    prompt of `max_length` tokens or more, bad option) yields a result with `finish_reason="error"` and
+    the run goes on. `generate(requests)` returns every result in input order instead.
+
+    Arguments:
+        processor: renders `messages` (chat template, images) and decodes the text; without one, requests
+            must carry `inputs` and results have `text=None`.
+        slots: rows decoded together (a multiple of the mesh's batch axes).
+        max_length: prompt + generated tokens per request; a request's `max_new_tokens` is cut to fit.
+        max_new_tokens, seed, **options: defaults for requests that do not set them (options as
+            `generate`: do_sample, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id,
+            stop_token_ids). `top_k` is per engine (a static shape): a sampling request that sets another
+            value fails.
+        prefill_batch: most requests prefilled together (default slots // 4, at least 1).
+        workers: threads rendering and preprocessing requests ahead of the device (default: the CPU
+            count - 1, at least 1, at most 4).
+        chunk: most decode steps between two looks of the host at the slots.
+    """
+
+    def __init__(
+        self,
+        model: Lfm2VlForConditionalGeneration,
+        processor: Lfm2VlProcessor | None = None,
+        *,
+        slots: int = 64,
+        max_length: int = 4096,
+        max_new_tokens: int = 256,
+        seed: int = 0,
+        prefill_batch: int | None = None,
+        workers: int | None = None,
+        chunk: int = 32,
+        **options: Any,
+    ):
+        self.model, self.processor, self.config = model, processor, model.config
+        for name, value in (("slots", slots), ("max_length", max_length), ("max_new_tokens", max_new_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise Lfm2VlError(f"{name} must be a positive integer, got {value!r}")
+        if max_length < 2:
+            raise Lfm2VlError(f"max_length must be >= 2 (a prompt token and a new one), got {max_length}")
+        self.row_multiple = 1
+        if model.mesh is not None:
+            for axis in self.config.runtime.rules.mesh_axes("batch"):
+                self.row_multiple *= model.mesh.shape.get(axis, 1)
+        if slots % self.row_multiple:
+            raise Lfm2VlError(
+                f"slots ({slots}) must be a multiple of the mesh's batch axes ({self.row_multiple} devices)"
+            )
+        sampling, stop_ids, pad_id = model.decoding_options(options)
+        self.slots, self.max_length, self.max_new_tokens, self.seed = slots, max_length, max_new_tokens, seed
+        self.options = dict(options)
+        self.top_k, self.pad_id = sampling.top_k, pad_id
+        self.prefill_batch = max(1, min(slots, prefill_batch or slots // 4))
+        # One core left to the device's host threads (on a CPU backend, the device itself).
+        self.workers = workers or max(1, min(4, (os.cpu_count() or 2) - 1))
+        self.chunk = chunk
+        self.key_shape = tuple(jax.random.key_data(jax.random.key(0)).shape)
+        self.stats = BatchStats(slots)
+        self._busy = 0
+        self._submitted: collections.deque = collections.deque()
+        self._state: SlotState | None = None
+
+    # -- public --------------------------------------------------------------------------------------------
+
+    def submit(self, request: BatchRequest | Mapping[str, Any]) -> None:
+        """Queues a request for the next `run()`."""
+        self._submitted.append(request)
+
+    def generate(self, requests: Iterable[BatchRequest | Mapping[str, Any]]) -> list[BatchResult]:
+        """Every request's result, in input order."""
+        results: dict[int, BatchResult] = {}
+        for index, result in self._run(enumerate(requests)):
+            results[index] = result
+        return [results[index] for index in range(len(results))]
+
+    def run(
+        self, requests: Iterable[BatchRequest | Mapping[str, Any]] | None = None
+    ) -> Iterator[BatchResult]:
+        """Results as requests finish: the submitted ones, then `requests` (consumed lazily, a bounded
+        number ahead of the device)."""
+
+        def source() -> Iterator[tuple[None, BatchRequest | Mapping[str, Any]]]:
+            while self._submitted:
+                yield None, self._submitted.popleft()
+            for request in requests or ():
+                yield None, request
+
+        for _, result in self._run(source()):
+            yield result
+
+    @property
+    def busy_slots(self) -> int:
+        return self._busy
+
+    # -- requests ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _as_request(request: BatchRequest | Mapping[str, Any]) -> BatchRequest:
+        if isinstance(request, BatchRequest):
+            return request
+        if isinstance(request, Mapping) and "inputs" in request:
+            data = dict(request)
+            return BatchRequest(
+                id=data.pop("id", None),
+                inputs=data.pop("inputs"),
+                max_new_tokens=data.pop("max_new_tokens", None),
+                seed=data.pop("seed", None),
+                options=data,
+            )
+        return BatchRequest.from_dict(request)
+
+    def _prepare(self, request: BatchRequest) -> _Ready:
+        """Renders, preprocesses and validates one request (on a worker thread)."""
+        options = {**self.options, **request.options}
+        sampling, stop_ids, _ = self.model.decoding_options(options)
+        if sampling.do_sample and sampling.top_k != self.top_k:
+            raise BatchRequestError(
+                f"top_k={sampling.top_k}: this engine samples with top_k={self.top_k} (set per engine)"
+            )
+        if len(stop_ids) > MAX_STOP_TOKENS:
+            raise BatchRequestError(f"{len(stop_ids)} stop tokens; at most {MAX_STOP_TOKENS}")
+        if request.messages is not None:
+            if self.processor is None:
+                raise BatchRequestError("a request with 'messages' needs an engine with a processor")
+            inputs = self.processor.apply_chat_template(
+                request.messages, add_generation_prompt=True, tokenize=True, return_dict=True
+            )
+        elif request.inputs is not None:
+            inputs = request.inputs
+        else:
+            raise BatchRequestError("a request needs 'messages' or 'inputs'")
+        inputs = as_numpy_inputs(**{name: inputs.get(name) for name in MODEL_INPUTS})
+        if inputs["input_ids"].ndim == 1:
+            inputs["input_ids"] = inputs["input_ids"][None]
+            if inputs["attention_mask"] is not None:
+                inputs["attention_mask"] = inputs["attention_mask"][None]
+        if inputs["input_ids"].ndim != 2 or len(inputs["input_ids"]) != 1:
+            raise BatchRequestError(f"inputs must hold one row, got input_ids {inputs['input_ids'].shape}")
+        check_inputs(self.config, **inputs)
+        mask = inputs["attention_mask"]
+        prompt = inputs["input_ids"][0] if mask is None else inputs["input_ids"][0][mask[0].astype(bool)]
+        if len(prompt) >= self.max_length:
+            raise BatchRequestError(
+                f"the prompt is {len(prompt)} tokens, over max_length={self.max_length} "
+                "(prompt and new tokens); raise max_length"
+            )
+        max_new = self.max_new_tokens if request.max_new_tokens is None else request.max_new_tokens
+        if max_new < 1:
+            raise BatchRequestError(f"max_new_tokens must be >= 1, got {max_new}")
+        seed = self.seed if request.seed is None else request.seed
+        images = None
+        if inputs["pixel_values"] is not None:
+            images = {k: inputs[k] for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes")}
+        return _Ready(
+            request=request,
+            input_ids=prompt.astype(np.int32),
+            images=images,
+            limit=min(max_new, self.max_length - len(prompt)),
+            stop_ids=stop_ids,
+            sampling=sampling,
+            key=np.asarray(jax.random.key_data(jax.random.key(seed))),
+        )
+
+    def _prepare_or_fail(self, tag: Any, request: BatchRequest | Mapping[str, Any]) -> tuple[Any, Any]:
+        """(tag, `_Ready`) or (tag, error result): a bad request must not stop the run."""
+        request_id = request.id if isinstance(request, BatchRequest) else None
+        if isinstance(request, Mapping):
+            request_id = request.get("id")
+        try:
+            return tag, self._prepare(self._as_request(request))
+        except (Lfm2VlError, ValueError, TypeError, OSError, OverflowError) as error:
+            return tag, BatchResult.failure(request_id, str(error))
+
+    # -- device --------------------------------------------------------------------------------------------
+
+    def _ensure_capacity(self, need: int) -> None:
+        # Buckets (at most 25% over): a new capacity compiles the decode and insert programs again, but
+        # the capacity only grows, and each step reads all of it.
+        capacity = bucket(need, minimum=256)
+        if self._state is None:
+            self._state = init_slots(self.config, self.slots, capacity, self.top_k, self.key_shape)
+        elif self._state.cache.capacity < capacity:
+            self._state = grow_capacity(self.config, self._state, capacity)
+
+    def _insert(self, group: list[_Ready], slots: list[int]) -> Any:
+        """Prefills `group` and inserts it into `slots`; returns the device array of first tokens."""
+        n = len(group)
+        rows = max(1 << (n - 1).bit_length(), self.row_multiple)  # powers of two: few programs
+        rows = -(-rows // self.row_multiple) * self.row_multiple
+        width = max(len(r.input_ids) for r in group)
+        ids = np.full((n, width), self.pad_id, np.int32)
+        mask = np.zeros((n, width), np.int32)
+        for i, ready in enumerate(group):
+            ids[i, : len(ready.input_ids)], mask[i, : len(ready.input_ids)] = ready.input_ids, 1
+        with_images = [r.images for r in group if r.images is not None]
+        images = {
+            k: np.concatenate([im[k] for im in with_images]) if with_images else None
+            for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes")
+        }
+        batch = prepare_batch(self.config, ids, mask, **images, pad_id=self.pad_id, row_multiple=rows)
+        self._ensure_capacity(max(batch.input_ids.shape[1], max(len(r.input_ids) + r.limit for r in group)))
+
+        def column(values: list, fill: Any, dtype: Any) -> np.ndarray:
+            out = np.full((rows, *np.shape(values[0])), fill, dtype)
+            out[:n] = values
+            return out
+
+        sampling = SamplingParams(
+            do_sample=True,
+            top_k=self.top_k,
+            **{k: column([_float(r.sampling, k) for r in group], 1.0, np.float32) for k in SAMPLING_FLOATS},
+        )
+        do_sample = column([r.sampling.do_sample for r in group], False, bool)
+        keys = column([r.key for r in group], 0, np.uint32)
+        arrays = [batch.input_ids, batch.attention_mask]
+        if self.model.mesh is not None:
+            arrays = [jax.device_put(a, batch_sharding(self.config, a.shape)) for a in arrays]
+        params = self.model.params
+        features = valid = None
+        if batch.pixel_values is not None:
+            images = (batch.pixel_values, batch.pixel_attention_mask, batch.spatial_shapes)
+            features, valid = encode_images(params, self.config, *images)
+        embeds = embed_prompts(params, self.config, arrays[0], features, valid)
+        prefilled = prefill_rows(params, self.config, *arrays, embeds, keys, sampling, do_sample)
+        stops = np.full((rows, MAX_STOP_TOKENS), -1, np.int32)
+        for i, ready in enumerate(group):
+            stops[i, : len(ready.stop_ids)] = ready.stop_ids
+        self._state = insert_rows(
+            self.config,
+            self._state,
+            prefilled,
+            column(slots, self.slots, np.int32),  # padding rows: out of range, dropped
+            column([r.limit for r in group], 1, np.int32),
+            stops,
+            sampling,
+            do_sample,
+        )
+        self.stats.prefill_groups += 1
+        return prefilled.token
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    def _run(self, source: Iterator[tuple[Any, Any]]) -> Iterator[tuple[Any, BatchResult]]:
+        """(tag, result) for each (tag, request) of `source`, as requests finish.
+
+        Each turn: collect what the workers have prepared, prefill ready requests into free slots,
+        dispatch a decode program, and only then hand the previous turn's finished results to the caller,
+        so that the device decodes while the caller writes them out.
+        """
+        start = time.perf_counter()
+        turn = _Turn(free=list(range(self.slots)))
+        finished: list[tuple[Any, BatchResult]] = []
+        with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="lfm2vl-prep") as pool:
+            try:
+                while True:
+                    yield from self._collect_prepared(turn, source, pool)
+                    self._refill(turn)
+                    self._busy = len(turn.running)
+                    decoding = self._dispatch_decode(turn) if turn.running else None
+                    yield from finished
+                    finished = []
+                    if decoding is not None:
+                        finished = self._collect_tokens(turn, *decoding)
+                    elif turn.exhausted and not turn.pending and not turn.ready:
+                        return
+                    elif turn.pending:  # nothing to decode: wait for the workers
+                        concurrent.futures.wait(turn.pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            finally:
+                for future in turn.pending:
+                    future.cancel()
+                self.stats.seconds += time.perf_counter() - start
+
+    def _collect_prepared(
+        self, turn: _Turn, source: Iterator[tuple[Any, Any]], pool: concurrent.futures.Executor
+    ) -> Iterator[tuple[Any, BatchResult]]:
+        """Keeps a bounded number of requests in the workers' hands; moves the prepared ones to the ready
+        queue and yields the ones that failed."""
+        lookahead = 2 * self.prefill_batch + self.workers
+        while not turn.exhausted and len(turn.pending) + len(turn.ready) < lookahead:
+            item = next(source, None)
+            if item is None:
+                turn.exhausted = True
+            else:
+                turn.pending.add(pool.submit(self._prepare_or_fail, *item))
+        for future in [f for f in turn.pending if f.done()]:
+            turn.pending.remove(future)
+            tag, prepared = future.result()
+            if isinstance(prepared, BatchResult):
+                self._count(prepared)
+                yield tag, prepared
+            else:
+                turn.ready.append((tag, prepared))
+
+    def _refill(self, turn: _Turn) -> None:
+        """Prefills ready requests into free slots: the oldest with up to `prefill_batch - 1` others whose
+        prompts fall in its length bucket (a group is padded to its longest prompt: mixing a long prompt
+        with short ones would mostly compute padding)."""
+        while turn.free and turn.ready:
+            size = min(len(turn.free), self.prefill_batch)
+            width = bucket(len(turn.ready[0][1].input_ids), minimum=16)
+            group = [item for item in turn.ready if bucket(len(item[1].input_ids), minimum=16) == width]
+            group = group[:size]
+            for item in group:
+                turn.ready.remove(item)
+            slots, turn.free = turn.free[: len(group)], turn.free[len(group) :]
+            first = self._insert([item for _, item in group], slots)
+            for row, (slot, (tag, item)) in enumerate(zip(slots, group, strict=True)):
+                turn.running[slot] = _Running(tag, item, [], first, row)
+
+    def _dispatch_decode(self, turn: _Turn) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Starts decoding (asynchronously) until enough slots are free for the requests at hand."""
+        coming = bool(turn.pending or not turn.exhausted)
+        if turn.ready:  # come back when a few slots are free (one, up to 16 slots): few idle slot-steps
+            max_steps, refill = self.chunk, len(turn.free) + min(len(turn.ready), max(1, self.slots // 16))
+        elif coming:  # requests on their way: look again soon if a slot is already free
+            max_steps, refill = (POLL_STEPS if turn.free else self.chunk), len(turn.free) + 1
+        else:
+            max_steps, refill = self.chunk, self.slots + 1
+        max_steps = min(max_steps, self.chunk)  # the token buffer holds `chunk` steps
+        self._state, tokens, steps = decode_slots(
+            self.model.params,
+            self.config,
+            self._state,
+            np.int32(max_steps),
+            np.int32(refill),
+            chunk=self.chunk,
+        )
+        return tokens, steps, self._state.done
+
+    def _collect_tokens(
+        self, turn: _Turn, tokens: jax.Array, steps: jax.Array, done: jax.Array
+    ) -> list[tuple[Any, BatchResult]]:
+        """Waits for the decode program; appends each slot's new tokens; frees and returns the finished."""
+        tokens, steps, done = np.asarray(tokens), int(steps), np.asarray(done)
+        self.stats.decode_steps += steps
+        self.stats.busy_slot_steps += int((tokens[:, :steps] >= 0).sum())
+        finished = []
+        for slot in list(turn.running):
+            item = turn.running[slot]
+            if item.first is not None:  # its first token, from the prefill
+                item.tokens.append(int(np.asarray(item.first)[item.row]))
+                item.first = None
+            produced = tokens[slot, :steps]
+            item.tokens.extend(produced[produced >= 0].tolist())
+            if done[slot]:
+                del turn.running[slot]
+                turn.free.append(slot)
+                result = self._result(item)
+                self._count(result)
+                finished.append((item.tag, result))
+        return finished
+
+    def _result(self, item: _Running) -> BatchResult:
+        tokens = item.tokens
+        stopped = bool(tokens) and tokens[-1] in item.ready.stop_ids
+        text = None if self.processor is None else self.processor.decode(tokens, skip_special_tokens=True)
+        return BatchResult(
+            id=item.ready.request.id,
+            text=text,
+            token_ids=tokens,
+            finish_reason="stop" if stopped else "length",
+            prompt_tokens=len(item.ready.input_ids),
+            completion_tokens=len(tokens),
+        )
+
+    def _count(self, result: BatchResult) -> None:
+        self.stats.requests += 1
+        self.stats.errors += result.finish_reason == "error"
+        self.stats.prompt_tokens += result.prompt_tokens
+        self.stats.completion_tokens += result.completion_tokens
