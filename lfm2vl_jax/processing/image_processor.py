@@ -13,7 +13,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -23,7 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import Lfm2VlError
 from ..memory import available_host_memory, gigabytes
-from .resize import BILINEAR, RESAMPLE_NAMES, SUPPORTED_RESAMPLE, resize_uint8
+from .resize import BILINEAR, RESAMPLE_NAMES, SUPPORTED_RESAMPLE, resize_views
 
 ImageInput = Image.Image | np.ndarray | str | os.PathLike
 
@@ -443,35 +443,53 @@ class Lfm2VlImageProcessor:
         )
         return per_tile, whole
 
-    def split_image(self, image: np.ndarray) -> tuple[list[np.ndarray], int, int, tuple[int, int]]:
-        """uint8 (H, W, 3) -> (uint8 views in model order: tiles row-major, then the thumbnail; rows; cols;
-        smart-resize size, which is the thumbnail's or the whole image's size)."""
+    def layout(self, height: int, width: int) -> tuple[int, int, tuple[int, int]]:
+        """(tile rows, tile cols, smart-resize size, which is the thumbnail's or the whole image's size); one
+        row and column when the image is resized whole."""
+        rows, cols = self.grid_layout(height, width) or (1, 1)
+        return rows, cols, self.smart_resize(height, width)
+
+    def iter_tiles(self, image: np.ndarray) -> Iterator[np.ndarray]:
+        """uint8 (H, W, 3) -> its views in model order (tiles row-major, then the thumbnail), as (h, w, 3)
+        arrays of integer pixel values (float32, or uint8 where no resize was needed); each is only valid
+        until the next one is asked for (they share buffers)."""
         height, width = image.shape[:2]
-        resized_size = self.smart_resize(height, width)
         grid = self.grid_layout(height, width)
+        whole = self.smart_resize(height, width)
         if grid is None:
-            return [resize_uint8(image, *resized_size, self.resample)], 1, 1, resized_size
+            yield from self._resized(image, [whole])
+            return
         rows, cols = grid
         tile = self.tile_size
-        resized = resize_uint8(image, rows * tile, cols * tile, self.resample)
-        tiles = [
-            resized[row * tile : (row + 1) * tile, col * tile : (col + 1) * tile]
-            for row in range(rows)
-            for col in range(cols)
-        ]
-        if self.use_thumbnail and rows * cols != 1:
-            tiles.append(resize_uint8(image, *resized_size, self.resample))
-        return tiles, rows, cols, resized_size
+        sizes = [(rows * tile, cols * tile)] + ([whole] if self.use_thumbnail and rows * cols != 1 else [])
+        for index, resized in enumerate(self._resized(image, sizes)):
+            if index == 0:
+                for row in range(rows):
+                    for col in range(cols):
+                        yield resized[row * tile : (row + 1) * tile, col * tile : (col + 1) * tile]
+            else:
+                yield resized
+
+    def _resized(self, image: np.ndarray, sizes: list[tuple[int, int]]) -> Iterator[np.ndarray]:
+        """`image` at each size (the image itself where the size is its own)."""
+        if all(size == image.shape[:2] for size in sizes):
+            yield from (image for _ in sizes)
+        else:
+            yield from (
+                image if size == image.shape[:2] else resized
+                for size, resized in zip(sizes, resize_views(image, sizes, self.resample), strict=True)
+            )
 
     # -- pixels ----------------------------------------------------------------------------------------
 
     def _write_patches(self, tile: np.ndarray, out: np.ndarray) -> None:
-        """Normalise uint8 `tile` into the first rows of `out` (max_num_patches, p*p*3), one row per patch
-        in (patch row, patch col) order, each row laid out as (pixel row, pixel col, channel)."""
+        """Normalise `tile` (integer pixel values, uint8 or float32) into the first rows of `out`
+        (max_num_patches, p*p*3), one row per patch in (patch row, patch col) order, each row laid out as
+        (pixel row, pixel col, channel)."""
         p = self.encoder_patch_size
         rows, cols = tile.shape[0] // p, tile.shape[1] // p
         patches = out[: rows * cols]
-        # (rows, p, cols, p*3) -> (rows, cols, p, p*3): uint8 -> float32 is exact
+        # (rows, p, cols, p*3) -> (rows, cols, p, p*3): integer values, exact in float32
         np.copyto(
             patches.reshape(rows, cols, p, p * 3), tile.reshape(rows, p, cols, p * 3).transpose(0, 2, 1, 3)
         )
@@ -485,33 +503,35 @@ class Lfm2VlImageProcessor:
         labels = labels or [f"image {index}" for index in range(len(images))]
         tiles = sum(self.num_tiles(*image.shape[:2]) for image in images)
         self._check_memory(tiles, f"{len(images)} image(s)")
-        split = [self.split_image(image) for image in images]
-        tiles = [(index, tile) for index, (image_tiles, *_) in enumerate(split) for tile in image_tiles]
+        layouts = [self.layout(*image.shape[:2]) for image in images]
         p = self.encoder_patch_size
         max_patches = self.max_num_patches
-        pixel_values = np.zeros((len(tiles), max_patches, 3 * p * p), dtype=np.float32)
-        pixel_attention_mask = np.zeros((len(tiles), max_patches), dtype=np.int32)
-        spatial_shapes = np.zeros((len(tiles), 2), dtype=np.int64)
-        for row, (image_index, tile) in enumerate(tiles):
-            patch_rows, patch_cols = tile.shape[0] // p, tile.shape[1] // p
-            if patch_rows * patch_cols > max_patches:
-                height, width = images[image_index].shape[:2]
-                raise ProcessorError(
-                    f"{labels[image_index]} ({width}x{height}) resizes to {tile.shape[1]}x{tile.shape[0]}: "
-                    f"{patch_rows * patch_cols} patches, more than max_num_patches={max_patches}: its aspect "
-                    "ratio is too extreme for this configuration (the reference returns it unpadded, "
-                    "inconsistent with its mask)"
-                )
-            self._write_patches(tile, pixel_values[row])
-            pixel_attention_mask[row, : patch_rows * patch_cols] = 1
-            spatial_shapes[row] = (patch_rows, patch_cols)
+        pixel_values = np.zeros((tiles, max_patches, 3 * p * p), dtype=np.float32)
+        pixel_attention_mask = np.zeros((tiles, max_patches), dtype=np.int32)
+        spatial_shapes = np.zeros((tiles, 2), dtype=np.int64)
+        row = 0
+        for image, label in zip(images, labels, strict=True):
+            for tile in self.iter_tiles(image):
+                patch_rows, patch_cols = tile.shape[0] // p, tile.shape[1] // p
+                if patch_rows * patch_cols > max_patches:
+                    height, width = image.shape[:2]
+                    raise ProcessorError(
+                        f"{label} ({width}x{height}) resizes to {tile.shape[1]}x{tile.shape[0]}: "
+                        f"{patch_rows * patch_cols} patches, more than max_num_patches={max_patches}: its "
+                        "aspect ratio is too extreme for this configuration (the reference returns it "
+                        "unpadded, inconsistent with its mask)"
+                    )
+                self._write_patches(tile, pixel_values[row])
+                pixel_attention_mask[row, : patch_rows * patch_cols] = 1
+                spatial_shapes[row] = (patch_rows, patch_cols)
+                row += 1
         return {
             "pixel_values": pixel_values,
             "pixel_attention_mask": pixel_attention_mask,
             "spatial_shapes": spatial_shapes,
-            "image_rows": [rows for _, rows, _, _ in split],
-            "image_cols": [cols for _, _, cols, _ in split],
-            "image_sizes": [list(size) for *_, size in split],
+            "image_rows": [rows for rows, _, _ in layouts],
+            "image_cols": [cols for _, cols, _ in layouts],
+            "image_sizes": [list(size) for *_, size in layouts],
         }
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> dict[str, Any]:
