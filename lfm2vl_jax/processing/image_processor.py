@@ -23,7 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import Lfm2VlError
 from ..memory import available_host_memory, gigabytes
-from .resize import BILINEAR, RESAMPLE_NAMES, SUPPORTED_RESAMPLE, resize_views
+from .resize import BILINEAR, RESAMPLE_NAMES, SUPPORTED_RESAMPLE, Normalization, resize_views
 
 ImageInput = Image.Image | np.ndarray | str | os.PathLike
 
@@ -450,52 +450,37 @@ class Lfm2VlImageProcessor:
         return rows, cols, self.smart_resize(height, width)
 
     def iter_tiles(self, image: np.ndarray) -> Iterator[np.ndarray]:
-        """uint8 (H, W, 3) -> its views in model order (tiles row-major, then the thumbnail), as (h, w, 3)
-        arrays of integer pixel values (float32, or uint8 where no resize was needed); each is only valid
-        until the next one is asked for (they share buffers)."""
+        """uint8 (H, W, 3) -> its views in model order (tiles row-major, then the thumbnail), resized and
+        normalised: float32 (h, w, 3) arrays, each valid only until the next is asked for (shared buffers)."""
         height, width = image.shape[:2]
         grid = self.grid_layout(height, width)
         whole = self.smart_resize(height, width)
+        normalization = Normalization(self._channel_offset, self._channel_scale)
         if grid is None:
-            yield from self._resized(image, [whole])
+            yield from resize_views(image, [whole], self.resample, normalization)
             return
         rows, cols = grid
         tile = self.tile_size
         sizes = [(rows * tile, cols * tile)] + ([whole] if self.use_thumbnail and rows * cols != 1 else [])
-        for index, resized in enumerate(self._resized(image, sizes)):
-            if index == 0:
-                for row in range(rows):
-                    for col in range(cols):
-                        yield resized[row * tile : (row + 1) * tile, col * tile : (col + 1) * tile]
-            else:
-                yield resized
-
-    def _resized(self, image: np.ndarray, sizes: list[tuple[int, int]]) -> Iterator[np.ndarray]:
-        """`image` at each size (the image itself where the size is its own)."""
-        if all(size == image.shape[:2] for size in sizes):
-            yield from (image for _ in sizes)
-        else:
-            yield from (
-                image if size == image.shape[:2] else resized
-                for size, resized in zip(sizes, resize_views(image, sizes, self.resample), strict=True)
-            )
+        views = resize_views(image, sizes, self.resample, normalization)
+        resized = next(views)
+        for row in range(rows):
+            for col in range(cols):
+                yield resized[row * tile : (row + 1) * tile, col * tile : (col + 1) * tile]
+        yield from views
 
     # -- pixels ----------------------------------------------------------------------------------------
 
     def _write_patches(self, tile: np.ndarray, out: np.ndarray) -> None:
-        """Normalise `tile` (integer pixel values, uint8 or float32) into the first rows of `out`
-        (max_num_patches, p*p*3), one row per patch in (patch row, patch col) order, each row laid out as
-        (pixel row, pixel col, channel)."""
+        """Copy normalised `tile` into the first rows of `out` (max_num_patches, p*p*3), one row per patch
+        in (patch row, patch col) order, each row laid out as (pixel row, pixel col, channel)."""
         p = self.encoder_patch_size
         rows, cols = tile.shape[0] // p, tile.shape[1] // p
-        patches = out[: rows * cols]
-        # (rows, p, cols, p*3) -> (rows, cols, p, p*3): integer values, exact in float32
+        # (rows, p, cols, p*3) -> (rows, cols, p, p*3)
         np.copyto(
-            patches.reshape(rows, cols, p, p * 3), tile.reshape(rows, p, cols, p * 3).transpose(0, 2, 1, 3)
+            out[: rows * cols].reshape(rows, cols, p, p * 3),
+            tile.reshape(rows, p, cols, p * 3).transpose(0, 2, 1, 3),
         )
-        # per-channel constants tiled along a patch row, so numpy loops over 3*p*p values, not 3
-        np.subtract(patches, np.tile(self._channel_offset, p * p), out=patches)
-        np.divide(patches, np.tile(self._channel_scale, p * p), out=patches)
 
     def preprocess(self, images: Sequence[np.ndarray], labels: Sequence[str] | None = None) -> dict[str, Any]:
         """Process already-loaded (H, W, 3) uint8 RGB images (see `load_image`); `labels` name them in

@@ -31,7 +31,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import NamedTuple
 
 import numpy as np
@@ -121,12 +121,13 @@ _BLOCK = 16
 
 class _Pass(NamedTuple):
     """One resampling pass: per block of output indices (start, stop, window start, window stop, weights
-    (stop - start, window) scaled by 2**-p), the float dtype that keeps it exact, and whether any weight is
-    negative (then the result needs a lower clip too)."""
+    (stop - start, window) scaled by 2**-p), the float dtype that keeps it exact, and whether results can
+    fall below 0 (negative weights) or above 255 (weights summing to more than 2**p), i.e. need clipping."""
 
     blocks: tuple[tuple[int, int, int, int, np.ndarray], ...]
     dtype: type
-    negative: bool
+    clip_low: bool
+    clip_high: bool
 
 
 @lru_cache(maxsize=256)
@@ -135,8 +136,12 @@ def _pass(in_size: int, out_size: int, resample: int) -> _Pass:
     dense = np.zeros((out_size, in_size), dtype=np.float64)
     rows = np.repeat(np.arange(out_size), indices.shape[1])
     np.add.at(dense, (rows, indices.ravel()), weights.ravel())  # padded taps add weight 0
-    bound = 255 * np.abs(dense).sum(axis=1).max() + (1 << (precision - 1))
-    dtype = np.float32 if bound < 2**24 else np.float64
+    half = 1 << (precision - 1)
+    positive = np.where(dense > 0, dense, 0.0).sum(axis=1).max()
+    negative = np.where(dense < 0, -dense, 0.0).sum(axis=1).max()
+    dtype = np.float32 if 255 * (positive + negative) + half < 2**24 else np.float64
+    clip_low = half - 255 * negative < 0
+    clip_high = 255 * positive + half >= 256 << precision
     dense *= 2.0**-precision
     nonzero = dense != 0.0
     first = np.where(nonzero.any(axis=1), nonzero.argmax(axis=1), in_size)
@@ -150,43 +155,76 @@ def _pass(in_size: int, out_size: int, resample: int) -> _Pass:
         block = np.ascontiguousarray(dense[start:stop, lo:hi], dtype=dtype)
         block.flags.writeable = False  # shared through the cache
         blocks.append((start, stop, lo, hi, block))
-    return _Pass(tuple(blocks), dtype, bool((dense < 0).any()))
+    return _Pass(tuple(blocks), dtype, bool(clip_low), bool(clip_high))
 
 
-def _round_clip(acc: np.ndarray, negative: bool, out: np.ndarray) -> None:
+def _round_clip(pass_: _Pass, acc: np.ndarray, out: np.ndarray) -> None:
     """out = clamp(floor(acc + 0.5), 0, 255), with acc = sum * 2**-p: the reference's
-    `clamp((2**(p-1) + sum) >> p)`."""
+    `clamp((2**(p-1) + sum) >> p)`; clamps only where the pass's weights can leave [0, 255]."""
     np.add(acc, 0.5, out=acc)
+    if not (pass_.clip_low or pass_.clip_high):
+        np.floor(acc, out=out, casting="same_kind")
+        return
     np.floor(acc, out=acc)
-    if negative:
-        np.clip(acc, 0.0, 255.0, out=out, casting="same_kind")
-    else:  # non-negative weights and pixels: acc >= 0 already
-        np.minimum(acc, 255.0, out=out, casting="same_kind")
+    low, high = (0.0 if pass_.clip_low else None), (255.0 if pass_.clip_high else None)
+    np.clip(acc, low, high, out=out, casting="same_kind")
 
 
-def _apply_blocks(pass_: _Pass, blocks: range, source: np.ndarray, out: np.ndarray) -> None:
+class Normalization(NamedTuple):
+    """Per-channel float32 `offset` and `scale`: pixel values become (x - offset) / scale, computed as two
+    float32 operations in that order (as the reference's fused rescale and normalise)."""
+
+    offset: np.ndarray
+    scale: np.ndarray
+
+    def tiled(self, length: int) -> Normalization:
+        """The constants repeated along rows of `length` values (pixels, channels last)."""
+        repeats = length // self.offset.size
+        return Normalization(np.tile(self.offset, repeats), np.tile(self.scale, repeats))
+
+    def __call__(self, values: np.ndarray) -> None:
+        """In place; the constants broadcast along `values`' last axis."""
+        np.subtract(values, self.offset, out=values)
+        np.divide(values, self.scale, out=values)
+
+
+def _apply(
+    pass_: _Pass, source: np.ndarray, out: np.ndarray, normalization: Normalization | None = None
+) -> None:
+    """out[i, :] = round_clip(sum_j w[i, j] * source[:, j]) for 2-D `source` (rows, in): the input index runs
+    along source's rows, so both passes are (block x window) @ (window x rows) products with a long N. Then
+    `normalization` (out's rows being pixels, channels last), while each block is in cache.
+    Sequential on purpose: BLAS threads each product itself, and BLAS calls from several threads at once
+    oversubscribe the cores (OpenBLAS then spins, measured several times slower)."""
     acc = out if out.dtype == pass_.dtype else np.empty((_BLOCK, out.shape[1]), dtype=pass_.dtype)
-    for start, stop, lo, hi, weights in pass_.blocks[blocks.start : blocks.stop]:
+    normalize = normalization.tiled(out.shape[1]) if normalization is not None else None
+    for start, stop, lo, hi, weights in pass_.blocks:
         block = acc[start:stop] if acc is out else acc[: stop - start]
         np.matmul(weights, source[:, lo:hi].T, out=block)
-        _round_clip(block, pass_.negative, out[start:stop])  # while the block is in cache
+        _round_clip(pass_, block, out[start:stop])
+        if normalize is not None:
+            normalize(out[start:stop])
 
 
-def _apply(pass_: _Pass, source: np.ndarray, out: np.ndarray) -> None:
-    """out[i, :] = round_clip(sum_j w[i, j] * source[:, j]) for 2-D `source` (rows, in): the input index runs
-    along source's rows, so both passes are (block x window) @ (window x rows) products with a long N. Large
-    passes split their blocks over the thread pool (BLAS runs each small product on one thread)."""
-    workers = min(_WORKERS, out.size // _MIN_TASK_SIZE, len(pass_.blocks))
-    if workers <= 1:
-        _apply_blocks(pass_, range(len(pass_.blocks)), source, out)
-        return
-    bounds = np.linspace(0, len(pass_.blocks), workers + 1).astype(int)
-    tasks = [
-        _thread_pool().submit(_apply_blocks, pass_, range(lo, hi), source, out)
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
-    ]
-    for task in tasks:
-        task.result()
+def _in_parallel(tasks: list[Callable[[], None]]) -> None:
+    """Run `tasks` on the thread pool, the last one on this thread (which would otherwise only wait)."""
+    futures = [_thread_pool().submit(task) for task in tasks[:-1]]
+    tasks[-1]()
+    for future in futures:
+        future.result()
+
+
+def _copy_rows(out: np.ndarray, source: np.ndarray) -> None:
+    """np.copyto(out, source) for arrays of matching leading axis, in row bands over threads (numpy's strided
+    casting copy runs well below memory speed, and without the GIL)."""
+    workers = max(1, min(_WORKERS, out.size // _MIN_TASK_SIZE, out.shape[0]))
+    bounds = np.linspace(0, out.shape[0], workers + 1).astype(int).tolist()
+    _in_parallel(
+        [
+            partial(np.copyto, out[lo:hi], source[lo:hi])
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+    )
 
 
 _WORKERS = min(4, os.cpu_count() or 1)
@@ -229,21 +267,27 @@ def _nearest_exact(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _resize_into(
-    image: np.ndarray, resample: int, out: np.ndarray, planar_sources: dict[type, np.ndarray]
+    image: np.ndarray,
+    resample: int,
+    out: np.ndarray,
+    planar_sources: dict[type, np.ndarray],
+    normalization: Normalization | None = None,
 ) -> None:
-    """Resize uint8 (H, W, C) `image` into C-contiguous float32 `out` (height, width, C). `planar_sources`
-    keeps the image's planar float copy per dtype for further sizes of the same image."""
+    """Resize uint8 (H, W, C) `image` into C-contiguous float32 `out` (height, width, C), then normalise.
+    `planar_sources` keeps the image's planar float copy per dtype for further sizes of the same image."""
     in_height, in_width, channels = image.shape
     height, width = out.shape[:2]
+    flat_out = out.reshape(height, width * channels)
     if resample == NEAREST or (height == in_height and width == in_width):
         np.copyto(out, _nearest_exact(image, height, width) if resample == NEAREST else image)
+        if normalization is not None:
+            normalization.tiled(width * channels)(flat_out)
         return
-    flat_out = out.reshape(height, width * channels)
     if width == in_width:  # vertical pass only, straight on the (H, W*C) rows
         vertical = _pass(in_height, height, resample)
         rows = _scratch.get("rows", (in_height, in_width * channels), vertical.dtype)
-        np.copyto(rows, image.reshape(in_height, -1))
-        _apply(vertical, rows.T, flat_out)
+        _copy_rows(rows, image.reshape(in_height, -1))
+        _apply(vertical, rows.T, flat_out, normalization)
         return
     # Horizontal pass on channel-planar rows: (C*H, W) -> (width, C*H), i.e. (width, C, H): its output has
     # the input height along rows, the layout the vertical pass reads, whose output is (height, width * C).
@@ -253,10 +297,9 @@ def _resize_into(
     padded_height, padded_width = in_height + _PAD, in_width + _PAD
     planar = planar_sources.get(horizontal.dtype)
     if planar is None:
-        planar = _scratch.get(
-            f"planar {horizontal.dtype.__name__}", (channels, padded_height, padded_width), horizontal.dtype
-        )
-        np.copyto(planar[:, :in_height, :in_width], image.transpose(2, 0, 1))
+        name = f"planar {horizontal.dtype.__name__}"
+        planar = _scratch.get(name, (channels, padded_height, padded_width), horizontal.dtype)
+        _copy_rows(planar[:, :in_height, :in_width].transpose(1, 0, 2), image.transpose(0, 2, 1))
         planar[:, in_height:, :in_width] = 0.0
         planar_sources[horizontal.dtype] = planar
     source = planar.reshape(channels * padded_height, padded_width)[:, :in_width]
@@ -264,11 +307,13 @@ def _resize_into(
         across = _scratch.get("across", (width, channels, padded_height), horizontal.dtype)
         _apply(horizontal, source, across.reshape(width, -1))
         np.copyto(out, across[:, :, :in_height].transpose(2, 0, 1))
+        if normalization is not None:
+            normalization.tiled(width * channels)(flat_out)
         return
     vertical = _pass(in_height, height, resample)
     across = _scratch.get("across", (width, channels, padded_height), vertical.dtype)
     _apply(horizontal, source, across.reshape(width, -1))
-    _apply(vertical, across.reshape(width * channels, padded_height), flat_out)
+    _apply(vertical, across.reshape(width * channels, padded_height), flat_out, normalization)
 
 
 def _check(image: np.ndarray, resample: int) -> None:
@@ -281,17 +326,20 @@ def _check(image: np.ndarray, resample: int) -> None:
 
 
 def resize_views(
-    image: np.ndarray, sizes: Sequence[tuple[int, int]], resample: int = BILINEAR
+    image: np.ndarray,
+    sizes: Sequence[tuple[int, int]],
+    resample: int = BILINEAR,
+    normalization: Normalization | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield the (H, W, C) uint8 `image` resized to each (height, width) of `sizes`, exactly as the
-    reference does on uint8, as float32 arrays of those integer values (what rescaling and normalising
-    start from). Each lives in a per-thread buffer that the next one overwrites: use it before asking for
-    the next. The image's float copy is made once for all sizes."""
+    reference does on uint8, as float32 arrays of those integer values, normalised if `normalization` is
+    given (done here, on each block while it is in cache). Each lives in a per-thread buffer that the next
+    one overwrites: use it before asking for the next. The image's float copy is made once for all sizes."""
     _check(image, resample)
     planar_sources: dict[type, np.ndarray] = {}
     for height, width in sizes:
         out = _scratch.get("out", (height, width, image.shape[2]), np.float32)
-        _resize_into(image, resample, out, planar_sources)
+        _resize_into(image, resample, out, planar_sources, normalization)
         yield out
 
 
