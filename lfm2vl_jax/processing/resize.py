@@ -31,10 +31,12 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from functools import lru_cache, partial
 from typing import NamedTuple
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 # Pillow's resampling constants, as checkpoints store them in `resample`.
 NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING = 0, 1, 2, 3, 4, 5
@@ -188,22 +190,47 @@ class Normalization(NamedTuple):
         np.divide(values, self.scale, out=values)
 
 
-def _apply(
-    pass_: _Pass, source: np.ndarray, out: np.ndarray, normalization: Normalization | None = None
+def _apply_blocks(
+    pass_: _Pass, blocks: range, source: np.ndarray, out: np.ndarray, normalize: Normalization | None
 ) -> None:
-    """out[i, :] = round_clip(sum_j w[i, j] * source[:, j]) for 2-D `source` (rows, in): the input index runs
-    along source's rows, so both passes are (block x window) @ (window x rows) products with a long N. Then
-    `normalization` (out's rows being pixels, channels last), while each block is in cache.
-    Sequential on purpose: BLAS threads each product itself, and BLAS calls from several threads at once
-    oversubscribe the cores (OpenBLAS then spins, measured several times slower)."""
     acc = out if out.dtype == pass_.dtype else np.empty((_BLOCK, out.shape[1]), dtype=pass_.dtype)
-    normalize = normalization.tiled(out.shape[1]) if normalization is not None else None
-    for start, stop, lo, hi, weights in pass_.blocks:
+    for start, stop, lo, hi, weights in pass_.blocks[blocks.start : blocks.stop]:
         block = acc[start:stop] if acc is out else acc[: stop - start]
         np.matmul(weights, source[:, lo:hi].T, out=block)
         _round_clip(pass_, block, out[start:stop])
         if normalize is not None:
             normalize(out[start:stop])
+
+
+def _apply(
+    pass_: _Pass, source: np.ndarray, out: np.ndarray, normalization: Normalization | None = None
+) -> None:
+    """out[i, :] = round_clip(sum_j w[i, j] * source[:, j]) for 2-D `source` (rows, in): the input index runs
+    along source's rows, so both passes are (block x window) @ (window x rows) products with a long N. Then
+    `normalization` (out's rows being pixels, channels last), while each block is in cache. Large passes
+    split their blocks over threads, BLAS being single-threaded meanwhile (see `_single_threaded_blas`)."""
+    normalize = normalization.tiled(out.shape[1]) if normalization is not None else None
+    workers = max(1, min(_WORKERS, out.size // _MIN_TASK_SIZE, len(pass_.blocks)))
+    bounds = np.linspace(0, len(pass_.blocks), workers + 1).astype(int).tolist()
+    _in_parallel(
+        [
+            partial(_apply_blocks, pass_, range(lo, hi), source, out, normalize)
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+    )
+
+
+@lru_cache(maxsize=1)
+def _blas_controller() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def _single_threaded_blas() -> AbstractContextManager[object]:
+    """BLAS on one thread while we resize: our products are small, so BLAS threads gain little on them and
+    spin-wait between calls, and once more threads than cores compete (our workers, other processes) they
+    make calls many times slower (measured: 10-50x on a loaded 2-core machine). The limit is process-wide
+    (BLAS has no per-call setting) and restored on exit."""
+    return _blas_controller().limit(limits=1, user_api="blas")
 
 
 def _in_parallel(tasks: list[Callable[[], None]]) -> None:
@@ -339,7 +366,8 @@ def resize_views(
     planar_sources: dict[type, np.ndarray] = {}
     for height, width in sizes:
         out = _scratch.get("out", (height, width, image.shape[2]), np.float32)
-        _resize_into(image, resample, out, planar_sources, normalization)
+        with _single_threaded_blas():
+            _resize_into(image, resample, out, planar_sources, normalization)
         yield out
 
 
@@ -348,7 +376,8 @@ def resize_float32(image: np.ndarray, height: int, width: int, resample: int = B
     float32 array of those integer values."""
     _check(image, resample)
     out = np.empty((height, width, image.shape[2]), dtype=np.float32)
-    _resize_into(image, resample, out, {})
+    with _single_threaded_blas():
+        _resize_into(image, resample, out, {})
     return out
 
 
