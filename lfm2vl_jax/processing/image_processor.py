@@ -13,7 +13,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -23,7 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import Lfm2VlError
 from ..memory import available_host_memory, gigabytes
-from .resize import BILINEAR, RESAMPLE_NAMES, SUPPORTED_RESAMPLE, Normalization, resize_views
+from .resize import BILINEAR, RESAMPLE_NAMES, SUPPORTED_RESAMPLE, Normalization, RowSink, resize_streamed
 
 ImageInput = Image.Image | np.ndarray | str | os.PathLike
 
@@ -449,38 +449,46 @@ class Lfm2VlImageProcessor:
         rows, cols = self.grid_layout(height, width) or (1, 1)
         return rows, cols, self.smart_resize(height, width)
 
-    def iter_tiles(self, image: np.ndarray) -> Iterator[np.ndarray]:
-        """uint8 (H, W, 3) -> its views in model order (tiles row-major, then the thumbnail), resized and
-        normalised: float32 (h, w, 3) arrays, each valid only until the next is asked for (shared buffers)."""
-        height, width = image.shape[:2]
+    def views(self, height: int, width: int) -> list[tuple[tuple[int, int], int, int]]:
+        """The resized views of an image in model order, each ((height, width), tile rows, tile cols): the
+        grid cut into tiles of `tile_size` (row-major), then the thumbnail; or the whole image, resized."""
         grid = self.grid_layout(height, width)
         whole = self.smart_resize(height, width)
-        normalization = Normalization(self._channel_offset, self._channel_scale)
         if grid is None:
-            yield from resize_views(image, [whole], self.resample, normalization)
-            return
+            return [(whole, 1, 1)]
         rows, cols = grid
-        tile = self.tile_size
-        sizes = [(rows * tile, cols * tile)] + ([whole] if self.use_thumbnail and rows * cols != 1 else [])
-        views = resize_views(image, sizes, self.resample, normalization)
-        resized = next(views)
-        for row in range(rows):
-            for col in range(cols):
-                yield resized[row * tile : (row + 1) * tile, col * tile : (col + 1) * tile]
-        yield from views
+        views = [((rows * self.tile_size, cols * self.tile_size), rows, cols)]
+        if self.use_thumbnail and rows * cols != 1:
+            views.append((whole, 1, 1))
+        return views
 
     # -- pixels ----------------------------------------------------------------------------------------
 
-    def _write_patches(self, tile: np.ndarray, out: np.ndarray) -> None:
-        """Copy normalised `tile` into the first rows of `out` (max_num_patches, p*p*3), one row per patch
-        in (patch row, patch col) order, each row laid out as (pixel row, pixel col, channel)."""
+    def _patch_writer(self, out: np.ndarray, grid: tuple[int, int], tile: tuple[int, int]) -> RowSink:
+        """A sink for the rows of a resized view cut into a (rows, cols) `grid` of (height, width) `tile`s:
+        writes them into `out` (one row per tile, max_num_patches x p*p*3), one patch per row in (patch row,
+        patch col) order, each laid out as (pixel row, pixel col, channel)."""
         p = self.encoder_patch_size
-        rows, cols = tile.shape[0] // p, tile.shape[1] // p
-        # (rows, p, cols, p*3) -> (rows, cols, p, p*3)
-        np.copyto(
-            out[: rows * cols].reshape(rows, cols, p, p * 3),
-            tile.reshape(rows, p, cols, p * 3).transpose(0, 2, 1, 3),
-        )
+        (rows, cols), (tile_height, tile_width) = grid, tile
+        patch_rows, patch_cols = tile_height // p, tile_width // p
+        patches = out[:, : patch_rows * patch_cols].reshape(rows, cols, patch_rows, patch_cols, p, p * 3)
+
+        def write(start: int, values: np.ndarray) -> None:
+            # values: (n, cols * tile_width * 3) pixel rows start.. of the view; split where a patch row ends
+            y, stop = start, start + len(values)
+            while y < stop:
+                row, tile_y = divmod(y, tile_height)
+                patch_row, pixel_row = divmod(tile_y, p)
+                n = min(stop - y, p - pixel_row)
+                if patch_row < patch_rows:  # rows past the last whole patch are not used
+                    block = values[y - start : y - start + n].reshape(n, cols, tile_width * 3)
+                    block = block[:, :, : patch_cols * p * 3].reshape(n, cols, patch_cols, p * 3)
+                    np.copyto(
+                        patches[row, :, patch_row, :, pixel_row : pixel_row + n], block.transpose(1, 2, 0, 3)
+                    )
+                y += n
+
+        return write
 
     def preprocess(self, images: Sequence[np.ndarray], labels: Sequence[str] | None = None) -> dict[str, Any]:
         """Process already-loaded (H, W, 3) uint8 RGB images (see `load_image`); `labels` name them in
@@ -488,28 +496,36 @@ class Lfm2VlImageProcessor:
         labels = labels or [f"image {index}" for index in range(len(images))]
         tiles = sum(self.num_tiles(*image.shape[:2]) for image in images)
         self._check_memory(tiles, f"{len(images)} image(s)")
-        layouts = [self.layout(*image.shape[:2]) for image in images]
         p = self.encoder_patch_size
         max_patches = self.max_num_patches
-        pixel_values = np.zeros((tiles, max_patches, 3 * p * p), dtype=np.float32)
+        # every row is written up to its tile's patch count and zeroed past it
+        pixel_values = np.empty((tiles, max_patches, 3 * p * p), dtype=np.float32)
         pixel_attention_mask = np.zeros((tiles, max_patches), dtype=np.int32)
         spatial_shapes = np.zeros((tiles, 2), dtype=np.int64)
+        normalization = Normalization(self._channel_offset, self._channel_scale)
         row = 0
         for image, label in zip(images, labels, strict=True):
-            for tile in self.iter_tiles(image):
-                patch_rows, patch_cols = tile.shape[0] // p, tile.shape[1] // p
+            targets: list[tuple[tuple[int, int], RowSink]] = []
+            for (height, width), grid_rows, grid_cols in self.views(*image.shape[:2]):
+                tile = (height // grid_rows, width // grid_cols)
+                patch_rows, patch_cols = tile[0] // p, tile[1] // p
                 if patch_rows * patch_cols > max_patches:
-                    height, width = image.shape[:2]
                     raise ProcessorError(
-                        f"{label} ({width}x{height}) resizes to {tile.shape[1]}x{tile.shape[0]}: "
+                        f"{label} ({image.shape[1]}x{image.shape[0]}) resizes to {tile[1]}x{tile[0]}: "
                         f"{patch_rows * patch_cols} patches, more than max_num_patches={max_patches}: its "
                         "aspect ratio is too extreme for this configuration (the reference returns it "
                         "unpadded, inconsistent with its mask)"
                     )
-                self._write_patches(tile, pixel_values[row])
-                pixel_attention_mask[row, : patch_rows * patch_cols] = 1
-                spatial_shapes[row] = (patch_rows, patch_cols)
-                row += 1
+                rows = slice(row, row + grid_rows * grid_cols)
+                pixel_values[rows, patch_rows * patch_cols :] = 0.0
+                pixel_attention_mask[rows, : patch_rows * patch_cols] = 1
+                spatial_shapes[rows] = (patch_rows, patch_cols)
+                targets.append(
+                    ((height, width), self._patch_writer(pixel_values[rows], (grid_rows, grid_cols), tile))
+                )
+                row = rows.stop
+            resize_streamed(image, targets, self.resample, normalization)
+        layouts = [self.layout(*image.shape[:2]) for image in images]
         return {
             "pixel_values": pixel_values,
             "pixel_attention_mask": pixel_attention_mask,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from functools import lru_cache, partial
@@ -190,8 +190,18 @@ class Normalization(NamedTuple):
         np.divide(values, self.scale, out=values)
 
 
+# Receives (first row, rows): finished rows of a resized image, (n, width * channels) float32, valid only
+# during the call; called from several threads at once for disjoint row ranges.
+RowSink = Callable[[int, np.ndarray], None]
+
+
 def _apply_blocks(
-    pass_: _Pass, blocks: range, source: np.ndarray, out: np.ndarray, normalize: Normalization | None
+    pass_: _Pass,
+    blocks: range,
+    source: np.ndarray,
+    out: np.ndarray,
+    normalize: Normalization | None,
+    sink: RowSink | None,
 ) -> None:
     acc = out if out.dtype == pass_.dtype else np.empty((_BLOCK, out.shape[1]), dtype=pass_.dtype)
     for start, stop, lo, hi, weights in pass_.blocks[blocks.start : blocks.stop]:
@@ -200,21 +210,27 @@ def _apply_blocks(
         _round_clip(pass_, block, out[start:stop])
         if normalize is not None:
             normalize(out[start:stop])
+        if sink is not None:
+            sink(start, out[start:stop])
 
 
 def _apply(
-    pass_: _Pass, source: np.ndarray, out: np.ndarray, normalization: Normalization | None = None
+    pass_: _Pass,
+    source: np.ndarray,
+    out: np.ndarray,
+    normalization: Normalization | None = None,
+    sink: RowSink | None = None,
 ) -> None:
     """out[i, :] = round_clip(sum_j w[i, j] * source[:, j]) for 2-D `source` (rows, in): the input index runs
     along source's rows, so both passes are (block x window) @ (window x rows) products with a long N. Then
-    `normalization` (out's rows being pixels, channels last), while each block is in cache. Large passes
-    split their blocks over threads, BLAS being single-threaded meanwhile (see `_single_threaded_blas`)."""
+    `normalization` (out's rows being pixels, channels last) and `sink`, while each block is in cache. Large
+    passes split their blocks over threads, BLAS being single-threaded meanwhile (`_single_threaded_blas`)."""
     normalize = normalization.tiled(out.shape[1]) if normalization is not None else None
     workers = max(1, min(_WORKERS, out.size // _MIN_TASK_SIZE, len(pass_.blocks)))
     bounds = np.linspace(0, len(pass_.blocks), workers + 1).astype(int).tolist()
     _in_parallel(
         [
-            partial(_apply_blocks, pass_, range(lo, hi), source, out, normalize)
+            partial(_apply_blocks, pass_, range(lo, hi), source, out, normalize, sink)
             for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
         ]
     )
@@ -299,22 +315,30 @@ def _resize_into(
     out: np.ndarray,
     planar_sources: dict[type, np.ndarray],
     normalization: Normalization | None = None,
+    sink: RowSink | None = None,
 ) -> None:
-    """Resize uint8 (H, W, C) `image` into C-contiguous float32 `out` (height, width, C), then normalise.
-    `planar_sources` keeps the image's planar float copy per dtype for further sizes of the same image."""
+    """Resize uint8 (H, W, C) `image` into C-contiguous float32 `out` (height, width, C), normalise, and hand
+    the rows to `sink`. `planar_sources` keeps the image's planar float copy per dtype for further sizes."""
     in_height, in_width, channels = image.shape
     height, width = out.shape[:2]
     flat_out = out.reshape(height, width * channels)
+    normalize = normalization.tiled(width * channels) if normalization is not None else None
     if resample == NEAREST or (height == in_height and width == in_width):
-        np.copyto(out, _nearest_exact(image, height, width) if resample == NEAREST else image)
-        if normalization is not None:
-            normalization.tiled(width * channels)(flat_out)
+        resized = _nearest_exact(image, height, width) if resample == NEAREST else image
+        flat_resized = resized.reshape(height, width * channels)
+        for start in range(0, height, _BLOCK):  # block by block, so that each stays in cache
+            rows = flat_out[start : start + _BLOCK]
+            np.copyto(rows, flat_resized[start : start + _BLOCK])
+            if normalize is not None:
+                normalize(rows)
+            if sink is not None:
+                sink(start, rows)
         return
     if width == in_width:  # vertical pass only, straight on the (H, W*C) rows
         vertical = _pass(in_height, height, resample)
         rows = _scratch.get("rows", (in_height, in_width * channels), vertical.dtype)
         _copy_rows(rows, image.reshape(in_height, -1))
-        _apply(vertical, rows.T, flat_out, normalization)
+        _apply(vertical, rows.T, flat_out, normalization, sink)
         return
     # Horizontal pass on channel-planar rows: (C*H, W) -> (width, C*H), i.e. (width, C, H): its output has
     # the input height along rows, the layout the vertical pass reads, whose output is (height, width * C).
@@ -334,13 +358,15 @@ def _resize_into(
         across = _scratch.get("across", (width, channels, padded_height), horizontal.dtype)
         _apply(horizontal, source, across.reshape(width, -1))
         np.copyto(out, across[:, :, :in_height].transpose(2, 0, 1))
-        if normalization is not None:
-            normalization.tiled(width * channels)(flat_out)
+        if normalize is not None:
+            normalize(flat_out)
+        if sink is not None:
+            sink(0, flat_out)
         return
     vertical = _pass(in_height, height, resample)
     across = _scratch.get("across", (width, channels, padded_height), vertical.dtype)
     _apply(horizontal, source, across.reshape(width, -1))
-    _apply(vertical, across.reshape(width * channels, padded_height), flat_out, normalization)
+    _apply(vertical, across.reshape(width * channels, padded_height), flat_out, normalization, sink)
 
 
 def _check(image: np.ndarray, resample: int) -> None:
@@ -352,23 +378,22 @@ def _check(image: np.ndarray, resample: int) -> None:
         )
 
 
-def resize_views(
+def resize_streamed(
     image: np.ndarray,
-    sizes: Sequence[tuple[int, int]],
+    targets: Sequence[tuple[tuple[int, int], RowSink]],
     resample: int = BILINEAR,
     normalization: Normalization | None = None,
-) -> Iterator[np.ndarray]:
-    """Yield the (H, W, C) uint8 `image` resized to each (height, width) of `sizes`, exactly as the
-    reference does on uint8, as float32 arrays of those integer values, normalised if `normalization` is
-    given (done here, on each block while it is in cache). Each lives in a per-thread buffer that the next
-    one overwrites: use it before asking for the next. The image's float copy is made once for all sizes."""
+) -> None:
+    """Resize the (H, W, C) uint8 `image` to each target (height, width), exactly as the reference does on
+    uint8, and hand the float32 rows (those integer values, normalised if `normalization` is given) to the
+    target's sink block by block, while each block is in cache (see `RowSink`). The image's float copy is
+    made once for all targets; buffers are per thread and reused."""
     _check(image, resample)
     planar_sources: dict[type, np.ndarray] = {}
-    for height, width in sizes:
+    for (height, width), sink in targets:
         out = _scratch.get("out", (height, width, image.shape[2]), np.float32)
         with _single_threaded_blas():
-            _resize_into(image, resample, out, planar_sources, normalization)
-        yield out
+            _resize_into(image, resample, out, planar_sources, normalization, sink)
 
 
 def resize_float32(image: np.ndarray, height: int, width: int, resample: int = BILINEAR) -> np.ndarray:

@@ -32,8 +32,8 @@ from lfm2vl_jax.processing.resize import (
     LANCZOS,
     NEAREST,
     Normalization,
+    resize_streamed,
     resize_uint8,
-    resize_views,
 )
 
 PROMPT = "<|im_start|>user\n<image>Describe this image.<|im_end|>\n<|im_start|>assistant\n"
@@ -74,22 +74,31 @@ def test_resize_matches_torchvision_uint8(resample: int, source: tuple, target: 
 
 
 @pytest.mark.parametrize("resample", [BILINEAR, BICUBIC])
-def test_resize_views_share_work_and_normalise_like_the_reference(resample: int) -> None:
-    """Several sizes from one image (the float copy is shared, float32 and float64 passes mixed) each give
-    torchvision's uint8 resize, normalised as (x - offset) / scale in float32."""
+def test_streamed_resizes_share_work_and_normalise_like_the_reference(resample: int) -> None:
+    """Several sizes from one image (the float copy is shared, float32 and float64 passes mixed, blocks on
+    worker threads) each give torchvision's uint8 resize, normalised as (x - offset) / scale in float32."""
     image = np.random.default_rng(7).integers(0, 256, (300, 900, 3), dtype=np.uint8)
     sizes = [(512, 1536), (32, 96), (300, 128), (128, 900), (300, 900)]
     offset, scale = np.float32([127.5, 120.0, 100.0]), np.float32([127.5, 60.0, 50.0])
+    results = [np.full((*size, 3), np.nan, np.float32) for size in sizes]
+
+    def sink(result: np.ndarray):
+        def write(start: int, rows: np.ndarray) -> None:
+            result[start : start + len(rows)] = rows.reshape(len(rows), -1, 3)
+
+        return write
+
+    targets = [(size, sink(result)) for size, result in zip(sizes, results, strict=True)]
+    resize_streamed(image, targets, resample, Normalization(offset, scale))
     mode = {BILINEAR: tvF.InterpolationMode.BILINEAR, BICUBIC: tvF.InterpolationMode.BICUBIC}[resample]
     chw = torch.from_numpy(image).permute(2, 0, 1).contiguous()
-    views = resize_views(image, sizes, resample, Normalization(offset, scale))
-    for size, view in zip(sizes, views, strict=True):
+    for size, result in zip(sizes, results, strict=True):
         reference = tvF.resize(chw, list(size), interpolation=mode, antialias=True).permute(1, 2, 0).numpy()
         expected = (reference.astype(np.float32) - offset) / scale
         if NATIVE_UINT8_RESIZE:
-            np.testing.assert_array_equal(view, expected, err_msg=str(size))
+            np.testing.assert_array_equal(result, expected, err_msg=str(size))
         else:
-            assert np.abs(view - expected).max() <= 1.01 / scale.min(), size
+            assert np.abs(result - expected).max() <= 1.01 / scale.min(), size
 
 
 # (height, width): what each exercises
