@@ -31,9 +31,8 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
 from functools import lru_cache, partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -236,17 +235,33 @@ def _apply(
     )
 
 
-@lru_cache(maxsize=1)
-def _blas_controller() -> ThreadpoolController:
-    return ThreadpoolController()
+class _SingleThreadedBlas:
+    """Context: BLAS on one thread while any thread of ours resizes. Our products are small, so BLAS threads
+    gain little on them, spin-wait between calls, and once more threads than cores compete (our workers,
+    other processes) make calls many times slower (measured 10-50x on a loaded 2-core machine). BLAS has
+    only a process-wide setting: the first thread in sets it, the last one out restores it (nested or
+    concurrent resizes would otherwise restore each other's limit)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._limiter: Any = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._limiter = ThreadpoolController().limit(limits=1, user_api="blas")
+            self._users += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                self._limiter.restore_original_limits()
+                self._limiter = None
 
 
-def _single_threaded_blas() -> AbstractContextManager[object]:
-    """BLAS on one thread while we resize: our products are small, so BLAS threads gain little on them and
-    spin-wait between calls, and once more threads than cores compete (our workers, other processes) they
-    make calls many times slower (measured: 10-50x on a loaded 2-core machine). The limit is process-wide
-    (BLAS has no per-call setting) and restored on exit."""
-    return _blas_controller().limit(limits=1, user_api="blas")
+_single_threaded_blas = _SingleThreadedBlas()
 
 
 def _in_parallel(tasks: list[Callable[[], None]]) -> None:
@@ -392,7 +407,7 @@ def resize_streamed(
     planar_sources: dict[type, np.ndarray] = {}
     for (height, width), sink in targets:
         out = _scratch.get("out", (height, width, image.shape[2]), np.float32)
-        with _single_threaded_blas():
+        with _single_threaded_blas:
             _resize_into(image, resample, out, planar_sources, normalization, sink)
 
 
@@ -401,7 +416,7 @@ def resize_float32(image: np.ndarray, height: int, width: int, resample: int = B
     float32 array of those integer values."""
     _check(image, resample)
     out = np.empty((height, width, image.shape[2]), dtype=np.float32)
-    with _single_threaded_blas():
+    with _single_threaded_blas:
         _resize_into(image, resample, out, {})
     return out
 
