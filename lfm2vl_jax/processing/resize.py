@@ -341,9 +341,10 @@ def _resize_into(
     if resample == NEAREST or (height == in_height and width == in_width):
         resized = _nearest_exact(image, height, width) if resample == NEAREST else image
         flat_resized = resized.reshape(height, width * channels)
-        for start in range(0, height, _BLOCK):  # block by block, so that each stays in cache
-            rows = flat_out[start : start + _BLOCK]
-            np.copyto(rows, flat_resized[start : start + _BLOCK])
+        step = max(1, _MIN_TASK_SIZE // (width * channels))  # blocks that stay in cache, few numpy calls
+        for start in range(0, height, step):
+            rows = flat_out[start : start + step]
+            np.copyto(rows, flat_resized[start : start + step])
             if normalize is not None:
                 normalize(rows)
             if sink is not None:
