@@ -235,6 +235,11 @@ def _apply(
     )
 
 
+@lru_cache(maxsize=1)
+def _blas_controller() -> ThreadpoolController:
+    return ThreadpoolController()  # inspects every loaded library: ~0.5 ms once torch is loaded
+
+
 class _SingleThreadedBlas:
     """Context: BLAS on one thread while any thread of ours resizes. Our products are small, so BLAS threads
     gain little on them, spin-wait between calls, and once more threads than cores compete (our workers,
@@ -250,7 +255,7 @@ class _SingleThreadedBlas:
     def __enter__(self) -> None:
         with self._lock:
             if self._users == 0:
-                self._limiter = ThreadpoolController().limit(limits=1, user_api="blas")
+                self._limiter = _blas_controller().limit(limits=1, user_api="blas")
             self._users += 1
 
     def __exit__(self, *exc_info: object) -> None:
