@@ -272,9 +272,11 @@ _single_threaded_blas = _SingleThreadedBlas()
 def _in_parallel(tasks: list[Callable[[], None]]) -> None:
     """Run `tasks` on the thread pool, the last one on this thread (which would otherwise only wait)."""
     futures = [_thread_pool().submit(task) for task in tasks[:-1]]
-    tasks[-1]()
-    for future in futures:
-        future.result()
+    try:
+        tasks[-1]()
+    finally:  # never leave tasks writing into buffers that the next call reuses
+        for future in futures:
+            future.result()
 
 
 def _copy_rows(out: np.ndarray, source: np.ndarray) -> None:
