@@ -23,7 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import Lfm2VlError
 from ..memory import available_host_memory, gigabytes
-from .resize import BILINEAR, RESAMPLE_NAMES, SUPPORTED_RESAMPLE, resize_uint8
+from .resize import BILINEAR, RESAMPLE_NAMES, SUPPORTED_RESAMPLE, Normalization, RowSink, resize_streamed
 
 ImageInput = Image.Image | np.ndarray | str | os.PathLike
 
@@ -443,41 +443,52 @@ class Lfm2VlImageProcessor:
         )
         return per_tile, whole
 
-    def split_image(self, image: np.ndarray) -> tuple[list[np.ndarray], int, int, tuple[int, int]]:
-        """uint8 (H, W, 3) -> (uint8 views in model order: tiles row-major, then the thumbnail; rows; cols;
-        smart-resize size, which is the thumbnail's or the whole image's size)."""
-        height, width = image.shape[:2]
-        resized_size = self.smart_resize(height, width)
+    def layout(self, height: int, width: int) -> tuple[int, int, tuple[int, int]]:
+        """(tile rows, tile cols, smart-resize size, which is the thumbnail's or the whole image's size); one
+        row and column when the image is resized whole."""
+        rows, cols = self.grid_layout(height, width) or (1, 1)
+        return rows, cols, self.smart_resize(height, width)
+
+    def views(self, height: int, width: int) -> list[tuple[tuple[int, int], int, int]]:
+        """The resized views of an image in model order, each ((height, width), tile rows, tile cols): the
+        grid cut into tiles of `tile_size` (row-major), then the thumbnail; or the whole image, resized."""
         grid = self.grid_layout(height, width)
+        whole = self.smart_resize(height, width)
         if grid is None:
-            return [resize_uint8(image, *resized_size, self.resample)], 1, 1, resized_size
+            return [(whole, 1, 1)]
         rows, cols = grid
-        tile = self.tile_size
-        resized = resize_uint8(image, rows * tile, cols * tile, self.resample)
-        tiles = [
-            resized[row * tile : (row + 1) * tile, col * tile : (col + 1) * tile]
-            for row in range(rows)
-            for col in range(cols)
-        ]
+        views = [((rows * self.tile_size, cols * self.tile_size), rows, cols)]
         if self.use_thumbnail and rows * cols != 1:
-            tiles.append(resize_uint8(image, *resized_size, self.resample))
-        return tiles, rows, cols, resized_size
+            views.append((whole, 1, 1))
+        return views
 
     # -- pixels ----------------------------------------------------------------------------------------
 
-    def _write_patches(self, tile: np.ndarray, out: np.ndarray) -> None:
-        """Normalise uint8 `tile` into the first rows of `out` (max_num_patches, p*p*3), one row per patch
-        in (patch row, patch col) order, each row laid out as (pixel row, pixel col, channel)."""
+    def _patch_writer(self, out: np.ndarray, grid: tuple[int, int], tile: tuple[int, int]) -> RowSink:
+        """A sink for the rows of a resized view cut into a (rows, cols) `grid` of (height, width) `tile`s:
+        writes them into `out` (one row per tile, max_num_patches x p*p*3), one patch per row in (patch row,
+        patch col) order, each laid out as (pixel row, pixel col, channel)."""
         p = self.encoder_patch_size
-        rows, cols = tile.shape[0] // p, tile.shape[1] // p
-        patches = out[: rows * cols]
-        # (rows, p, cols, p*3) -> (rows, cols, p, p*3): uint8 -> float32 is exact
-        np.copyto(
-            patches.reshape(rows, cols, p, p * 3), tile.reshape(rows, p, cols, p * 3).transpose(0, 2, 1, 3)
-        )
-        # per-channel constants tiled along a patch row, so numpy loops over 3*p*p values, not 3
-        np.subtract(patches, np.tile(self._channel_offset, p * p), out=patches)
-        np.divide(patches, np.tile(self._channel_scale, p * p), out=patches)
+        (rows, cols), (tile_height, tile_width) = grid, tile
+        patch_rows, patch_cols = tile_height // p, tile_width // p
+        patches = out[:, : patch_rows * patch_cols].reshape(rows, cols, patch_rows, patch_cols, p, p * 3)
+
+        def write(start: int, values: np.ndarray) -> None:
+            # values: (n, cols * tile_width * 3) pixel rows start.. of the view; split where a patch row ends
+            y, stop = start, start + len(values)
+            while y < stop:
+                row, tile_y = divmod(y, tile_height)
+                patch_row, pixel_row = divmod(tile_y, p)
+                n = min(stop - y, p - pixel_row)
+                if patch_row < patch_rows:  # rows past the last whole patch are not used
+                    block = values[y - start : y - start + n].reshape(n, cols, tile_width * 3)
+                    block = block[:, :, : patch_cols * p * 3].reshape(n, cols, patch_cols, p * 3)
+                    np.copyto(
+                        patches[row, :, patch_row, :, pixel_row : pixel_row + n], block.transpose(1, 2, 0, 3)
+                    )
+                y += n
+
+        return write
 
     def preprocess(self, images: Sequence[np.ndarray], labels: Sequence[str] | None = None) -> dict[str, Any]:
         """Process already-loaded (H, W, 3) uint8 RGB images (see `load_image`); `labels` name them in
@@ -485,33 +496,43 @@ class Lfm2VlImageProcessor:
         labels = labels or [f"image {index}" for index in range(len(images))]
         tiles = sum(self.num_tiles(*image.shape[:2]) for image in images)
         self._check_memory(tiles, f"{len(images)} image(s)")
-        split = [self.split_image(image) for image in images]
-        tiles = [(index, tile) for index, (image_tiles, *_) in enumerate(split) for tile in image_tiles]
         p = self.encoder_patch_size
         max_patches = self.max_num_patches
-        pixel_values = np.zeros((len(tiles), max_patches, 3 * p * p), dtype=np.float32)
-        pixel_attention_mask = np.zeros((len(tiles), max_patches), dtype=np.int32)
-        spatial_shapes = np.zeros((len(tiles), 2), dtype=np.int64)
-        for row, (image_index, tile) in enumerate(tiles):
-            patch_rows, patch_cols = tile.shape[0] // p, tile.shape[1] // p
-            if patch_rows * patch_cols > max_patches:
-                height, width = images[image_index].shape[:2]
-                raise ProcessorError(
-                    f"{labels[image_index]} ({width}x{height}) resizes to {tile.shape[1]}x{tile.shape[0]}: "
-                    f"{patch_rows * patch_cols} patches, more than max_num_patches={max_patches}: its aspect "
-                    "ratio is too extreme for this configuration (the reference returns it unpadded, "
-                    "inconsistent with its mask)"
+        # every row is written up to its tile's patch count and zeroed past it
+        pixel_values = np.empty((tiles, max_patches, 3 * p * p), dtype=np.float32)
+        pixel_attention_mask = np.zeros((tiles, max_patches), dtype=np.int32)
+        spatial_shapes = np.zeros((tiles, 2), dtype=np.int64)
+        normalization = Normalization(self._channel_offset, self._channel_scale)
+        row = 0
+        for image, label in zip(images, labels, strict=True):
+            targets: list[tuple[tuple[int, int], RowSink]] = []
+            for (height, width), grid_rows, grid_cols in self.views(*image.shape[:2]):
+                tile = (height // grid_rows, width // grid_cols)
+                patch_rows, patch_cols = tile[0] // p, tile[1] // p
+                if patch_rows * patch_cols > max_patches:
+                    raise ProcessorError(
+                        f"{label} ({image.shape[1]}x{image.shape[0]}) resizes to {tile[1]}x{tile[0]}: "
+                        f"{patch_rows * patch_cols} patches, more than max_num_patches={max_patches}: its "
+                        "aspect ratio is too extreme for this configuration (the reference returns it "
+                        "unpadded, inconsistent with its mask)"
+                    )
+                rows = slice(row, row + grid_rows * grid_cols)
+                pixel_values[rows, patch_rows * patch_cols :] = 0.0
+                pixel_attention_mask[rows, : patch_rows * patch_cols] = 1
+                spatial_shapes[rows] = (patch_rows, patch_cols)
+                targets.append(
+                    ((height, width), self._patch_writer(pixel_values[rows], (grid_rows, grid_cols), tile))
                 )
-            self._write_patches(tile, pixel_values[row])
-            pixel_attention_mask[row, : patch_rows * patch_cols] = 1
-            spatial_shapes[row] = (patch_rows, patch_cols)
+                row = rows.stop
+            resize_streamed(image, targets, self.resample, normalization)
+        layouts = [self.layout(*image.shape[:2]) for image in images]
         return {
             "pixel_values": pixel_values,
             "pixel_attention_mask": pixel_attention_mask,
             "spatial_shapes": spatial_shapes,
-            "image_rows": [rows for _, rows, _, _ in split],
-            "image_cols": [cols for _, _, cols, _ in split],
-            "image_sizes": [list(size) for *_, size in split],
+            "image_rows": [rows for rows, _, _ in layouts],
+            "image_cols": [cols for _, cols, _ in layouts],
+            "image_sizes": [list(size) for *_, size in layouts],
         }
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> dict[str, Any]:

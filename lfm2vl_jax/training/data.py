@@ -159,7 +159,7 @@ def _image_size(path: str) -> tuple[int, int]:
 
 def _image_layout(processor: Lfm2VlProcessor, size: tuple[int, int]) -> tuple[str, int, int]:
     """(placeholder text, tiles, valid patches of the largest tile) of an image of `size`, as the processor
-    lays it out (`Lfm2VlImageProcessor.split_image`), without decoding it."""
+    lays it out (`Lfm2VlImageProcessor.layout`, `views`), without decoding it."""
     images = processor.image_processor
     p = images.encoder_patch_size
     resized = images.smart_resize(*size)

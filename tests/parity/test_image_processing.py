@@ -26,7 +26,15 @@ from torchvision.transforms.v2 import functional as tvF
 
 from lfm2vl_jax.processing.image_processor import Lfm2VlImageProcessor, ProcessorError, load_image
 from lfm2vl_jax.processing.processor import Lfm2VlProcessor
-from lfm2vl_jax.processing.resize import BICUBIC, BILINEAR, LANCZOS, NEAREST, resize_uint8
+from lfm2vl_jax.processing.resize import (
+    BICUBIC,
+    BILINEAR,
+    LANCZOS,
+    NEAREST,
+    Normalization,
+    resize_streamed,
+    resize_uint8,
+)
 
 PROMPT = "<|im_start|>user\n<image>Describe this image.<|im_end|>\n<|im_start|>assistant\n"
 
@@ -42,7 +50,9 @@ NATIVE_UINT8_RESIZE = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX51
 @pytest.mark.parametrize(
     ("source", "target"),
     [((1, 1), (32, 32)), ((15, 40), (96, 256)), ((511, 511), (512, 512)), ((600, 512), (480, 416)),
-     ((130, 542), (128, 512)), ((700, 90), (1536, 512)), ((97, 101), (37, 251))],
+     ((130, 542), (128, 512)), ((700, 90), (1536, 512)), ((97, 101), (37, 251)),
+     ((3000, 300), (512, 64)),  # large downscales: both passes past float32's exact range, in float64
+     ((100, 100), (100, 37)), ((100, 100), (37, 100))],  # one pass only: horizontal, vertical
 )  # fmt: skip
 def test_resize_matches_torchvision_uint8(resample: int, source: tuple, target: tuple) -> None:
     image = np.random.default_rng(sum(source + target)).integers(0, 256, (*source, 3), dtype=np.uint8)
@@ -61,6 +71,34 @@ def test_resize_matches_torchvision_uint8(resample: int, source: tuple, target: 
     else:
         assert np.abs(ours.astype(int) - reference).max() <= 1
         assert np.mean(ours == reference) >= 0.999
+
+
+@pytest.mark.parametrize("resample", [BILINEAR, BICUBIC])
+def test_streamed_resizes_share_work_and_normalise_like_the_reference(resample: int) -> None:
+    """Several sizes from one image (the float copy is shared, float32 and float64 passes mixed, blocks on
+    worker threads) each give torchvision's uint8 resize, normalised as (x - offset) / scale in float32."""
+    image = np.random.default_rng(7).integers(0, 256, (300, 900, 3), dtype=np.uint8)
+    sizes = [(512, 1536), (32, 96), (300, 128), (128, 900), (300, 900)]
+    offset, scale = np.float32([127.5, 120.0, 100.0]), np.float32([127.5, 60.0, 50.0])
+    results = [np.full((*size, 3), np.nan, np.float32) for size in sizes]
+
+    def sink(result: np.ndarray):
+        def write(start: int, rows: np.ndarray) -> None:
+            result[start : start + len(rows)] = rows.reshape(len(rows), -1, 3)
+
+        return write
+
+    targets = [(size, sink(result)) for size, result in zip(sizes, results, strict=True)]
+    resize_streamed(image, targets, resample, Normalization(offset, scale))
+    mode = {BILINEAR: tvF.InterpolationMode.BILINEAR, BICUBIC: tvF.InterpolationMode.BICUBIC}[resample]
+    chw = torch.from_numpy(image).permute(2, 0, 1).contiguous()
+    for size, result in zip(sizes, results, strict=True):
+        reference = tvF.resize(chw, list(size), interpolation=mode, antialias=True).permute(1, 2, 0).numpy()
+        expected = (reference.astype(np.float32) - offset) / scale
+        if NATIVE_UINT8_RESIZE:
+            np.testing.assert_array_equal(result, expected, err_msg=str(size))
+        else:
+            assert np.abs(result - expected).max() <= 1.01 / scale.min(), size
 
 
 # (height, width): what each exercises

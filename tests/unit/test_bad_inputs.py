@@ -644,7 +644,7 @@ def test_many_images_beyond_memory_are_refused_before_resizing(monkeypatch):
 
     processor = Lfm2VlImageProcessor()
     monkeypatch.setattr(image_processor, "available_host_memory", lambda: 10**8)
-    monkeypatch.setattr(image_processor, "resize_uint8", lambda *args: pytest.fail("resized"))
+    monkeypatch.setattr(image_processor, "resize_streamed", lambda *args: pytest.fail("resized"))
     with pytest.raises(
         ProcessorError, match=r"40 image\(s\) would need 40 x 1024 patches .* 0\.1 GB of memory"
     ):
