@@ -39,10 +39,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import multiprocessing
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -54,6 +53,7 @@ import numpy as np
 from jax import monitoring
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from machine import machine_description  # noqa: E402
 from processor_fixtures import make_checkpoint_dir, synthetic_image  # noqa: E402
 
 from lfm2vl_jax import Lfm2VlForConditionalGeneration, Lfm2VlProcessor  # noqa: E402
@@ -66,6 +66,8 @@ from lfm2vl_jax.config import (  # noqa: E402
     VisionConfig,
     load_config,
 )
+from lfm2vl_jax.inference import engine  # noqa: E402
+from lfm2vl_jax.inputs import MODEL_INPUTS  # noqa: E402
 from lfm2vl_jax.nn.params import init_params  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "data" / "reference" / "lfm2-vl-450m"
@@ -175,17 +177,16 @@ def run_static(model, processor, requests, slots, stop_key=None) -> tuple[float,
     for first in range(0, len(requests), slots):
         batch = requests[first : first + slots]
         stops = sorted({r[stop_key] for r in batch}) if stop_key else []
-        stops += [t for t in FILLER_STOPS if t not in stops][: slots - len(stops)]  # one size: one program
+        fillers = [t for t in FILLER_STOPS if t not in stops][: slots - len(stops)]  # one size: one program
         inputs = processor.apply_chat_template(
             [r["messages"] for r in batch], add_generation_prompt=True, tokenize=True, return_dict=True
         )
-        tokens = model.generate(
-            **inputs,
-            max_new_tokens=max(r["length"] for r in batch),
-            eos_token_id=[],
-            stop_token_ids=stops,
-            repetition_penalty=PENALTY,
-        )
+        options = {"eos_token_id": [], "stop_token_ids": stops, "repetition_penalty": PENALTY}
+        inputs = {name: inputs.get(name) for name in MODEL_INPUTS}
+        request = model.request(inputs, max(r["length"] for r in batch), 0, options)
+        # The fillers lie outside the vocabulary, which `generate` refuses: added after its checks.
+        request = dataclasses.replace(request, stop_ids=(*request.stop_ids, *fillers))
+        tokens = engine.generate(model.params, model.config, request, "device")
         for request, row in zip(batch, tokens.tolist(), strict=True):
             outputs[request["id"]] = row[: request["length"]]
     return time.perf_counter() - start, outputs
@@ -344,8 +345,7 @@ def main() -> None:
         "benchmark": "batch",
         "model": args.model,
         "backend": jax.default_backend(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
+        **machine_description(),
         "requests": args.requests,
         "slots": args.slots,
         "images": sum(sum(b["type"] == "image" for b in r["messages"][0]["content"]) for r in requests),
