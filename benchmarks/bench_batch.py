@@ -50,9 +50,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from jax import monitoring
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from compile_counter import CompileCounter  # noqa: E402
 from machine import machine_description  # noqa: E402
 from processor_fixtures import make_checkpoint_dir, synthetic_image  # noqa: E402
 
@@ -88,16 +88,6 @@ QUESTIONS = [
 # would compile new programs). Set from the model's vocabulary in `main`.
 FILLER_STOPS: list[int] = []
 PENALTY = 2.0
-
-
-class CompileCounter:
-    def __init__(self):
-        self.count = 0
-        monitoring.register_event_duration_secs_listener(self._listen)
-
-    def _listen(self, event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
 
 
 def build_model(name: str) -> Lfm2VlForConditionalGeneration:

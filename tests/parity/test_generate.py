@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from jax import monitoring
+from compile_counter import CompileCounter
 from PIL import Image
 from reference_models import (
     TEST_DATA,
@@ -175,18 +175,6 @@ def test_cached_decode_logits_equal_full_recompute(pair):
             )[0, n - 1]
             error = np.abs(np.asarray(cached[i]) - full).max() / np.abs(full).max()
             assert error <= 1e-5, f"row {i}: relative error {error:.1e}"
-
-
-class CompileCounter:
-    """Counts XLA compilations (every program: ours and any incidental one) while alive."""
-
-    def __init__(self):
-        self.count = 0
-        monitoring.register_event_duration_secs_listener(self._listen)
-
-    def _listen(self, event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
 
 
 def test_recompilation_is_bounded_by_buckets(pair):

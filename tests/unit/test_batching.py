@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import monitoring
+from compile_counter import CompileCounter
 from tiny_model import prompt_inputs, tiny_config, tiny_params
 
 from lfm2vl_jax import Lfm2VlForConditionalGeneration
@@ -21,18 +21,6 @@ from lfm2vl_jax.inference.batch_io import BatchRequest
 from lfm2vl_jax.inference.sampling import SamplingParams, next_token, next_token_rows
 
 EOS = 7
-
-
-class CompileCounter:
-    """Counts XLA compilations while alive (as tests/parity/test_generate.py does)."""
-
-    def __init__(self):
-        self.count = 0
-        monitoring.register_event_duration_secs_listener(self._listen)
-
-    def _listen(self, event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
 
 
 @pytest.fixture(scope="module")
