@@ -43,7 +43,7 @@ import numpy as np
 from ..config import Lfm2VlConfig
 from ..errors import Lfm2VlError
 from ..inputs import MODEL_INPUTS, as_numpy_inputs, check_inputs
-from ..nn.model import image_features, merge_image_features
+from ..nn.model import embed_with_features, image_features
 from ..nn.params import Params
 from ..nn.text import embed_tokens, lm_logits, text_forward
 from ..parallel.sharding import batch_sharding, cache_shardings
@@ -182,10 +182,7 @@ def embed_prompts(
     valid: jax.Array | None,
 ) -> jax.Array:
     """Token embeddings with the images' tokens at the `<image>` positions (`nn.model.embed_inputs`)."""
-    embeds = embed_tokens(params["text"], input_ids, config.runtime)
-    if features is None:
-        return embeds
-    return merge_image_features(embeds, input_ids, config.image_token_id, features, valid)
+    return embed_with_features(params, config, input_ids, features, valid)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

@@ -59,10 +59,23 @@ def embed_inputs(
     pixel_attention_mask: jax.Array | None = None,
     spatial_shapes: jax.Array | None = None,
 ) -> jax.Array:
+    features = valid = None
+    if pixel_values is not None:
+        features, valid = image_features(params, config, pixel_values, pixel_attention_mask, spatial_shapes)
+    return embed_with_features(params, config, input_ids, features, valid)
+
+
+def embed_with_features(
+    params: Params,
+    config: Lfm2VlConfig,
+    input_ids: jax.Array,
+    features: jax.Array | None,
+    valid: jax.Array | None,
+) -> jax.Array:
+    """Token embeddings with already computed image tokens (`image_features`) at the `<image>` positions."""
     embeds = embed_tokens(params["text"], input_ids, config.runtime)
-    if pixel_values is None:
+    if features is None:
         return embeds
-    features, valid = image_features(params, config, pixel_values, pixel_attention_mask, spatial_shapes)
     return merge_image_features(embeds, input_ids, config.image_token_id, features, valid)
 
 
