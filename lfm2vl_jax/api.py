@@ -22,13 +22,15 @@ from .inputs import (
     MODEL_INPUTS,
     OptionError,
     as_numpy_inputs,
+    check_forward_options,
     check_generation_fits,
     check_inputs,
     check_int,
     check_logits_fit,
+    is_right_padded,
     resolve_generation_options,
 )
-from .nn.model import forward
+from .nn.model import causal_lm_loss, forward, image_token_embedding
 from .nn.params import Params
 from .parallel.sharding import batch_sharding
 
@@ -36,7 +38,8 @@ if TYPE_CHECKING:
     from .inference.batching import BatchEngine
 
 # The plain forward pass, jitted here, at its entry point (the config is static: it picks the program).
-_forward = jax.jit(forward, static_argnames=("config",))
+_forward = jax.jit(forward, static_argnames=("config", "any_mask"))
+_loss = jax.jit(causal_lm_loss)
 
 INT32_MAX = 2**31 - 1  # token counts and positions are int32 on the device
 
@@ -61,6 +64,7 @@ def _read_generation_config(directory: Path) -> dict[str, Any]:
 
 class CausalLMOutput(NamedTuple):
     logits: jax.Array  # (batch, seq, vocab), float32
+    loss: jax.Array | None = None  # () float32, when `labels` were given
 
 
 class Lfm2VlForConditionalGeneration:
@@ -125,21 +129,57 @@ class Lfm2VlForConditionalGeneration:
 
     def __call__(
         self,
-        input_ids: Any,
+        input_ids: Any = None,
         attention_mask: Any = None,
         pixel_values: Any = None,
         pixel_attention_mask: Any = None,
         spatial_shapes: Any = None,
+        *,
+        inputs_embeds: Any = None,
+        position_ids: Any = None,
+        labels: Any = None,
     ) -> CausalLMOutput:
-        """The reference's forward pass on right-padded inputs (numpy or jax arrays)."""
-        inputs = as_numpy_inputs(
-            **_named_inputs(input_ids, attention_mask, pixel_values, pixel_attention_mask, spatial_shapes)
+        """The reference's forward pass (numpy or jax arrays): logits (batch, seq, vocab) in float32, and
+        with `labels` the loss.
+
+        attention_mask: zeros anywhere (left or right padding, holes) are honoured as transformers honours
+            them: a masked token is seen by no other token and feeds zeros into the short convolutions.
+            The logits at masked positions are unspecified (finite). A row masking every token is refused.
+        position_ids: (batch, seq) or (1, seq) rotary positions; default 0 .. seq-1 whatever the padding,
+            as transformers. Positions that restart inside a row without an attention_mask (transformers'
+            packed sequences, whose attention it confines to each sequence) are refused.
+        inputs_embeds: (batch, seq, hidden_size) instead of `input_ids`; with images, the image tokens go
+            where an embedding equals the `<image>` token's (as transformers finds them).
+        labels: (batch, seq) token ids or -100; `loss` is transformers' causal-LM loss (position t predicts
+            labels[:, t + 1]; the mean over labels that are not -100).
+        """
+        inputs = self._checked_inputs(
+            _named_inputs(input_ids, attention_mask, pixel_values, pixel_attention_mask, spatial_shapes),
+            inputs_embeds,
         )
-        check_inputs(self.config, **inputs)
-        check_logits_fit(self.config, inputs["input_ids"])
-        if inputs["attention_mask"] is None:
-            inputs["attention_mask"] = np.ones_like(inputs["input_ids"])
-        return CausalLMOutput(logits=_forward(self.params, self.config, **inputs))
+        extra = as_numpy_inputs(position_ids=position_ids, labels=labels)
+        embeds = inputs["inputs_embeds"]
+        shape = (embeds if embeds is not None else inputs["input_ids"]).shape[:2]
+        positions = check_forward_options(
+            self.config, shape, inputs["attention_mask"], extra["position_ids"], extra["labels"]
+        )
+        check_logits_fit(self.config, shape)
+        mask = inputs["attention_mask"]
+        any_mask = mask is not None and not is_right_padded(mask)
+        if mask is None:
+            inputs["attention_mask"] = np.ones(shape, np.int32)
+        logits = _forward(self.params, self.config, **inputs, position_ids=positions, any_mask=any_mask)
+        loss = None if extra["labels"] is None else _loss(logits, extra["labels"])
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    def _checked_inputs(self, inputs: dict[str, Any], inputs_embeds: Any) -> dict[str, np.ndarray | None]:
+        """The model inputs and `inputs_embeds` as numpy arrays, checked together (`inputs.check_inputs`)."""
+        arrays = as_numpy_inputs(**inputs, inputs_embeds=inputs_embeds)
+        image_embedding = None
+        if arrays["inputs_embeds"] is not None:  # transformers finds image positions by this embedding
+            image_embedding = np.asarray(image_token_embedding(self.params, self.config))
+        check_inputs(self.config, **arrays, image_embedding=image_embedding)
+        return arrays
 
     # Generation -------------------------------------------------------------------------------------------
 
@@ -150,7 +190,12 @@ class Lfm2VlForConditionalGeneration:
         return resolve_generation_options(self.config, options, self.generation_config)
 
     def request(
-        self, inputs: dict[str, Any], max_new_tokens: int, seed: int, options: dict[str, Any]
+        self,
+        inputs: dict[str, Any],
+        max_new_tokens: int,
+        seed: int,
+        options: dict[str, Any],
+        inputs_embeds: Any = None,
     ) -> engine.Request:
         """Validates and prepares one generation call: bucketed inputs (sharded over the mesh's `data`
         axis when there is one) and the decoding options, filled from the checkpoint's
@@ -160,8 +205,7 @@ class Lfm2VlForConditionalGeneration:
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1, INT32_MAX)
         seed = check_int("seed", seed, -(2**63), 2**63 - 1)
         sampling, stop, pad = self.decoding_options(options)
-        inputs = as_numpy_inputs(**inputs)
-        check_inputs(self.config, **inputs)
+        inputs = self._checked_inputs(inputs, inputs_embeds)
         rows = 1
         if self.mesh is not None:
             for axis in self.config.runtime.rules.mesh_axes("batch"):
@@ -172,10 +216,14 @@ class Lfm2VlForConditionalGeneration:
             replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
             batch = dataclasses.replace(
                 batch,
-                input_ids=jax.device_put(batch.input_ids, batch_sharding(self.config, batch.input_ids.shape)),
-                attention_mask=jax.device_put(
-                    batch.attention_mask, batch_sharding(self.config, batch.attention_mask.shape)
-                ),
+                **{
+                    name: None
+                    if getattr(batch, name) is None
+                    else jax.device_put(
+                        getattr(batch, name), batch_sharding(self.config, getattr(batch, name).shape)
+                    )
+                    for name in ("input_ids", "attention_mask", "inputs_embeds")
+                },
                 **{
                     name: None
                     if getattr(batch, name) is None
@@ -187,12 +235,13 @@ class Lfm2VlForConditionalGeneration:
 
     def generate(
         self,
-        input_ids: Any,
+        input_ids: Any = None,
         attention_mask: Any = None,
         pixel_values: Any = None,
         pixel_attention_mask: Any = None,
         spatial_shapes: Any = None,
         *,
+        inputs_embeds: Any = None,
         max_new_tokens: int = 128,
         seed: int = 0,
         streamer: Callable[[np.ndarray], Any] | None = None,
@@ -207,7 +256,10 @@ class Lfm2VlForConditionalGeneration:
         `lax.while_loop`, the default without a streamer; "host": jitted steps driven from Python, needed
         for streaming; see `generate.py` for why). Unset options come from the
         checkpoint's generation_config.json, then transformers' defaults. Rows may differ in length and in
-        number and size of images: each gets exactly the tokens it would get alone.
+        number and size of images: each gets exactly the tokens it would get alone. The attention mask may
+        pad either side and hold zeros between a row's tokens (transformers' `generate` semantics: a masked
+        token takes no position and feeds the convolutions a zero). `inputs_embeds` (batch, seq, hidden_size)
+        may stand for `input_ids`, as in transformers (no prompt token then counts for a repetition penalty).
         """
         if loop is not None and not (isinstance(loop, str) and loop in ("host", "device")):
             raise OptionError(f"loop must be 'host', 'device' or None, got {loop!r}")
@@ -216,17 +268,18 @@ class Lfm2VlForConditionalGeneration:
                 f"streamer must be callable (it is called with each step's tokens), got {streamer!r}"
             )
         inputs = _named_inputs(input_ids, attention_mask, pixel_values, pixel_attention_mask, spatial_shapes)
-        request = self.request(inputs, max_new_tokens, seed, options)
+        request = self.request(inputs, max_new_tokens, seed, options, inputs_embeds)
         return engine.generate(self.params, self.config, request, loop, streamer)
 
     def stream(
         self,
-        input_ids: Any,
+        input_ids: Any = None,
         attention_mask: Any = None,
         pixel_values: Any = None,
         pixel_attention_mask: Any = None,
         spatial_shapes: Any = None,
         *,
+        inputs_embeds: Any = None,
         max_new_tokens: int = 128,
         seed: int = 0,
         **options: Any,
@@ -234,7 +287,7 @@ class Lfm2VlForConditionalGeneration:
         """Like `generate`, yielding each step's new tokens (batch,) as they are produced; stops when every
         row has emitted a stop token."""
         inputs = _named_inputs(input_ids, attention_mask, pixel_values, pixel_attention_mask, spatial_shapes)
-        request = self.request(inputs, max_new_tokens, seed, options)
+        request = self.request(inputs, max_new_tokens, seed, options, inputs_embeds)
         for state in engine.run(self.params, self.config, request, "host"):
             yield engine.latest_tokens(state, request.batch.num_rows)
             if np.asarray(state.done).all():

@@ -54,15 +54,23 @@ class UnknownOptionError(OptionError, TypeError):
 
 def check_inputs(
     config: Lfm2VlConfig,
-    input_ids: np.ndarray,
+    input_ids: np.ndarray | None,
     attention_mask: np.ndarray | None = None,
     pixel_values: np.ndarray | None = None,
     pixel_attention_mask: np.ndarray | None = None,
     spatial_shapes: np.ndarray | None = None,
+    *,
+    inputs_embeds: np.ndarray | None = None,
+    image_embedding: np.ndarray | None = None,
 ) -> None:
-    """Host-side validation with errors that name the problem, before anything is traced."""
-    if input_ids is None:
-        raise InputError("input_ids are required")
+    """Host-side validation with errors that name the problem, before anything is traced.
+
+    `inputs_embeds` (B, S, D) may stand for `input_ids`; its image positions are those whose embedding
+    equals `image_embedding` (the `<image>` token's, as transformers finds them)."""
+    if input_ids is None and inputs_embeds is None:
+        raise InputError("input_ids (or inputs_embeds) are required")
+    if input_ids is not None and inputs_embeds is not None:
+        raise InputError("pass input_ids or inputs_embeds, not both")
     arrays = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -76,24 +84,46 @@ def check_inputs(
             raise InputError(f"{name} must hold {kind}, got dtype {array.dtype}")
     if pixel_values is not None and not np.isfinite(pixel_values).all():
         raise InputError("pixel_values hold NaN or infinite values")
-    if input_ids.ndim != 2 or not input_ids.size:
-        raise InputError(f"input_ids must be (batch, seq) and not empty, got shape {input_ids.shape}")
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise InputError(
-            f"attention_mask shape {attention_mask.shape} does not match input_ids shape {input_ids.shape}"
-        )
-    if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= config.text.vocab_size):
-        raise InputError(
-            f"input_ids must lie in [0, {config.text.vocab_size}); got {input_ids.min()}..{input_ids.max()}"
-        )
-    num_image_tokens = int((input_ids == config.image_token_id).sum())
+    if inputs_embeds is not None:
+        width = config.text.hidden_size
+        if not jnp.issubdtype(inputs_embeds.dtype, jnp.floating):
+            raise InputError(f"inputs_embeds must hold real numbers, got dtype {inputs_embeds.dtype}")
+        if inputs_embeds.ndim != 3 or inputs_embeds.shape[2] != width or not inputs_embeds.size:
+            raise InputError(
+                f"inputs_embeds must be (batch, seq, {width}) (text_config.hidden_size) and not empty, "
+                f"got shape {inputs_embeds.shape}"
+            )
+        if not np.isfinite(inputs_embeds).all():
+            raise InputError("inputs_embeds hold NaN or infinite values")
+        shape = inputs_embeds.shape[:2]
+        is_image = (inputs_embeds == np.asarray(image_embedding, inputs_embeds.dtype)).all(axis=-1)
+    else:
+        if input_ids.ndim != 2 or not input_ids.size:
+            raise InputError(f"input_ids must be (batch, seq) and not empty, got shape {input_ids.shape}")
+        if input_ids.min() < 0 or input_ids.max() >= config.text.vocab_size:
+            raise InputError(
+                f"input_ids must lie in [0, {config.text.vocab_size}); "
+                f"got {input_ids.min()}..{input_ids.max()}"
+            )
+        shape = input_ids.shape
+        is_image = input_ids == config.image_token_id
+    ids_name = "input_ids" if inputs_embeds is None else "inputs_embeds"
+    if attention_mask is not None:
+        if attention_mask.shape != shape:
+            raise InputError(
+                f"attention_mask shape {attention_mask.shape} does not match {ids_name}' (batch, seq) {shape}"
+            )
+        empty = np.flatnonzero(~attention_mask.astype(bool).any(axis=1))
+        if empty.size:
+            raise InputError(f"attention_mask masks every token of row(s) {empty.tolist()}")
+    num_image_tokens = int(is_image.sum())
     images = [pixel_values, pixel_attention_mask, spatial_shapes]
     if pixel_values is None:
         if any(x is not None for x in images):
             raise InputError("pixel_attention_mask/spatial_shapes given without pixel_values")
         if num_image_tokens:
             raise InputError(
-                f"input_ids hold {num_image_tokens} image tokens (id {config.image_token_id}) "
+                f"{ids_name} hold {num_image_tokens} image tokens (id {config.image_token_id}) "
                 "but no pixel_values were given"
             )
         return
@@ -132,8 +162,77 @@ def check_inputs(
     if num_features != num_image_tokens:
         raise InputError(
             f"image features and image tokens do not match: the images give {num_features} tokens but "
-            f"input_ids hold {num_image_tokens} image tokens (id {config.image_token_id})"
+            f"{ids_name} hold {num_image_tokens} image tokens (id {config.image_token_id})"
         )
+
+
+def is_right_padded(attention_mask: np.ndarray) -> bool:
+    """Whether every row's tokens come first, then only padding (the layout the fast paths assume)."""
+    mask = attention_mask.astype(bool)
+    return bool((mask == (np.arange(mask.shape[1]) < mask.sum(axis=1, keepdims=True))).all())
+
+
+def check_forward_options(
+    config: Lfm2VlConfig,
+    shape: tuple[int, int],
+    attention_mask: np.ndarray | None,
+    position_ids: np.ndarray | None,
+    labels: np.ndarray | None,
+) -> np.ndarray | None:
+    """Checks the plain forward's `position_ids` and `labels` against the inputs' (batch, seq) `shape` and
+    the model, and the length against its positions; returns `position_ids` broadcast to `shape`."""
+    limit = config.text.max_position_embeddings
+    if position_ids is None:
+        if shape[1] > limit:
+            raise InputError(
+                f"the inputs hold {shape[1]} positions, more than the model's {limit} "
+                "(text_config.max_position_embeddings)"
+            )
+    else:
+        if not _integers(position_ids.dtype):
+            raise InputError(f"position_ids must hold integers, got dtype {position_ids.dtype}")
+        if (
+            position_ids.ndim != 2
+            or position_ids.shape[1] != shape[1]
+            or position_ids.shape[0] not in (1, shape[0])
+        ):
+            raise InputError(
+                f"position_ids must be (batch, seq) = {shape} or (1, {shape[1]}), got {position_ids.shape}"
+            )
+        if position_ids.min() < 0 or position_ids.max() >= limit:
+            raise InputError(
+                f"position_ids must lie in [0, {limit}) (text_config.max_position_embeddings), got "
+                f"{position_ids.min()}..{position_ids.max()}"
+            )
+        position_ids = np.broadcast_to(position_ids, shape).astype(np.int32)
+        if attention_mask is None:
+            steps = np.diff(position_ids, axis=1)
+            packed = np.flatnonzero((steps != 1).any(axis=1))
+            if packed.size:
+                raise InputError(
+                    f"position_ids restart or jump inside row(s) {packed.tolist()} and no attention_mask was "
+                    "given: transformers then reads them as packed sequences and keeps attention inside "
+                    "each, which this forward does not do; pass one sequence per row (or an attention_mask)"
+                )
+    if labels is not None:
+        if not _integers(labels.dtype):
+            raise InputError(f"labels must hold integers, got dtype {labels.dtype}")
+        if labels.shape != shape:
+            raise InputError(f"labels must have the inputs' shape (batch, seq) {shape}, got {labels.shape}")
+        vocab = config.text.vocab_size
+        bad = (labels != -100) & ((labels < 0) | (labels >= vocab))
+        if bad.any():
+            row, col = np.argwhere(bad)[0].tolist()
+            raise InputError(
+                f"labels must be token ids in [0, {vocab}) or -100 (no loss); labels[{row}, {col}] is "
+                f"{labels[row, col]}"
+            )
+        if not (labels[:, 1:] != -100).any():
+            raise InputError(
+                "labels hold no token to predict: every label after the first position is -100 "
+                "(position t predicts labels[:, t + 1])"
+            )
+    return position_ids
 
 
 def as_numpy_inputs(**inputs: Any) -> dict[str, np.ndarray | None]:
@@ -293,14 +392,14 @@ def check_generation_fits(config: Lfm2VlConfig, batch: PreparedBatch, max_new_to
         )
 
 
-def check_logits_fit(config: Lfm2VlConfig, input_ids: np.ndarray) -> None:
+def check_logits_fit(config: Lfm2VlConfig, shape: tuple[int, int]) -> None:
     """Refuses a forward pass whose (batch, seq, vocab) float32 logits exceed the memory available."""
-    rows, seq = input_ids.shape
+    rows, seq = shape
     needed = rows * seq * config.text.vocab_size * 4
     available = available_memory(config)
     if available is not None and needed > available[0]:
         raise InputError(
-            f"input_ids {input_ids.shape}: the logits of {rows} x {seq} tokens over a "
+            f"inputs of shape {shape}: the logits of {rows} x {seq} tokens over a "
             f"{config.text.vocab_size}-token vocabulary need {gigabytes(needed)}, more than the "
             f"{gigabytes(available[0])} of "
             f"{available[1]}; pass fewer rows or shorter ones"

@@ -49,7 +49,7 @@ from ..nn.text import embed_tokens, lm_logits, text_forward
 from ..parallel.sharding import batch_sharding, cache_shardings
 from .batch_io import BatchRequest, BatchRequestError, BatchResult
 from .cache import Cache, append, cache_layout, init_cache, is_layout
-from .engine import bucket, prepare_batch
+from .engine import bucket, prepare_batch, prompt_pass
 from .sampling import SamplingParams, next_token_rows
 
 if TYPE_CHECKING:
@@ -185,7 +185,7 @@ def embed_prompts(
     return embed_with_features(params, config, input_ids, features, valid)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@functools.partial(jax.jit, static_argnames=("config", "any_mask"))
 def prefill_rows(
     params: Params,
     config: Lfm2VlConfig,
@@ -195,14 +195,14 @@ def prefill_rows(
     keys: jax.Array,
     sampling: SamplingParams,
     do_sample: jax.Array,
+    any_mask: bool = False,
 ) -> PrefilledRows:
-    """`engine.prefill` for rows with their own options: the text tower over right-padded prompts (their
-    embeddings from `embed_prompts`), each row's first token drawn from its own key."""
+    """`engine.prefill` for rows with their own options: the text tower over prompts, each row's tokens
+    first (their embeddings from `embed_prompts`; `any_mask` as `engine.prompt_pass`), each row's first
+    token drawn from its own key."""
     batch = input_ids.shape[0]
     mask = attention_mask.astype(bool)
-    hidden, entries = text_forward(params["text"], config.text, config.runtime, embeds, mask)
-    lengths = mask.sum(axis=1).astype(jnp.int32)
-    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    last, entries, lengths = prompt_pass(params, config, embeds, mask, any_mask)
     logits = lm_logits(params["text"], last)
     rows = jnp.arange(batch)[:, None]
     seen = jnp.zeros((batch, config.text.vocab_size), bool).at[rows, input_ids].max(mask)
@@ -328,12 +328,17 @@ class _Ready:
     """A request rendered, preprocessed and validated, waiting for a slot."""
 
     request: BatchRequest
-    input_ids: np.ndarray  # (L,) the prompt
+    input_ids: np.ndarray  # (L,) the prompt, from its first token to its last
+    mask: np.ndarray | None  # (L,) False between tokens (masked in the request's inputs); None: no holes
     images: dict[str, np.ndarray] | None  # pixel_values, pixel_attention_mask, spatial_shapes
     limit: int
     stop_ids: tuple[int, ...]
     sampling: SamplingParams
     key: np.ndarray  # key data of jax.random.key(seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids) if self.mask is None else int(self.mask.sum())
 
 
 @dataclasses.dataclass
@@ -523,11 +528,16 @@ class BatchEngine:
         if inputs["input_ids"].ndim != 2 or len(inputs["input_ids"]) != 1:
             raise BatchRequestError(f"inputs must hold one row, got input_ids {inputs['input_ids'].shape}")
         check_inputs(self.config, **inputs)
-        mask = inputs["attention_mask"]
-        prompt = inputs["input_ids"][0] if mask is None else inputs["input_ids"][0][mask[0].astype(bool)]
-        if len(prompt) >= self.max_length:
+        prompt, mask = inputs["input_ids"][0], inputs["attention_mask"]
+        if mask is not None:  # padding on either side dropped, zeros between tokens kept (as `generate`)
+            mask = mask[0].astype(bool)
+            kept = np.flatnonzero(mask)
+            prompt, mask = prompt[kept[0] : kept[-1] + 1], mask[kept[0] : kept[-1] + 1]
+            mask = None if mask.all() else mask
+        num_tokens = len(prompt) if mask is None else int(mask.sum())
+        if num_tokens >= self.max_length:
             raise BatchRequestError(
-                f"the prompt is {len(prompt)} tokens, over max_length={self.max_length} "
+                f"the prompt is {num_tokens} tokens, over max_length={self.max_length} "
                 "(prompt and new tokens); raise max_length"
             )
         max_new = self.max_new_tokens if request.max_new_tokens is None else request.max_new_tokens
@@ -540,8 +550,9 @@ class BatchEngine:
         return _Ready(
             request=request,
             input_ids=prompt.astype(np.int32),
+            mask=mask,
             images=images,
-            limit=min(max_new, self.max_length - len(prompt)),
+            limit=min(max_new, self.max_length - num_tokens),
             stop_ids=stop_ids,
             sampling=sampling,
             key=np.asarray(jax.random.key_data(jax.random.key(seed))),
@@ -577,14 +588,15 @@ class BatchEngine:
         ids = np.full((n, width), self.pad_id, np.int32)
         mask = np.zeros((n, width), np.int32)
         for i, ready in enumerate(group):
-            ids[i, : len(ready.input_ids)], mask[i, : len(ready.input_ids)] = ready.input_ids, 1
+            ids[i, : len(ready.input_ids)] = ready.input_ids
+            mask[i, : len(ready.input_ids)] = 1 if ready.mask is None else ready.mask
         with_images = [r.images for r in group if r.images is not None]
         images = {
             k: np.concatenate([im[k] for im in with_images]) if with_images else None
             for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes")
         }
         batch = prepare_batch(self.config, ids, mask, **images, pad_id=self.pad_id, row_multiple=rows)
-        self._ensure_capacity(max(batch.input_ids.shape[1], max(len(r.input_ids) + r.limit for r in group)))
+        self._ensure_capacity(max(batch.input_ids.shape[1], max(r.num_tokens + r.limit for r in group)))
 
         def column(values: list, fill: Any, dtype: Any) -> np.ndarray:
             out = np.full((rows, *np.shape(values[0])), fill, dtype)
@@ -607,7 +619,9 @@ class BatchEngine:
             images = (batch.pixel_values, batch.pixel_attention_mask, batch.spatial_shapes)
             features, valid = encode_images(params, self.config, *images)
         embeds = embed_prompts(params, self.config, arrays[0], features, valid)
-        prefilled = prefill_rows(params, self.config, *arrays, embeds, keys, sampling, do_sample)
+        prefilled = prefill_rows(
+            params, self.config, *arrays, embeds, keys, sampling, do_sample, any_mask=batch.holes
+        )
         stops = np.full((rows, MAX_STOP_TOKENS), -1, np.int32)
         for i, ready in enumerate(group):
             stops[i, : len(ready.stop_ids)] = ready.stop_ids
@@ -745,7 +759,7 @@ class BatchEngine:
             text=text,
             token_ids=tokens,
             finish_reason="stop" if stopped else "length",
-            prompt_tokens=len(item.ready.input_ids),
+            prompt_tokens=item.ready.num_tokens,
             completion_tokens=len(tokens),
         )
 

@@ -75,7 +75,28 @@ def _split(key: jax.Array, sampling: SamplingParams) -> tuple[jax.Array, jax.Arr
     return key, subkey
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_len", "max_new_tokens", "pad_id"))
+def prompt_pass(
+    params: Params, config: Lfm2VlConfig, embeds: jax.Array, mask: jax.Array, any_mask: bool
+) -> tuple[jax.Array, list, jax.Array]:
+    """The text tower over prompt embeddings (B, T, D), each row's tokens first (`prepare_batch`): the final
+    hidden state at each row's last token (B, D), the cache entries and each row's token count.
+
+    `any_mask` (static): rows hold zeros inside (holes). Then, as transformers' `generate`, a token's position
+    counts the tokens before it (a hole takes none), a hole is no key and feeds the convolutions a zero, and
+    the attention entries hold each row's tokens first, so a cache filled from them holds the count."""
+    positions = None
+    if any_mask:
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+    hidden, entries = text_forward(
+        params["text"], config.text, config.runtime, embeds, mask, positions=positions, any_mask=any_mask
+    )
+    lengths = mask.sum(axis=1).astype(jnp.int32)
+    end = jnp.max(jnp.where(mask, jnp.arange(mask.shape[1], dtype=jnp.int32) + 1, 0), axis=1)
+    last = jnp.take_along_axis(hidden, (end - 1)[:, None, None], axis=1)[:, 0]
+    return last, entries, lengths
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_len", "max_new_tokens", "pad_id", "any_mask"))
 def prefill(
     params: Params,
     config: Lfm2VlConfig,
@@ -92,26 +113,36 @@ def prefill(
     max_len: int,
     max_new_tokens: int,
     pad_id: int,
+    inputs_embeds: jax.Array | None = None,
+    any_mask: bool = False,
 ) -> DecodeState:
-    """Vision tower + projector + text tower over right-padded prompts; fills a fresh cache of `max_len`
-    positions and samples each row's first token from the logits at its last prompt position. With a
-    mesh (`config.runtime.mesh`), the cache is laid out by the logical sharding rules (rows over the batch
-    axes, heads over `tensor`)."""
+    """Vision tower + projector + text tower over prompts (each row's tokens first, `prepare_batch`); fills a
+    fresh cache of `max_len` positions and samples each row's first token from the logits at its last prompt
+    token. `inputs_embeds` (B, T, D) stand for the tokens of `input_ids` (then only pad ids; no prompt token
+    counts as seen by a repetition penalty, as in transformers). With a mesh (`config.runtime.mesh`), the
+    cache is laid out by the logical sharding rules (rows over the batch axes, heads over `tensor`)."""
     batch = input_ids.shape[0]
     mask = attention_mask.astype(bool)
-    embeds = embed_inputs(params, config, input_ids, pixel_values, pixel_attention_mask, spatial_shapes)
-    hidden, entries = text_forward(params["text"], config.text, config.runtime, embeds, mask)
-    lengths = mask.sum(axis=1).astype(jnp.int32)
+    embeds = embed_inputs(
+        params,
+        config,
+        None if inputs_embeds is not None else input_ids,
+        pixel_values,
+        pixel_attention_mask,
+        spatial_shapes,
+        inputs_embeds,
+    )
+    last, entries, lengths = prompt_pass(params, config, embeds, mask, any_mask)
     cache = append(init_cache(config, batch, max_len), entries, lengths)
     if config.runtime.mesh is not None:
         blocks = jax.lax.with_sharding_constraint(cache.blocks, cache_shardings(config, batch, max_len))
         cache = cache.replace(blocks=blocks)
-    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     logits = lm_logits(params["text"], last)
     seen = None
     if sampling.repetition_penalty is not None:
-        rows = jnp.arange(batch)[:, None]
-        seen = jnp.zeros((batch, config.text.vocab_size), bool).at[rows, input_ids].max(mask)
+        seen = jnp.zeros((batch, config.text.vocab_size), bool)
+        if inputs_embeds is None:
+            seen = seen.at[jnp.arange(batch)[:, None], input_ids].max(mask)
     key, subkey = _split(key, sampling)
     state = DecodeState(
         cache=cache,
@@ -193,7 +224,8 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class PreparedBatch:
-    """Right-padded, bucketed inputs; rows past `num_rows` and the trailing padding images are inert."""
+    """Bucketed inputs, each row's tokens first; rows past `num_rows` and the trailing padding images are
+    inert. `holes`: some row's mask holds zeros between its tokens (the prefill then honours them)."""
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
@@ -201,11 +233,13 @@ class PreparedBatch:
     pixel_attention_mask: np.ndarray | None
     spatial_shapes: np.ndarray | None
     num_rows: int
+    inputs_embeds: np.ndarray | None = None
+    holes: bool = False
 
 
 def prepare_batch(
     config: Lfm2VlConfig,
-    input_ids: np.ndarray,
+    input_ids: np.ndarray | None,
     attention_mask: np.ndarray | None = None,
     pixel_values: np.ndarray | None = None,
     pixel_attention_mask: np.ndarray | None = None,
@@ -213,24 +247,36 @@ def prepare_batch(
     *,
     pad_id: int,
     row_multiple: int = 1,
+    inputs_embeds: np.ndarray | None = None,
 ) -> PreparedBatch:
-    """Moves each row's tokens to the left (whatever side the processor padded), buckets the batch size
-    (then rounds it up to `row_multiple`, e.g. the mesh's data-axis size), prompt length and image count,
-    and pads with inert rows and images."""
-    mask = np.ones_like(input_ids, bool) if attention_mask is None else attention_mask.astype(bool)
-    lengths = mask.sum(axis=1)
-    if (lengths == 0).any():
-        raise Lfm2VlError(f"rows {np.flatnonzero(lengths == 0).tolist()} have no tokens")
-    rows = -(-bucket(len(input_ids)) // row_multiple) * row_multiple
-    seq = bucket(int(lengths.max()), minimum=16)
+    """Moves each row's tokens to the left (whatever side the processor padded: the padding before a row's
+    first token and after its last is dropped, zeros between them kept), buckets the batch size (then
+    rounds it up to `row_multiple`, e.g. the mesh's data-axis size), prompt length and image count, and pads
+    with inert rows and images. `inputs_embeds` (B, S, D) stand for `input_ids`, moved the same way."""
+    source = input_ids if inputs_embeds is None else inputs_embeds
+    num_rows, width = source.shape[:2]
+    mask = np.ones((num_rows, width), bool) if attention_mask is None else attention_mask.astype(bool)
+    if not mask.any(axis=1).all():
+        raise Lfm2VlError(f"rows {np.flatnonzero(~mask.any(axis=1)).tolist()} have no tokens")
+    first = mask.argmax(axis=1)
+    spans = width - mask[:, ::-1].argmax(axis=1) - first  # first token .. last token
+    rows = -(-bucket(num_rows) // row_multiple) * row_multiple
+    seq = bucket(int(spans.max()), minimum=16)
     ids = np.full((rows, seq), pad_id, np.int32)
     new_mask = np.zeros((rows, seq), np.int32)
-    for i, (row, row_mask) in enumerate(zip(input_ids, mask, strict=True)):
-        ids[i, : lengths[i]] = row[row_mask]
-        new_mask[i, : lengths[i]] = 1
-    new_mask[len(input_ids) :, 0] = 1  # padding rows: one pad token, finished from the start
+    embeds = None if inputs_embeds is None else np.zeros((rows, seq, source.shape[2]), source.dtype)
+    for i in range(num_rows):
+        span = slice(first[i], first[i] + spans[i])
+        new_mask[i, : spans[i]] = mask[i, span]
+        if embeds is None:
+            ids[i, : spans[i]] = input_ids[i, span]
+        else:
+            embeds[i, : spans[i]] = inputs_embeds[i, span]
+    new_mask[num_rows:, 0] = 1  # padding rows: one pad token, finished from the start
+    holes = bool((mask.sum(axis=1) != spans).any())
+    common = dict(num_rows=num_rows, inputs_embeds=embeds, holes=holes)
     if pixel_values is None:
-        return PreparedBatch(ids, new_mask, None, None, None, len(input_ids))
+        return PreparedBatch(ids, new_mask, None, None, None, **common)
 
     images = len(pixel_values)
     slots = bucket(images)
@@ -242,7 +288,7 @@ def prepare_batch(
     patch_mask[images:, : f * f] = 1  # padding images: one f x f block, its token never placed
     shapes = np.full((slots, 2), f, np.int64)
     shapes[:images] = spatial_shapes
-    return PreparedBatch(ids, new_mask, values, patch_mask, shapes, len(input_ids))
+    return PreparedBatch(ids, new_mask, values, patch_mask, shapes, **common)
 
 
 def cache_capacity(prompt_length: int, max_new_tokens: int) -> tuple[int, int]:
@@ -295,6 +341,8 @@ def run(params: Params, config: Lfm2VlConfig, request: Request, loop: str = "hos
         max_len=capacity,
         max_new_tokens=new_bucket,
         pad_id=pad_id,
+        inputs_embeds=batch.inputs_embeds,
+        any_mask=batch.holes,
     )
     yield state
     if loop == "device":

@@ -36,76 +36,145 @@ def image_features(
 
 
 def merge_image_features(
-    embeds: jax.Array, input_ids: jax.Array, image_token_id: int, features: jax.Array, valid: jax.Array
+    embeds: jax.Array, is_image: jax.Array, features: jax.Array, valid: jax.Array
 ) -> jax.Array:
-    """Puts the images' tokens, in order, at the `<image>` positions (row-major over the batch), as the
-    reference's `masked_scatter` does. The counts must match (checked on the host by
+    """Puts the images' tokens, in order, at the `is_image` positions (B, S) (row-major over the batch), as
+    the reference's `masked_scatter` does. The counts must match (checked on the host by
     `inputs.check_inputs`)."""
     num_slots = features.shape[0] * features.shape[1]
     flat, flat_valid = features.reshape(num_slots, -1), valid.reshape(-1)
     destination = jnp.where(flat_valid, jnp.cumsum(flat_valid) - 1, num_slots)
     compact = jnp.zeros_like(flat).at[destination].set(flat, mode="drop")
-    is_image = input_ids == image_token_id
     rank = jnp.cumsum(is_image.reshape(-1)).reshape(is_image.shape) - 1
     gathered = jnp.take(compact, jnp.clip(rank, 0, num_slots - 1), axis=0)
     return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
 
 
+def image_token_embedding(params: Params, config: Lfm2VlConfig) -> jax.Array:
+    """The `<image>` token's row of the embedding table (D,)."""
+    return params["text"]["embed"][config.image_token_id]
+
+
+def image_positions(
+    params: Params, config: Lfm2VlConfig, input_ids: jax.Array | None, inputs_embeds: jax.Array | None
+) -> jax.Array:
+    """(B, S) True where image tokens go: the `<image>` ids, or without ids (transformers'
+    `get_placeholder_mask`) the positions whose embedding equals the `<image>` token's."""
+    if input_ids is not None:
+        return input_ids == config.image_token_id
+    image = image_token_embedding(params, config).astype(inputs_embeds.dtype)
+    return jnp.all(inputs_embeds == image, axis=-1)
+
+
 def embed_inputs(
     params: Params,
     config: Lfm2VlConfig,
-    input_ids: jax.Array,
+    input_ids: jax.Array | None,
     pixel_values: jax.Array | None = None,
     pixel_attention_mask: jax.Array | None = None,
     spatial_shapes: jax.Array | None = None,
+    inputs_embeds: jax.Array | None = None,
 ) -> jax.Array:
+    """(B, S, D) input embeddings: of `input_ids`, or `inputs_embeds` as given, with the images' tokens
+    placed."""
     features = valid = None
     if pixel_values is not None:
         features, valid = image_features(params, config, pixel_values, pixel_attention_mask, spatial_shapes)
-    return embed_with_features(params, config, input_ids, features, valid)
+    return embed_with_features(params, config, input_ids, features, valid, inputs_embeds)
 
 
 def embed_with_features(
     params: Params,
     config: Lfm2VlConfig,
-    input_ids: jax.Array,
+    input_ids: jax.Array | None,
     features: jax.Array | None,
     valid: jax.Array | None,
+    inputs_embeds: jax.Array | None = None,
 ) -> jax.Array:
-    """Token embeddings with already computed image tokens (`image_features`) at the `<image>` positions."""
-    embeds = embed_tokens(params["text"], input_ids, config.runtime)
+    """Token embeddings (of `input_ids`, or `inputs_embeds` as given) with already computed image tokens
+    (`image_features`) at the image positions (`image_positions`)."""
+    if inputs_embeds is None:
+        embeds = embed_tokens(params["text"], input_ids, config.runtime)
+    else:
+        embeds = inputs_embeds.astype(config.runtime.dtypes.compute)
     if features is None:
         return embeds
-    return merge_image_features(embeds, input_ids, config.image_token_id, features, valid)
+    is_image = image_positions(params, config, input_ids, inputs_embeds)
+    return merge_image_features(embeds, is_image, features, valid)
 
 
 def hidden_states(
     params: Params,
     config: Lfm2VlConfig,
-    input_ids: jax.Array,
+    input_ids: jax.Array | None,
     attention_mask: jax.Array,
     pixel_values: jax.Array | None = None,
     pixel_attention_mask: jax.Array | None = None,
     spatial_shapes: jax.Array | None = None,
+    *,
+    inputs_embeds: jax.Array | None = None,
+    position_ids: jax.Array | None = None,
+    any_mask: bool = False,
 ) -> jax.Array:
-    """Final-normed hidden states (B, S, D) of right-padded inputs, before the LM head (training computes
-    its loss from these in chunks, never holding every token's logits)."""
-    embeds = embed_inputs(params, config, input_ids, pixel_values, pixel_attention_mask, spatial_shapes)
-    hidden, _ = text_forward(params["text"], config.text, config.runtime, embeds, attention_mask)
+    """Final-normed hidden states (B, S, D), before the LM head (training computes its loss from these in
+    chunks, never holding every token's logits).
+
+    Rows are right-padded unless `any_mask` (static): then `attention_mask` may hold zeros anywhere (left
+    padding, holes), honoured as transformers' forward does (`text.any_mask_context`). `position_ids`
+    (B, S): rotary positions (default 0 .. S-1 whatever the padding, as transformers). `inputs_embeds`
+    (B, S, D) instead of `input_ids`."""
+    embeds = embed_inputs(
+        params, config, input_ids, pixel_values, pixel_attention_mask, spatial_shapes, inputs_embeds
+    )
+    hidden, _ = text_forward(
+        params["text"],
+        config.text,
+        config.runtime,
+        embeds,
+        attention_mask,
+        positions=position_ids,
+        any_mask=any_mask,
+    )
     return hidden
 
 
 def forward(
     params: Params,
     config: Lfm2VlConfig,
-    input_ids: jax.Array,
+    input_ids: jax.Array | None,
     attention_mask: jax.Array,
     pixel_values: jax.Array | None = None,
     pixel_attention_mask: jax.Array | None = None,
     spatial_shapes: jax.Array | None = None,
+    *,
+    inputs_embeds: jax.Array | None = None,
+    position_ids: jax.Array | None = None,
+    any_mask: bool = False,
 ) -> jax.Array:
-    """Logits (B, S, V) in float32 for right-padded `input_ids` (B, S); the reference's plain forward."""
+    """Logits (B, S, V) in float32; the reference's plain forward (arguments as `hidden_states`)."""
     hidden = hidden_states(
-        params, config, input_ids, attention_mask, pixel_values, pixel_attention_mask, spatial_shapes
+        params,
+        config,
+        input_ids,
+        attention_mask,
+        pixel_values,
+        pixel_attention_mask,
+        spatial_shapes,
+        inputs_embeds=inputs_embeds,
+        position_ids=position_ids,
+        any_mask=any_mask,
     )
     return lm_logits(params["text"], hidden)
+
+
+IGNORE_INDEX = -100  # transformers' label for positions without a loss
+
+
+def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """transformers' causal-LM loss: position t predicts `labels[:, t + 1]`; the mean cross-entropy (float32)
+    over the shifted labels that are not `IGNORE_INDEX`."""
+    shifted = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
+    counted = shifted != IGNORE_INDEX
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    target = jnp.take_along_axis(log_probs, jnp.where(counted, shifted, 0)[..., None], axis=-1)[..., 0]
+    return -jnp.sum(jnp.where(counted, target, 0.0)) / jnp.sum(counted)

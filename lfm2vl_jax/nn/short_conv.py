@@ -50,7 +50,9 @@ def gated_short_conv(
 ) -> tuple[jax.Array, jax.Array]:
     """x: (B, T, D) normed input, right-padded per token_mask (B, T); state as `causal_depthwise_conv`.
     Returns the block's output (B, T, D) and the new state."""
-    x = x * token_mask[..., None].astype(x.dtype)  # padding must not leak into the recurrent state
+    # Masked positions feed zeros (as transformers' `apply_mask_to_padding_states`): padding must not leak
+    # into the recurrent state. A select, not a product, so that nothing there (not even a NaN) leaks.
+    x = jnp.where(token_mask[..., None], x, jnp.zeros((), x.dtype))
     bcx = jnp.einsum("btd,dce->btce", x, p["in_proj"])
     if "in_proj_bias" in p:
         bcx = bcx + p["in_proj_bias"]

@@ -34,10 +34,33 @@ RESIDUAL_AXES = ("act_batch", "act_length", "act_embed")
 class StepContext(NamedTuple):
     """What every layer of one forward call needs besides its weights and hidden state."""
 
-    positions: jax.Array  # (B, T) positions of the new tokens
+    positions: jax.Array  # (B, T) rotary positions of the new tokens
     token_mask: jax.Array  # (B, T) bool, False on padding
-    num_new: jax.Array  # (B,) valid new tokens per row (rows are right-padded)
+    num_new: jax.Array  # (B,) where each row's tokens end: the conv state is taken just before it
     cached_lengths: jax.Array | None  # (B,) tokens already in the cache, or None without a cache
+    # Masks with padding before or between a row's tokens (no cache): the order that moves each row's
+    # valid keys first (B, T), and per query the last of those it sees, causally (B, T). None: rows are
+    # right-padded and query t sees keys 0 .. t.
+    key_order: jax.Array | None = None
+    key_limit: jax.Array | None = None
+
+
+def any_mask_context(token_mask: jax.Array, positions: jax.Array) -> StepContext:
+    """The context of a cache-free call whose mask may hold zeros anywhere (left padding, holes), as
+    transformers' forward honours them: a masked token is no key for any query and feeds zeros into the
+    short convolutions, while every query keeps its own position. Keys are gathered valid-first, so that
+    query t sees the first `cumsum(mask)[t]` of them: a causal prefix mask every attention kernel runs.
+    Queries before a row's first token (their outputs are unspecified) see its first key, which keeps them
+    finite."""
+    index = jnp.arange(token_mask.shape[1], dtype=jnp.int32)
+    return StepContext(
+        positions=positions,
+        token_mask=token_mask,
+        num_new=jnp.max(jnp.where(token_mask, index + 1, 0), axis=1),
+        cached_lengths=None,
+        key_order=jnp.argsort(~token_mask, axis=1, stable=True).astype(jnp.int32),
+        key_limit=jnp.maximum(jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1, 0),
+    )
 
 
 def mlp(p: Params, x: jax.Array) -> jax.Array:
@@ -66,7 +89,20 @@ def attention_block(
     q = checkpoint_name(apply_rope(q, ctx.positions, cfg.rope_theta), "q")
     k = checkpoint_name(jnp.swapaxes(apply_rope(k, ctx.positions, cfg.rope_theta), 1, 2), "k")  # head-major
     v = checkpoint_name(jnp.swapaxes(jnp.einsum("btd,dkh->btkh", x, p["v"]), 1, 2), "v")
-    if cached is None:  # positions 0 .. T-1: the default, which lets kernels use a plain causal mask
+    if ctx.key_order is not None:  # padding anywhere: valid keys first, each query sees a prefix of them
+        order = ctx.key_order[:, None, :, None]
+        k, v = jnp.take_along_axis(k, order, axis=2), jnp.take_along_axis(v, order, axis=2)
+        num_valid = ctx.token_mask.sum(axis=1, dtype=jnp.int32)
+        out = attention(
+            q,
+            k,
+            v,
+            kv_lengths=num_valid,
+            q_positions=ctx.key_limit,
+            causal=True,
+            implementation=runtime.attention,
+        )
+    elif cached is None:  # queries at 0 .. T-1: the default, which lets kernels use a plain causal mask
         out = attention(q, k, v, kv_lengths=ctx.num_new, causal=True, implementation=runtime.attention)
     else:
         out = attention(
@@ -159,6 +195,9 @@ def text_forward(
     embeds: jax.Array,
     token_mask: jax.Array,
     cache: Any = None,
+    *,
+    positions: jax.Array | None = None,
+    any_mask: bool = False,
 ) -> tuple[jax.Array, list]:
     """Runs the text tower over new positions (B, T, D), right-padded per `token_mask`.
 
@@ -166,16 +205,28 @@ def text_forward(
     `inference.cache.Cache`), row b's new tokens sit at positions `cache.lengths[b]` onwards and also
     attend to the first `cache.lengths[b]` cached keys. Returns the final-normed hidden states and the new
     cache entries (see `run_layers`), which `inference.cache.append` folds into a cache.
+
+    `any_mask` (static, no cache): `token_mask` may hold zeros anywhere, honoured as transformers does (see
+    `any_mask_context`); the attention entries returned then hold each row's valid keys first, so that a
+    cache filled from them holds `token_mask.sum(1)` tokens. `positions` (B, T): rotary positions other
+    than 0 .. T-1 (transformers' `position_ids`), without a cache.
     """
     batch, seq_len = token_mask.shape
     token_mask = token_mask.astype(bool)
-    offsets = jnp.zeros((batch,), jnp.int32) if cache is None else cache.lengths
-    ctx = StepContext(
-        positions=offsets[:, None] + jnp.arange(seq_len, dtype=jnp.int32)[None, :],
-        token_mask=token_mask,
-        num_new=token_mask.sum(axis=1).astype(jnp.int32),
-        cached_lengths=None if cache is None else cache.lengths,
-    )
+    if positions is None:
+        offsets = jnp.zeros((batch,), jnp.int32) if cache is None else cache.lengths
+        positions = offsets[:, None] + jnp.arange(seq_len, dtype=jnp.int32)[None, :]
+    if any_mask:
+        if cache is not None:
+            raise ValueError("any_mask is for cache-free calls (the cache holds right-aligned rows)")
+        ctx = any_mask_context(token_mask, positions.astype(jnp.int32))
+    else:
+        ctx = StepContext(
+            positions=positions.astype(jnp.int32),
+            token_mask=token_mask,
+            num_new=token_mask.sum(axis=1).astype(jnp.int32),
+            cached_lengths=None if cache is None else cache.lengths,
+        )
     h = constrain(embeds.astype(runtime.dtypes.compute), RESIDUAL_AXES, runtime)
     cache_blocks = None if cache is None else cache.blocks
     with matmul_precision(runtime.dtypes.compute):
