@@ -98,14 +98,34 @@ def _open_file(path: str | os.PathLike | BinaryIO, label: str) -> np.ndarray:
         raise ProcessorError(f"{label} could not be decoded: {error}") from error
 
 
-def _array_to_rgb(array: np.ndarray, label: str) -> np.ndarray:
+CHANNEL_FORMATS = ("channels_first", "channels_last")
+_CHANNEL_COUNTS = (1, 3, 4)  # what transformers' image processors take as a channel axis
+
+
+def _channels_last(array: np.ndarray, label: str, channel_format: str | None) -> np.ndarray:
+    """(H, W) or a 3-D array with the channel axis first or last -> (H, W, C). Without `channel_format`
+    the axis is inferred as transformers' `infer_channel_dimension_format` does with channel counts 1, 3
+    and 4: the first axis if it can be one (so an ambiguous (3, H, 3) is channels-first), else the last."""
     if array.ndim == 2:
-        array = array[:, :, None]
-    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-        raise ProcessorError(
-            f"{label} is an array of shape {array.shape}; expected (H, W) or channels-last (H, W, C) "
-            "with C in 1, 3, 4"
-        )
+        return array[:, :, None]
+    if array.ndim == 3:
+        if channel_format is None:
+            if array.shape[0] in _CHANNEL_COUNTS:
+                channel_format = "channels_first"
+            elif array.shape[2] in _CHANNEL_COUNTS:
+                channel_format = "channels_last"
+        axis = {"channels_first": 0, "channels_last": 2}.get(channel_format)
+        if axis is not None and array.shape[axis] in _CHANNEL_COUNTS:
+            return np.moveaxis(array, 0, 2) if axis == 0 else array
+    where = f" ({channel_format})" if channel_format else ""
+    raise ProcessorError(
+        f"{label} is an array of shape {array.shape}{where}; expected (H, W), channels-last (H, W, C) or "
+        "channels-first (C, H, W) with C in 1, 3, 4"
+    )
+
+
+def _array_to_rgb(array: np.ndarray, label: str, channel_format: str | None = None) -> np.ndarray:
+    array = _channels_last(array, label, channel_format)
     _check_size(array.shape[1], array.shape[0], label)
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
@@ -125,19 +145,33 @@ def _array_to_rgb(array: np.ndarray, label: str) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def load_image(image: Any, label: str = "image") -> np.ndarray:
-    """A PIL image, array, file path or binary file object as an (H, W, 3) uint8 RGB array.
+def load_image(image: Any, label: str = "image", channel_format: str | None = None) -> np.ndarray:
+    """A PIL image, array (numpy, or anything `np.asarray` reads: torch tensors, jax arrays), file path or
+    binary file object as an (H, W, 3) uint8 RGB array.
 
-    `label` names the image in errors. Alpha (and a palette's transparent colour) is composited on white;
-    files get their EXIF orientation applied; float arrays must lie in [0, 1] and are rounded to uint8."""
+    `label` names the image in errors. Arrays may be channels-first or channels-last (`channel_format`,
+    else inferred as transformers infers it). Alpha (and a palette's transparent colour) is composited on
+    white; files get their EXIF orientation applied; float arrays must lie in [0, 1] and are rounded to
+    uint8."""
+    if channel_format is not None and channel_format not in CHANNEL_FORMATS:
+        raise ProcessorError(
+            f"input_data_format must be one of {', '.join(CHANNEL_FORMATS)}, got {channel_format!r}"
+        )
     if isinstance(image, (str, os.PathLike)) or hasattr(image, "read"):
         return _open_file(image, label)
     if isinstance(image, Image.Image):
         return _pil_to_rgb(image, label)
     if isinstance(image, np.ndarray) or hasattr(image, "__array__"):
-        return _array_to_rgb(np.asarray(image), label)
+        try:
+            array = np.asarray(image)
+        except (TypeError, ValueError, RuntimeError) as error:  # e.g. a tensor on a GPU or needing grad
+            raise ProcessorError(
+                f"{label} ({type(image).__name__}) cannot be read as a numpy array: {error}"
+            ) from None
+        return _array_to_rgb(array, label, channel_format)
     raise ProcessorError(
-        f"{label} has unsupported type {type(image).__name__}; expected a PIL image, numpy array or file path"
+        f"{label} has unsupported type {type(image).__name__}; expected a PIL image, an array (numpy, torch, "
+        "jax, ...) or a file path"
     )
 
 
@@ -341,6 +375,24 @@ class Lfm2VlImageProcessor:
         values = {key: config[key] for key in cls.config_keys if config.get(key) is not None}
         values.update(overrides)
         return cls(**values)
+
+    def with_options(self, options: Mapping[str, Any]) -> Lfm2VlImageProcessor:
+        """This processor with some settings replaced for one call (transformers' per-call image kwargs:
+        `do_image_splitting`, `min_image_tokens`, `max_image_tokens`, `use_thumbnail`, ...; None keeps the
+        setting), validated as the constructor validates a checkpoint's settings."""
+        options = {key: value for key, value in options.items() if value is not None}
+        unknown = sorted(set(options) - set(self.config_keys))
+        if unknown:
+            raise ProcessorError(
+                f"unknown image option(s): {', '.join(unknown)}; supported: {', '.join(self.config_keys)}"
+            )
+        if not options:
+            return self
+        try:
+            return type(self).from_dict(self.to_dict(), **options)
+        except ProcessorError as error:  # the constructor names the setting; say it came from this call
+            message = str(error).removeprefix("image processor config: ")
+            raise ProcessorError(f"image option(s) {options}: {message}") from None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> Lfm2VlImageProcessor:

@@ -14,21 +14,21 @@ runs remain. The expanded text is tokenised in one piece, with no added BOS (the
 from __future__ import annotations
 
 import base64
+import bisect
 import io
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.ext
 import numpy as np
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer, models
 
 from ..checkpoint.hub import PROCESSOR_FILES, resolve_checkpoint_dir
+from .chat_template import ChatTemplate, check_tools_and_documents, template_data
 from .image_processor import (
     ImageInput,
     Lfm2VlImageProcessor,
@@ -50,7 +50,6 @@ _NAMED_SPECIAL_TOKENS = (
 # "tokenizer_config.json model_max_length" this large means "no limit" (transformers' VERY_LARGE_INTEGER)
 _UNLIMITED_LENGTH = int(1e20)
 _IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
-_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
 def _token_content(value: Any) -> str | None:
@@ -69,11 +68,14 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         raise ProcessorError(f"{path} is not valid JSON: {error}") from error
 
 
-def _read_chat_template(directory: Path, tokenizer_config: Mapping[str, Any]) -> str | None:
-    """chat_template.jinja, else chat_template.json, else the template inside tokenizer_config.json."""
+def _read_chat_template(directory: Path, tokenizer_config: Mapping[str, Any]) -> tuple[str | None, str]:
+    """(template, the file it came from): chat_template.jinja, else chat_template.json, else the template
+    inside tokenizer_config.json."""
     if (directory / "chat_template.jinja").is_file():
-        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        path = directory / "chat_template.jinja"
+        return path.read_text(encoding="utf-8"), str(path)
     template_json = _read_json(directory / "chat_template.json")
+    origin = directory / ("chat_template.json" if template_json else "tokenizer_config.json")
     template = template_json.get("chat_template") if template_json else tokenizer_config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
         named = {entry["name"]: entry["template"] for entry in template}
@@ -82,61 +84,7 @@ def _read_chat_template(directory: Path, tokenizer_config: Mapping[str, Any]) ->
                 f"{directory}: several chat templates ({', '.join(named)}) and none is 'default'"
             )
         template = named["default"]
-    return template
-
-
-def _compile_chat_template(template: str) -> jinja2.Template:
-    """The environment transformers renders chat templates in."""
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(value: Any, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-        # transformers' override: no HTML escaping, json.dumps options exposed
-        return json.dumps(
-            value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
-
-    environment = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
-    environment.filters["tojson"] = tojson
-    environment.globals["raise_exception"] = raise_exception
-    environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return environment.from_string(template)
-    except jinja2.exceptions.TemplateSyntaxError as error:
-        raise ProcessorError(f"chat template does not compile: {error}") from error
-
-
-def _template_data(value: Any) -> Any:
-    """What the template sees, as transformers builds it: plain JSON-like data (subclasses reduced to their
-    base type); media and any other object become an inert '<TypeName>' string."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, str):
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, Mapping):
-        return {_template_data(key): _template_data(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_template_data(item) for item in value]
-    if isinstance(value, tuple):
-        return tuple(_template_data(item) for item in value)
-    if isinstance(value, np.generic):
-        return _template_data(value.item())
-    return f"<{type(value).__name__}>"
-
-
-def _alias_reasoning_fields(message: dict[str, Any]) -> dict[str, Any]:
-    # as transformers: a message's reasoning is readable as `reasoning_content` and `thinking`
-    reasoning = next((message[key] for key in _REASONING_FIELDS if message.get(key) is not None), None)
-    if reasoning is None:
-        return message
-    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    return template, str(origin)
 
 
 def _id_list(row: Any, vocab_size: int) -> list[int]:
@@ -176,6 +124,7 @@ class Lfm2VlProcessor:
         tokenizer: Tokenizer,
         *,
         chat_template: str | None = None,
+        chat_template_origin: str = "the processor's chat_template",
         tokenizer_config: Mapping[str, Any] | None = None,
         special_tokens_map: Mapping[str, Any] | None = None,
         processor_config: Mapping[str, Any] | None = None,
@@ -235,7 +184,7 @@ class Lfm2VlProcessor:
         self.clean_up_tokenization_spaces = bool(
             self.tokenizer_config.get("clean_up_tokenization_spaces", False)
         ) and not isinstance(tokenizer.model, models.BPE)
-        self._compiled_template = _compile_chat_template(chat_template) if chat_template else None
+        self._compiled_template = ChatTemplate(chat_template, chat_template_origin) if chat_template else None
 
     def _token_id(self, token: str, name: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -266,10 +215,12 @@ class Lfm2VlProcessor:
         if unknown:
             raise ProcessorError(f"unknown processor settings: {', '.join(sorted(unknown))}")
         image_overrides = {k: v for k, v in overrides.items() if k not in processor_keys}
+        chat_template, chat_template_origin = _read_chat_template(directory, tokenizer_config)
         return cls(
             Lfm2VlImageProcessor.from_dict(read_image_processor_config(directory), **image_overrides),
             tokenizer,
-            chat_template=_read_chat_template(directory, tokenizer_config),
+            chat_template=chat_template,
+            chat_template_origin=chat_template_origin,
             tokenizer_config=tokenizer_config,
             special_tokens_map=_read_json(directory / "special_tokens_map.json"),
             processor_config=_read_json(directory / "processor_config.json"),
@@ -310,9 +261,18 @@ class Lfm2VlProcessor:
 
     # -- images -> placeholder text --------------------------------------------------------------------
 
-    def image_placeholder(self, rows: int, cols: int, image_size: Sequence[int], use_special: bool) -> str:
-        """The text one `<image>` expands to, for an image split into rows x cols (1 x 1: kept whole)."""
-        per_tile, whole = self.image_processor.image_num_tokens(tuple(image_size))
+    def image_placeholder(
+        self,
+        rows: int,
+        cols: int,
+        image_size: Sequence[int],
+        use_special: bool,
+        image_processor: Lfm2VlImageProcessor | None = None,
+    ) -> str:
+        """The text one `<image>` expands to, for an image split into rows x cols (1 x 1: kept whole), as
+        `image_processor` (default: this processor's) lays it out."""
+        image_processor = image_processor or self.image_processor
+        per_tile, whole = image_processor.image_num_tokens(tuple(image_size))
         parts = [self.image_start_token] if use_special else []
         if rows > 1 or cols > 1:
             for row in range(1, rows + 1):
@@ -320,7 +280,7 @@ class Lfm2VlProcessor:
                     if use_special:
                         parts.append(f"<|img_row_{row}_col_{col}|>")
                     parts.append(self.image_token * per_tile)
-            if self.image_processor.use_thumbnail:
+            if image_processor.use_thumbnail:
                 if use_special:
                     parts.append(self.image_thumbnail_token)
                 parts.append(self.image_token * whole)
@@ -363,17 +323,34 @@ class Lfm2VlProcessor:
         truncation: bool = False,
         use_image_special_tokens: bool | None = None,
         add_special_tokens: bool = False,
+        return_tensors: str | None = None,
+        return_offsets_mapping: bool = False,
+        return_text_replacement_offsets: bool = False,
+        images_kwargs: Mapping[str, Any] | None = None,
+        input_data_format: str | None = None,
+        **image_options: Any,
     ) -> dict[str, Any]:
         """Expand each `<image>` of `text` for the matching image and tokenise.
 
-        `images`: one image, a list for a single text, or one list per text (images in placeholder order).
+        `images`: one image, a list for a single text, or one list per text (images in placeholder order):
+        PIL images, file paths, arrays (H, W), (H, W, C) or (C, H, W) (the channel axis inferred as
+        transformers infers it, or `input_data_format="channels_first"|"channels_last"`), torch tensors,
+        jax arrays or anything else `np.asarray` reads.
+        Image settings for this call only, as keywords or in `images_kwargs` (transformers' two ways):
+        `do_image_splitting`, `min_image_tokens`, `max_image_tokens`, `use_thumbnail`, `min_tiles`,
+        `max_tiles`, ... (`Lfm2VlImageProcessor.config_keys`), validated as the checkpoint's are.
         `padding`: True / "longest" (pad to the longest text) or "max_length". A text longer than
         `max_length` (argument, else the processor's) is an error unless `truncation=True`.
         Returns numpy arrays: input_ids and attention_mask (B, S) int64, and when there are images
         pixel_values (tiles, max_num_patches, 3*p*p) float32, pixel_attention_mask (tiles, max_num_patches)
-        int32 and spatial_shapes (tiles, 2) int64."""
+        int32 and spatial_shapes (tiles, 2) int64; as transformers on request, `offset_mapping` (B, S, 2)
+        (each token's characters in the expanded text, (0, 0) for padding) and `text_replacement_offsets`
+        (per text, each `<image>`'s `span` in the text and `new_span` in the expanded text)."""
         if text is None:
             raise ProcessorError("text is required (an image is placed where its <image> placeholder is)")
+        if return_tensors not in (None, "np"):
+            raise ProcessorError(f"return_tensors={return_tensors!r}: this processor returns numpy arrays")
+        image_processor = self.image_processor.with_options({**(images_kwargs or {}), **image_options})
         if not isinstance(text, (str, list, tuple)):
             raise ProcessorError(f"text must be a string or a list of strings, got {type(text).__name__}")
         texts = [text] if isinstance(text, str) else list(text)
@@ -407,59 +384,94 @@ class Lfm2VlProcessor:
         label = "image {k}" if len(texts) == 1 else "text {t} image {k}"
         labels = [label.format(t=t, k=k) for t, group in enumerate(nested) for k in range(len(group))]
         flat_images = [image for group in nested for image in group]
-        loaded = [load_image(image, name) for image, name in zip(flat_images, labels, strict=True)]
+        loaded = [
+            load_image(image, name, input_data_format)
+            for image, name in zip(flat_images, labels, strict=True)
+        ]
         outputs: dict[str, Any] = {}
-        expanded = texts
+        replacements: list[str] = []
         if loaded:
-            image_outputs = self.image_processor.preprocess(loaded, labels)
-            replacements = iter(
-                self.image_placeholder(rows, cols, size, use_special)
+            image_outputs = image_processor.preprocess(loaded, labels)
+            replacements = [
+                self.image_placeholder(rows, cols, size, use_special, image_processor)
                 for rows, cols, size in zip(
                     image_outputs["image_rows"],
                     image_outputs["image_cols"],
                     image_outputs["image_sizes"],
                     strict=True,
                 )
-            )
-            expanded = []
-            for sample in texts:
-                pieces = sample.split(self.image_token)
-                expanded.append(pieces[0] + "".join(next(replacements) + piece for piece in pieces[1:]))
+            ]
             outputs = {
                 key: image_outputs[key] for key in ("pixel_values", "pixel_attention_mask", "spatial_shapes")
             }
+        expanded, replacement_offsets = self._expand_placeholders(texts, replacements)
 
-        encodings = self.tokenizer.encode_batch_fast(expanded, add_special_tokens=add_special_tokens)
+        if return_offsets_mapping:  # the slower call that also computes offsets
+            encodings = self.tokenizer.encode_batch(expanded, add_special_tokens=add_special_tokens)
+        else:
+            encodings = self.tokenizer.encode_batch_fast(expanded, add_special_tokens=add_special_tokens)
         ids = [encoding.ids for encoding in encodings]
-        ids = self._limit_length(
-            ids, max_length, truncation, [sample.count(self.image_token) for sample in expanded]
-        )
+        kept = self._limit_length([len(row) for row in ids], max_length, truncation)
+        ids = [row[span] for row, span in zip(ids, kept, strict=True)]
+        for index, (row, sample) in enumerate(zip(ids, expanded, strict=True)):
+            if row.count(self.image_token_id) != sample.count(self.image_token):
+                raise ProcessorError(
+                    f"text {index}: truncating to max_length={max_length} would cut image tokens; "
+                    "raise max_length"
+                )
         input_ids, attention_mask = self._pad(ids, padding, max_length, padding_side)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, **outputs}
+        outputs = {"input_ids": input_ids, "attention_mask": attention_mask, **outputs}
+        if return_offsets_mapping:
+            offsets = [
+                np.asarray(encoding.offsets, np.int64).reshape(-1, 2)[span]
+                for encoding, span in zip(encodings, kept, strict=True)
+            ]
+            outputs["offset_mapping"] = self._pad_rows(offsets, input_ids.shape[1], padding_side, (2,))
+        if return_text_replacement_offsets:
+            outputs["text_replacement_offsets"] = replacement_offsets
+        return outputs
 
-    def _limit_length(
-        self, ids: list[list[int]], max_length: int | None, truncation: bool, image_tokens: list[int]
-    ) -> list[list[int]]:
-        if max_length is None:
-            return ids
-        limited = []
-        for index, sequence in enumerate(ids):
-            if len(sequence) > max_length:
+    def _expand_placeholders(
+        self, texts: list[str], replacements: list[str]
+    ) -> tuple[list[str], list[list[dict[str, Any]]]]:
+        """Each `<image>` of `texts` replaced by the next of `replacements`; and per text, as transformers'
+        `text_replacement_offsets`, each placeholder's `span` in the text and `new_span` in the result."""
+        queue = iter(replacements)
+        expanded, offsets = [], []
+        for sample in texts:
+            pieces = sample.split(self.image_token)
+            out, spans, position = pieces[0], [], len(pieces[0])
+            for piece in pieces[1:]:
+                replacement = next(queue)
+                spans.append(
+                    {
+                        "type": "image",
+                        "span": (position, position + len(self.image_token)),
+                        "new_span": (len(out), len(out) + len(replacement)),
+                    }
+                )
+                out += replacement + piece
+                position += len(self.image_token) + len(piece)
+            expanded.append(out)
+            offsets.append(spans)
+        return expanded, offsets
+
+    def _limit_length(self, lengths: list[int], max_length: int | None, truncation: bool) -> list[slice]:
+        """The part of each tokenised text kept: all of it, or (with `truncation`) `max_length` tokens from
+        the truncation side; refuses a text over `max_length` without truncation."""
+        kept = []
+        for index, length in enumerate(lengths):
+            span = slice(0, length)
+            if max_length is not None and length > max_length:
                 if not truncation:
                     raise ProcessorError(
-                        f"text {index} is {len(sequence)} tokens long, over max_length={max_length}; "
+                        f"text {index} is {length} tokens long, over max_length={max_length}; "
                         "shorten it, raise max_length or pass truncation=True"
                     )
-                sequence = (
-                    sequence[:max_length] if self.truncation_side == "right" else sequence[-max_length:]
-                )
-                if sequence.count(self.image_token_id) != image_tokens[index]:
-                    raise ProcessorError(
-                        f"text {index}: truncating to max_length={max_length} would cut image tokens; "
-                        "raise max_length"
-                    )
-            limited.append(sequence)
-        return limited
+                right = self.truncation_side == "right"
+                span = slice(0, max_length) if right else slice(length - max_length, length)
+            kept.append(span)
+        return kept
 
     def _pad(
         self, ids: list[list[int]], padding: bool | str, max_length: int | None, side: str
@@ -467,21 +479,31 @@ class Lfm2VlProcessor:
         length = max((len(sequence) for sequence in ids), default=0)
         if padding == "max_length":
             length = max_length
-        input_ids = np.full((len(ids), length), self.pad_token_id, dtype=np.int64)
-        attention_mask = np.zeros((len(ids), length), dtype=np.int64)
-        for row, sequence in enumerate(ids):
-            span = slice(0, len(sequence)) if side == "right" else slice(length - len(sequence), length)
-            input_ids[row, span] = sequence
-            attention_mask[row, span] = 1
+        input_ids = self._pad_rows(ids, length, side, fill=self.pad_token_id)
+        attention_mask = self._pad_rows([np.ones(len(sequence)) for sequence in ids], length, side)
         return input_ids, attention_mask
+
+    @staticmethod
+    def _pad_rows(
+        rows: Sequence[Sequence[Any]], length: int, side: str, trailing: tuple[int, ...] = (), fill: int = 0
+    ) -> np.ndarray:
+        """(B, length, *trailing) int64 array of `rows`, each placed on the right or left `side` (padding
+        side) and the rest `fill`."""
+        out = np.full((len(rows), length, *trailing), fill, dtype=np.int64)
+        for index, row in enumerate(rows):
+            span = slice(0, len(row)) if side == "right" else slice(length - len(row), length)
+            if len(row):
+                out[index, span] = row
+        return out
 
     # -- chat ------------------------------------------------------------------------------------------
 
     def _normalize_conversation(
-        self, conversation: Any, index: int
+        self, conversation: Any, index: int, need_sources: bool
     ) -> tuple[list[dict[str, Any]], list[tuple[Any, str]]]:
         """Validated copy of one conversation (None-valued keys dropped, OpenAI image_url blocks made image
-        blocks) and its (image source, where) pairs in order of appearance."""
+        blocks) and its (image source, where) pairs in order of appearance. Without `need_sources` (the
+        prompt is only rendered) image blocks are placeholders: their sources are neither needed nor read."""
         if not isinstance(conversation, (list, tuple)) or not conversation:
             raise ProcessorError(f"conversation {index} must be a non-empty list of messages")
         messages, images = [], []
@@ -505,7 +527,7 @@ class Lfm2VlProcessor:
                             "type": "image",
                             "url": url.get("url", "") if isinstance(url, Mapping) else url,
                         }
-                    if block["type"] == "image":
+                    if block["type"] == "image" and need_sources:
                         sources = [key for key in _IMAGE_SOURCE_KEYS if key in block]
                         if len(sources) != 1:
                             raise ProcessorError(
@@ -515,6 +537,8 @@ class Lfm2VlProcessor:
                         images.append(
                             (self._image_source(block[sources[0]], sources[0], block_where), block_where)
                         )
+                    elif block["type"] == "image":
+                        pass  # rendered as the template renders an image; its source is not read
                     elif block["type"] == "text":
                         if not isinstance(block.get("text"), str):
                             raise ProcessorError(f"{block_where}: a text block needs a 'text' string")
@@ -527,7 +551,7 @@ class Lfm2VlProcessor:
                 message["content"] = blocks
             elif content is not None and not isinstance(content, str):
                 raise ProcessorError(f"{where}: content must be a string or a list of blocks")
-            messages.append(_alias_reasoning_fields(message))
+            messages.append(message)
         return messages, images
 
     @staticmethod
@@ -551,65 +575,133 @@ class Lfm2VlProcessor:
         conversation: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
         *,
         add_generation_prompt: bool = False,
+        continue_final_message: bool | str = False,
+        return_assistant_tokens_mask: bool = False,
         tokenize: bool = False,
         return_dict: bool = False,
         chat_template: str | None = None,
         tools: list[dict[str, Any]] | None = None,
         documents: list[dict[str, Any]] | None = None,
+        processor_kwargs: Mapping[str, Any] | None = None,
         padding: bool | str = True,
         padding_side: str | None = None,
         max_length: int | None = None,
         truncation: bool = False,
         use_image_special_tokens: bool | None = None,
+        return_tensors: str | None = None,
         **template_kwargs: Any,
     ) -> Any:
-        """Render one conversation (a list of messages) or a batch (a list of them) with the chat template.
+        """Render one conversation (a list of messages) or a batch (a list of them) with the chat template,
+        as transformers' `apply_chat_template` does.
 
         Messages are `{"role", "content"}` with content a string or a list of blocks:
         `{"type": "text", "text": ...}`, `{"type": "image", "image"|"path"|"url"|"base64": ...}` or OpenAI's
-        `{"type": "image_url", "image_url": {"url": ...}}`. Without `tokenize`, returns the prompt string(s);
-        with it, the token ids (B, S), or with `return_dict` everything `__call__` returns."""
+        `{"type": "image_url", "image_url": {"url": ...}}`. Without `tokenize`, returns the prompt string(s)
+        (an image block needs no source then: it is a placeholder); with it, the token ids (B, S), or with
+        `return_dict` everything `__call__` returns, plus `assistant_masks` (B, S) int64 with
+        `return_assistant_tokens_mask` (1 on the tokens of the template's `{% generation %}` blocks; all 0,
+        with a warning, for a template without them, as in transformers).
+
+        `tools`, `documents`, `continue_final_message` (True or the field to continue) and any other keyword
+        (e.g. `keep_past_thinking`) reach the template as transformers passes them. The processor's options
+        (`__call__`'s: padding, image options such as `do_image_splitting`, `max_image_tokens`,
+        `images_kwargs`, ...; and `images`, which replace the conversation's) go in `processor_kwargs`, or
+        as keywords the template does not read (transformers' older way)."""
         if not isinstance(conversation, (list, tuple)) or not conversation:
             raise ProcessorError("conversation must be a non-empty list of messages, or a list of such lists")
-        batched = isinstance(conversation[0], (list, tuple))
-        conversations = list(conversation) if batched else [conversation]
-        normalized = [self._normalize_conversation(c, i) for i, c in enumerate(conversations)]
-
+        if continue_final_message and add_generation_prompt:
+            raise ProcessorError(
+                "continue_final_message and add_generation_prompt do not go together: the first continues "
+                "the final message, the second starts a new assistant message"
+            )
+        if continue_final_message and return_assistant_tokens_mask:
+            raise ProcessorError(
+                "return_assistant_tokens_mask does not go together with continue_final_message"
+            )
         if chat_template is not None:
-            template = _compile_chat_template(chat_template)
+            template = ChatTemplate(chat_template, "the chat_template argument")
         elif self._compiled_template is not None:
             template = self._compiled_template
         else:
             raise ProcessorError("this processor has no chat template; pass chat_template=")
-        variables = _template_data({**self.special_tokens, **template_kwargs})
-        prompts = []
+        check_tools_and_documents(tools, documents)
+        processor_kwargs = {
+            **{key: value for key, value in template_kwargs.items() if key not in template.variables},
+            **(processor_kwargs or {}),
+        }
+        given_images = processor_kwargs.pop("images", None)
+        batched = isinstance(conversation[0], (list, tuple))
+        conversations = list(conversation) if batched else [conversation]
+        need_sources = tokenize and given_images is None
+        normalized = [self._normalize_conversation(c, i, need_sources) for i, c in enumerate(conversations)]
+        if return_assistant_tokens_mask and not template.has_generation_markers:
+            warnings.warn(
+                f"return_assistant_tokens_mask: the chat template ({template.origin}) has no "
+                "{% generation %} blocks, so the assistant mask is all zeros",
+                stacklevel=2,
+            )
+
+        context = template_data({**self.special_tokens, **template_kwargs})
+        context.update(tools=template_data(tools), documents=template_data(documents))
+        prompts, generation_spans = [], []
         for index, (messages, _) in enumerate(normalized):
             try:
-                prompts.append(
-                    template.render(
-                        messages=_template_data(messages),
-                        tools=_template_data(tools),
-                        documents=_template_data(documents),
-                        add_generation_prompt=add_generation_prompt,
-                        **variables,
-                    )
+                prompt, spans = template.render(
+                    template_data(messages),
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message,
+                    track_generation=return_assistant_tokens_mask,
+                    context=context,
                 )
             except jinja2.exceptions.TemplateError as error:
-                raise ProcessorError(f"conversation {index}: chat template error: {error}") from error
+                raise ProcessorError(f"conversation {index}: chat template error: {error}") from None
+            except ProcessorError as error:
+                raise ProcessorError(f"conversation {index}: {error}") from None
+            prompts.append(prompt)
+            generation_spans.append(spans)
 
         if not tokenize:
             return prompts if batched else prompts[0]
-        images = [[load_image(source, where) for source, where in sources] for _, sources in normalized]
-        outputs = self(
-            images=images if any(images) else None,
-            text=prompts,
-            padding=padding,
-            padding_side=padding_side,
-            max_length=max_length,
-            truncation=truncation,
-            use_image_special_tokens=use_image_special_tokens,
-        )
+        if given_images is not None:
+            images = [given_images] if not batched else given_images
+        else:
+            images = [[load_image(source, where) for source, where in sources] for _, sources in normalized]
+        call_options = {
+            "padding": padding,
+            "padding_side": padding_side,
+            "max_length": max_length,
+            "truncation": truncation,
+            "use_image_special_tokens": use_image_special_tokens,
+            "return_tensors": return_tensors,
+            **processor_kwargs,
+        }
+        if return_assistant_tokens_mask:
+            call_options.update(return_offsets_mapping=True, return_text_replacement_offsets=True)
+        outputs = self(images=images if any(images) else None, text=prompts, **call_options)
+        if return_assistant_tokens_mask:
+            outputs["assistant_masks"] = self._assistant_masks(
+                outputs.pop("offset_mapping"), outputs.pop("text_replacement_offsets"), generation_spans
+            )
         return outputs if return_dict else outputs["input_ids"]
+
+    @staticmethod
+    def _assistant_masks(
+        offsets: np.ndarray, replacements: list[list[dict[str, Any]]], spans: list[list[tuple[int, int]]]
+    ) -> np.ndarray:
+        """(B, S) int64: 1 on every token overlapping a `{% generation %}` span of the rendered text, the span
+        moved past the `<image>` placeholders expanded before it (transformers' rule: zero-width tokens, i.e.
+        padding, never count)."""
+        masks = np.zeros(offsets.shape[:2], np.int64)
+        for row, (row_offsets, row_replacements, row_spans) in enumerate(
+            zip(offsets, replacements, spans, strict=True)
+        ):
+            ends = [r["span"][1] for r in row_replacements]
+            gained = [0] + [r["new_span"][1] - r["span"][1] for r in row_replacements]
+            for start, end in row_spans:
+                start = start + gained[bisect.bisect_right(ends, start)]
+                end = end + gained[bisect.bisect_right(ends, end)]
+                masks[row] |= (row_offsets[:, 0] < end) & (row_offsets[:, 1] > start)
+        return masks
 
     # -- decoding --------------------------------------------------------------------------------------
 
