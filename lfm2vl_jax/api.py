@@ -20,17 +20,25 @@ from .inference import engine
 from .inference.sampling import SamplingParams
 from .inputs import (
     MODEL_INPUTS,
+    InputError,
     OptionError,
     as_numpy_inputs,
     check_forward_options,
     check_generation_fits,
+    check_images,
     check_inputs,
     check_int,
     check_logits_fit,
     is_right_padded,
     resolve_generation_options,
 )
-from .nn.model import causal_lm_loss, forward, image_token_embedding
+from .nn.model import (
+    causal_lm_loss,
+    forward,
+    forward_with_hidden_states,
+    image_token_embedding,
+    vision_and_image_features,
+)
 from .nn.params import Params
 from .parallel.sharding import batch_sharding
 
@@ -39,6 +47,8 @@ if TYPE_CHECKING:
 
 # The plain forward pass, jitted here, at its entry point (the config is static: it picks the program).
 _forward = jax.jit(forward, static_argnames=("config", "any_mask"))
+_forward_with_hidden_states = jax.jit(forward_with_hidden_states, static_argnames=("config", "any_mask"))
+_image_features = jax.jit(vision_and_image_features, static_argnames=("config",))
 _loss = jax.jit(causal_lm_loss)
 
 INT32_MAX = 2**31 - 1  # token counts and positions are int32 on the device
@@ -65,6 +75,15 @@ def _read_generation_config(directory: Path) -> dict[str, Any]:
 class CausalLMOutput(NamedTuple):
     logits: jax.Array  # (batch, seq, vocab), float32
     loss: jax.Array | None = None  # () float32, when `labels` were given
+    # with output_hidden_states: the input embeddings, then each text layer's output (the last final-normed)
+    hidden_states: tuple[jax.Array, ...] | None = None
+
+
+class ImageFeatures(NamedTuple):
+    """transformers' `get_image_features` output."""
+
+    last_hidden_state: jax.Array  # (images, patches, vision width): the vision tower's output
+    pooler_output: list[jax.Array]  # per image, its (tokens, hidden) embeddings for the text tower
 
 
 class Lfm2VlForConditionalGeneration:
@@ -138,6 +157,7 @@ class Lfm2VlForConditionalGeneration:
         inputs_embeds: Any = None,
         position_ids: Any = None,
         labels: Any = None,
+        output_hidden_states: bool = False,
     ) -> CausalLMOutput:
         """The reference's forward pass (numpy or jax arrays): logits (batch, seq, vocab) in float32, and
         with `labels` the loss.
@@ -152,7 +172,11 @@ class Lfm2VlForConditionalGeneration:
             where an embedding equals the `<image>` token's (as transformers finds them).
         labels: (batch, seq) token ids or -100; `loss` is transformers' causal-LM loss (position t predicts
             labels[:, t + 1]; the mean over labels that are not -100).
+        output_hidden_states: also return transformers' `hidden_states`: the input embeddings, then each
+            text layer's output, the last one final-normed (num_hidden_layers + 1 arrays).
         """
+        if not isinstance(output_hidden_states, (bool, np.bool_)):
+            raise OptionError(f"output_hidden_states must be True or False, got {output_hidden_states!r}")
         inputs = self._checked_inputs(
             _named_inputs(input_ids, attention_mask, pixel_values, pixel_attention_mask, spatial_shapes),
             inputs_embeds,
@@ -168,9 +192,32 @@ class Lfm2VlForConditionalGeneration:
         any_mask = mask is not None and not is_right_padded(mask)
         if mask is None:
             inputs["attention_mask"] = np.ones(shape, np.int32)
-        logits = _forward(self.params, self.config, **inputs, position_ids=positions, any_mask=any_mask)
+        states = None
+        if output_hidden_states:
+            logits, states = _forward_with_hidden_states(
+                self.params, self.config, **inputs, position_ids=positions, any_mask=any_mask
+            )
+        else:
+            logits = _forward(self.params, self.config, **inputs, position_ids=positions, any_mask=any_mask)
         loss = None if extra["labels"] is None else _loss(logits, extra["labels"])
-        return CausalLMOutput(logits=logits, loss=loss)
+        return CausalLMOutput(logits=logits, loss=loss, hidden_states=states)
+
+    def get_image_features(
+        self, pixel_values: Any, spatial_shapes: Any, pixel_attention_mask: Any
+    ) -> ImageFeatures:
+        """transformers' `get_image_features` (its argument order): the vision tower's output and each
+        image's token embeddings as the text tower receives them."""
+        arrays = as_numpy_inputs(
+            pixel_values=pixel_values,
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
+        )
+        if arrays["pixel_values"] is None:
+            raise InputError("get_image_features needs pixel_values")
+        check_images(self.config, **arrays)
+        vision, tokens, valid = _image_features(self.params, self.config, *arrays.values())
+        counts = np.asarray(valid).sum(axis=1)
+        return ImageFeatures(vision, [tokens[i, :n] for i, n in enumerate(counts.tolist())])
 
     def _checked_inputs(self, inputs: dict[str, Any], inputs_embeds: Any) -> dict[str, np.ndarray | None]:
         """The model inputs and `inputs_embeds` as numpy arrays, checked together (`inputs.check_inputs`)."""

@@ -127,8 +127,34 @@ def check_inputs(
                 "but no pixel_values were given"
             )
         return
-    if any(x is None for x in images):
+    num_features = check_images(config, pixel_values, pixel_attention_mask, spatial_shapes)
+    if num_features != num_image_tokens:
+        raise InputError(
+            f"image features and image tokens do not match: the images give {num_features} tokens but "
+            f"{ids_name} hold {num_image_tokens} image tokens (id {config.image_token_id})"
+        )
+
+
+def check_images(
+    config: Lfm2VlConfig,
+    pixel_values: np.ndarray,
+    pixel_attention_mask: np.ndarray | None,
+    spatial_shapes: np.ndarray | None,
+) -> int:
+    """Checks the processor's image outputs against each other and the model; returns how many image
+    tokens they give."""
+    if pixel_attention_mask is None or spatial_shapes is None:
         raise InputError("pixel_values needs pixel_attention_mask and spatial_shapes too")
+    for name, array in (
+        ("pixel_values", pixel_values),
+        ("pixel_attention_mask", pixel_attention_mask),
+        ("spatial_shapes", spatial_shapes),
+    ):
+        kind, accepts = INPUT_KINDS[name]
+        if not accepts(array.dtype):
+            raise InputError(f"{name} must hold {kind}, got dtype {array.dtype}")
+    if not np.isfinite(pixel_values).all():
+        raise InputError("pixel_values hold NaN or infinite values")
     v = config.vision
     expected_patch = v.num_channels * v.patch_size**2
     if pixel_values.ndim != 3 or pixel_values.shape[2] != expected_patch:
@@ -158,12 +184,7 @@ def check_inputs(
                 f"image {i}: pixel_attention_mask must mark its first rows*cols = {rows * cols} patch "
                 "slots (the processor's layout)"
             )
-    num_features = int(np.prod(np.asarray(spatial_shapes) // f, axis=1).sum())
-    if num_features != num_image_tokens:
-        raise InputError(
-            f"image features and image tokens do not match: the images give {num_features} tokens but "
-            f"{ids_name} hold {num_image_tokens} image tokens (id {config.image_token_id})"
-        )
+    return int(np.prod(np.asarray(spatial_shapes) // f, axis=1).sum())
 
 
 def is_right_padded(attention_mask: np.ndarray) -> bool:

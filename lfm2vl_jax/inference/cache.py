@@ -79,27 +79,37 @@ def _write_rows(held: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     return write(held, new, start)
 
 
-def append(cache: Cache, entries: list, num_new: jax.Array, after: Any = None) -> Cache:
+def append(cache: Cache, entries: list, num_new: jax.Array, after: jax.Array | None = None) -> Cache:
     """Folds the entries of a `text_forward` call into the cache: keys and values written at each row's
     current length, conv states replaced, lengths advanced by each row's number of valid new tokens.
     The caller keeps lengths + new tokens within the capacity (a write past it would be clamped).
 
-    `after`: a value computed from every read of the old cache (e.g. the forward pass's output). The
-    writes are made to depend on it, which lets XLA update the (donated) cache in place; without a data
-    dependency it copies every cache buffer each step (twice, on the CPU) to protect reads it cannot prove
-    happen first. (An optimization barrier does not establish that order; a data dependency does.)
+    `after` (B, ...): a value computed from every read of the old cache (e.g. the forward pass's output).
+    Each row's writes are made to depend on that row of it, which lets XLA update the (donated) cache in
+    place; without a data dependency it copies every cache buffer each step (twice, on the CPU) to protect
+    reads it cannot prove happen first. (An optimization barrier does not establish that order; a data
+    dependency does.) The dependency is per row, so that nothing in one row (a NaN, say) reaches another.
     """
+    factor = None
     if after is not None:
-        probe = after.reshape(-1)[0]
-        one = (probe == probe).astype(jnp.float32)  # 1, unless the output is NaN anyway
-        entries = jax.tree.map(lambda e: e * one.astype(e.dtype), entries)
+        probe = after.reshape(after.shape[0], -1)[:, 0]
+        factor = (probe == probe).astype(jnp.float32)  # (B,) 1, unless that row's output is NaN anyway
+
+    def by_row(entry: jax.Array, batch_axis_from_end: int) -> jax.Array:
+        if factor is None:
+            return entry
+        shape = [1] * entry.ndim
+        shape[entry.ndim - batch_axis_from_end] = factor.shape[0]
+        return entry * factor.reshape(shape).astype(entry.dtype)
 
     def fold(held: Any, entry: Any) -> Any:
         if isinstance(held, list):
             return [fold(h, e) for h, e in zip(held, entry, strict=True)]
-        if isinstance(held, dict):
-            return {name: _write_rows(held[name], entry[name], cache.lengths) for name in ("k", "v")}
-        return entry.astype(held.dtype)
+        if isinstance(held, dict):  # keys, values (..., B, K, T, H)
+            return {
+                name: _write_rows(held[name], by_row(entry[name], 4), cache.lengths) for name in ("k", "v")
+            }
+        return by_row(entry, 3).astype(held.dtype)  # conv state (..., B, L-1, D)
 
     return cache.replace(
         blocks=fold(cache.blocks, entries), lengths=cache.lengths + num_new.astype(jnp.int32)

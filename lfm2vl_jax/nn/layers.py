@@ -17,12 +17,8 @@ import jax.numpy as jnp
 SAVEABLE_NAMES = ("q", "k", "v", "conv_out")
 
 
-def remat(fn: Callable, policy: str, in_scan: bool = True) -> Callable:
-    """`fn` wrapped in `jax.checkpoint` with a named policy: what its backward pass keeps from the forward
-    pass instead of recomputing. "none": everything (no wrapper); "full": only the inputs; "dots": matmul
-    outputs; "qkv_conv": the attention projections and conv outputs (`SAVEABLE_NAMES`)."""
-    if policy == "none":
-        return fn
+def remat_policy(policy: str) -> Callable:
+    """`jax.checkpoint`'s policy for a named one (see `remat`; not "none")."""
     policies = {
         "full": jax.checkpoint_policies.nothing_saveable,
         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -30,8 +26,17 @@ def remat(fn: Callable, policy: str, in_scan: bool = True) -> Callable:
     }
     if policy not in policies:
         raise ValueError(f"unknown remat policy {policy!r}")
+    return policies[policy]
+
+
+def remat(fn: Callable, policy: str, in_scan: bool = True) -> Callable:
+    """`fn` wrapped in `jax.checkpoint` with a named policy: what its backward pass keeps from the forward
+    pass instead of recomputing. "none": everything (no wrapper); "full": only the inputs; "dots": matmul
+    outputs; "qkv_conv": the attention projections and conv outputs (`SAVEABLE_NAMES`)."""
+    if policy == "none":
+        return fn
     # Inside a scan, CSE cannot merge the recomputation into the forward pass, so its guard is not needed.
-    return jax.checkpoint(fn, policy=policies[policy], prevent_cse=not in_scan)
+    return jax.checkpoint(fn, policy=remat_policy(policy), prevent_cse=not in_scan)
 
 
 def matmul_precision(dtype: Any) -> contextlib.AbstractContextManager:

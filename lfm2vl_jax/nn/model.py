@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from ..config import Lfm2VlConfig
 from .params import Params
 from .projector import image_tokens_per_image, project
-from .text import embed_tokens, lm_logits, text_forward
+from .text import embed_tokens, lm_logits, text_forward, text_hidden_states
 from .vision import vision_tower
 
 
@@ -26,12 +26,9 @@ def image_features(
     spatial_shapes: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
     """Image token embeddings (I, T, D) and which of the T slots are real tokens (I, T)."""
-    features = vision_tower(
-        params["vision"], config.vision, config.runtime, pixel_values, pixel_attention_mask, spatial_shapes
+    _, tokens, valid = vision_and_image_features(
+        params, config, pixel_values, pixel_attention_mask, spatial_shapes
     )
-    tokens = project(params["projector"], features, spatial_shapes, config.downsample_factor)
-    counts = image_tokens_per_image(spatial_shapes, config.downsample_factor)
-    valid = jnp.arange(tokens.shape[1])[None, :] < counts[:, None]
     return tokens, valid
 
 
@@ -165,6 +162,52 @@ def forward(
         any_mask=any_mask,
     )
     return lm_logits(params["text"], hidden)
+
+
+def forward_with_hidden_states(
+    params: Params,
+    config: Lfm2VlConfig,
+    input_ids: jax.Array | None,
+    attention_mask: jax.Array,
+    pixel_values: jax.Array | None = None,
+    pixel_attention_mask: jax.Array | None = None,
+    spatial_shapes: jax.Array | None = None,
+    *,
+    inputs_embeds: jax.Array | None = None,
+    position_ids: jax.Array | None = None,
+    any_mask: bool = False,
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """`forward`'s logits and transformers' `output_hidden_states`: the input embeddings, then every text
+    layer's output, the last one final-normed (`text.text_hidden_states`)."""
+    embeds = embed_inputs(
+        params, config, input_ids, pixel_values, pixel_attention_mask, spatial_shapes, inputs_embeds
+    )
+    states = text_hidden_states(
+        params["text"],
+        config.text,
+        config.runtime,
+        embeds,
+        attention_mask,
+        positions=position_ids,
+        any_mask=any_mask,
+    )
+    return lm_logits(params["text"], states[-1]), states
+
+
+def vision_and_image_features(
+    params: Params,
+    config: Lfm2VlConfig,
+    pixel_values: jax.Array,
+    pixel_attention_mask: jax.Array,
+    spatial_shapes: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The vision tower's output (I, P, E) and `image_features`' (tokens (I, T, D), valid (I, T))."""
+    features = vision_tower(
+        params["vision"], config.vision, config.runtime, pixel_values, pixel_attention_mask, spatial_shapes
+    )
+    tokens = project(params["projector"], features, spatial_shapes, config.downsample_factor)
+    counts = image_tokens_per_image(spatial_shapes, config.downsample_factor)
+    return features, tokens, jnp.arange(tokens.shape[1])[None, :] < counts[:, None]
 
 
 IGNORE_INDEX = -100  # transformers' label for positions without a loss

@@ -15,6 +15,7 @@ H head dim, F MLP width, R repeats of a motif (stacked layers).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -122,21 +123,55 @@ def attention_block(
     return jnp.einsum("bte,ed->btd", out.reshape(*out.shape[:2], -1), o), {"k": k, "v": v}
 
 
+def residual_layer(
+    h: jax.Array,
+    operator_norm: Callable[[jax.Array], jax.Array],
+    operator: Callable[[jax.Array], tuple[jax.Array, Any]],
+    ffn_norm: Callable[[jax.Array], jax.Array],
+    feed_forward: Callable[[jax.Array], jax.Array],
+) -> tuple[jax.Array, Any]:
+    """One LFM2 layer: pre-norm residuals around its operator (short conv or attention, returning its
+    output and this call's cache entry) and its MLP. The functions here and the Flax modules
+    (`nn.modules.DecoderLayer`) both run a layer through it."""
+    y, entry = operator(operator_norm(h))
+    h = h + y
+    return h + feed_forward(ffn_norm(h)), entry
+
+
 def decoder_layer(
     kind: str, p: Params, h: jax.Array, ctx: StepContext, cached: Any, cfg: TextConfig, runtime: RuntimeConfig
 ) -> tuple[jax.Array, Any]:
     p = cast(p, runtime.dtypes.compute)
-    x = rms_norm(h, p["operator_norm"]["scale"], cfg.norm_eps)
     if kind == CONV:
-        with jax.named_scope("short_conv"):
-            y, entry = gated_short_conv(p["conv"], x, ctx.token_mask, ctx.num_new, cached)
+
+        def operator(x: jax.Array) -> tuple[jax.Array, Any]:
+            with jax.named_scope("short_conv"):
+                return gated_short_conv(p["conv"], x, ctx.token_mask, ctx.num_new, cached)
     else:
-        with jax.named_scope("attention"):
-            y, entry = attention_block(p["attn"], x, ctx, cached, cfg, runtime)
-    h = h + y
-    with jax.named_scope("mlp"):
-        h = h + mlp(p["mlp"], rms_norm(h, p["ffn_norm"]["scale"], cfg.norm_eps))
+
+        def operator(x: jax.Array) -> tuple[jax.Array, Any]:
+            with jax.named_scope("attention"):
+                return attention_block(p["attn"], x, ctx, cached, cfg, runtime)
+
+    def feed_forward(x: jax.Array) -> jax.Array:
+        with jax.named_scope("mlp"):
+            return mlp(p["mlp"], x)
+
+    h, entry = residual_layer(
+        h,
+        lambda x: rms_norm(x, p["operator_norm"]["scale"], cfg.norm_eps),
+        operator,
+        lambda x: rms_norm(x, p["ffn_norm"]["scale"], cfg.norm_eps),
+        feed_forward,
+    )
     return constrain(h, RESIDUAL_AXES, runtime), entry
+
+
+def layer_order(per_position: list, scanned: bool) -> list[jax.Array]:
+    """One segment's per-layer values in the checkpoint's layer order (repeat-major), from one value per
+    motif position: stacked over repeats (scanned) or a list over repeats."""
+    repeats = per_position[0].shape[0] if scanned else len(per_position[0])
+    return [per_position[m][r] for r in range(repeats) for m in range(len(per_position))]
 
 
 def run_layers(
@@ -146,32 +181,35 @@ def run_layers(
     cache_blocks: list | None,
     cfg: TextConfig,
     runtime: RuntimeConfig,
-) -> tuple[jax.Array, list]:
-    """Runs every segment of the layer plan. Returns the hidden state and each layer's new cache entry
+    collect: bool = False,
+) -> tuple[jax.Array, list, list[jax.Array]]:
+    """Runs every segment of the layer plan. Returns the hidden state, each layer's new cache entry
     (conv: state (B, L-1, D); attention: k, v), in the layout of the params' blocks: stacked over a
     segment's repeats when its weights are stacked (one `lax.scan`), else a list over repeats (a Python
-    loop over unstacked weights, which reads each weight in place instead of slicing a stack)."""
-    entries = []
+    loop over unstacked weights, which reads each weight in place instead of slicing a stack); and with
+    `collect` every layer's output hidden state, in layer order (else an empty list)."""
+    entries, outputs = [], []
     for s, segment in enumerate(cfg.segments):
         seg_params = blocks[s]
         seg_cache = None if cache_blocks is None else cache_blocks[s]
 
         def motif_body(
             h: jax.Array, xs: tuple, motif: tuple[str, ...] = segment.motif
-        ) -> tuple[jax.Array, list]:
+        ) -> tuple[jax.Array, tuple[list, list]]:
             layer_params, layer_cache = xs
-            new = []
+            new, hidden = [], []
             for i, kind in enumerate(motif):
                 cached = None if layer_cache is None else layer_cache[i]
                 with jax.named_scope(f"{kind}_layer"):
                     h, entry = decoder_layer(kind, layer_params[i], h, ctx, cached, cfg, runtime)
                 new.append(entry)
-            return h, new
+                hidden.append(h if collect else None)
+            return h, (new, hidden)
 
         with jax.named_scope(f"segment_{s}"):
             if runtime.scan_layers:
                 body = remat(motif_body, runtime.remat, in_scan=True)
-                h, seg_entries = jax.lax.scan(body, h, (seg_params, seg_cache))
+                h, (seg_entries, seg_hidden) = jax.lax.scan(body, h, (seg_params, seg_cache))
             else:
                 body = remat(motif_body, runtime.remat, in_scan=False)
                 per_repeat = []
@@ -179,9 +217,12 @@ def run_layers(
                     layer_cache = None if seg_cache is None else [position[r] for position in seg_cache]
                     h, new = body(h, ([position[r] for position in seg_params], layer_cache))
                     per_repeat.append(new)
-                seg_entries = [list(position) for position in zip(*per_repeat, strict=True)]
+                seg_entries = [list(position) for position in zip(*(e for e, _ in per_repeat), strict=True)]
+                seg_hidden = [list(position) for position in zip(*(o for _, o in per_repeat), strict=True)]
         entries.append(seg_entries)
-    return h, entries
+        if collect:
+            outputs += layer_order(seg_hidden, runtime.scan_layers)
+    return h, entries, outputs
 
 
 def embed_tokens(params: Params, input_ids: jax.Array, runtime: RuntimeConfig) -> jax.Array:
@@ -211,6 +252,32 @@ def text_forward(
     cache filled from them holds `token_mask.sum(1)` tokens. `positions` (B, T): rotary positions other
     than 0 .. T-1 (transformers' `position_ids`), without a cache.
     """
+    hidden, entries, _ = _text_tower(params, cfg, runtime, embeds, token_mask, cache, positions, any_mask)
+    return hidden, entries
+
+
+def text_hidden_states(
+    params: Params,
+    cfg: TextConfig,
+    runtime: RuntimeConfig,
+    embeds: jax.Array,
+    token_mask: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    any_mask: bool = False,
+) -> tuple[jax.Array, ...]:
+    """transformers' `output_hidden_states` of the text tower (no cache): the input embeddings, then each
+    layer's output, the last one final-normed (num_hidden_layers + 1 arrays (B, T, D))."""
+    hidden, _, outputs = _text_tower(
+        params, cfg, runtime, embeds, token_mask, None, positions, any_mask, collect=True
+    )
+    return (embeds.astype(runtime.dtypes.compute), *outputs[:-1], hidden)
+
+
+def step_context(
+    token_mask: jax.Array, cache: Any, positions: jax.Array | None, any_mask: bool
+) -> StepContext:
+    """What every layer of a `text_forward` call needs (its arguments as `text_forward` takes them)."""
     batch, seq_len = token_mask.shape
     token_mask = token_mask.astype(bool)
     if positions is None:
@@ -219,20 +286,36 @@ def text_forward(
     if any_mask:
         if cache is not None:
             raise ValueError("any_mask is for cache-free calls (the cache holds right-aligned rows)")
-        ctx = any_mask_context(token_mask, positions.astype(jnp.int32))
-    else:
-        ctx = StepContext(
-            positions=positions.astype(jnp.int32),
-            token_mask=token_mask,
-            num_new=token_mask.sum(axis=1).astype(jnp.int32),
-            cached_lengths=None if cache is None else cache.lengths,
-        )
+        return any_mask_context(token_mask, positions.astype(jnp.int32))
+    return StepContext(
+        positions=positions.astype(jnp.int32),
+        token_mask=token_mask,
+        num_new=token_mask.sum(axis=1).astype(jnp.int32),
+        cached_lengths=None if cache is None else cache.lengths,
+    )
+
+
+def _text_tower(
+    params: Params,
+    cfg: TextConfig,
+    runtime: RuntimeConfig,
+    embeds: jax.Array,
+    token_mask: jax.Array,
+    cache: Any,
+    positions: jax.Array | None,
+    any_mask: bool,
+    collect: bool = False,
+) -> tuple[jax.Array, list, list[jax.Array]]:
+    ctx = step_context(token_mask, cache, positions, any_mask)
     h = constrain(embeds.astype(runtime.dtypes.compute), RESIDUAL_AXES, runtime)
     cache_blocks = None if cache is None else cache.blocks
     with matmul_precision(runtime.dtypes.compute):
-        h, entries = run_layers(params["blocks"], h, ctx, cache_blocks, cfg, runtime)
-    scale = params["final_norm"]["scale"].astype(runtime.dtypes.compute)
-    return rms_norm(h, scale, cfg.norm_eps), entries
+        h, entries, outputs = run_layers(params["blocks"], h, ctx, cache_blocks, cfg, runtime, collect)
+    return final_norm(params, h, cfg, runtime), entries, outputs
+
+
+def final_norm(params: Params, h: jax.Array, cfg: TextConfig, runtime: RuntimeConfig) -> jax.Array:
+    return rms_norm(h, params["final_norm"]["scale"].astype(runtime.dtypes.compute), cfg.norm_eps)
 
 
 def lm_head(params: Params) -> tuple[jax.Array, str]:

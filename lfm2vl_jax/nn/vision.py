@@ -9,6 +9,9 @@ G position-grid side.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
@@ -53,28 +56,60 @@ def resize_position_grid(grid: jax.Array, spatial_shapes: jax.Array, num_positio
     return resized.astype(grid.dtype)
 
 
-def _encoder_layer(
+def vision_attention(p: Params, y: jax.Array, num_patches: jax.Array, runtime: RuntimeConfig) -> jax.Array:
+    """Bidirectional multi-head attention over each image's valid patches (a prefix of its slots)."""
+    # Projections in their natural order, keys and values transposed to head-major after: asking the
+    # einsum for "inph" made XLA transpose both the activations and the weight (2x the time of "q").
+    q, k, v = (
+        jnp.einsum("ipe,enh->ipnh", y, p[name]["kernel"]) + p[name]["bias"] for name in ("q", "k", "v")
+    )
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    q, k, v = checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
+    attn = attention(q, k, v, kv_lengths=num_patches, implementation=runtime.attention)
+    o = p["o"]["kernel"].reshape(-1, p["o"]["kernel"].shape[-1])  # one contraction axis
+    return jnp.einsum("ipf,fe->ipe", attn.reshape(*attn.shape[:2], -1), o) + p["o"]["bias"]
+
+
+def vision_mlp(p: Params, y: jax.Array, cfg: VisionConfig) -> jax.Array:
+    return dense(activation(cfg.hidden_act)(dense(y, p["fc1"])), p["fc2"])
+
+
+def vision_residual_layer(
+    x: jax.Array,
+    ln1: Callable[[jax.Array], jax.Array],
+    attend: Callable[[jax.Array], jax.Array],
+    ln2: Callable[[jax.Array], jax.Array],
+    feed_forward: Callable[[jax.Array], jax.Array],
+) -> jax.Array:
+    """One pre-LN encoder layer around its attention and MLP (used by the functions here and by
+    `nn.modules.VisionEncoderLayer`)."""
+    with jax.named_scope("attention"):
+        x = x + attend(ln1(x))
+    with jax.named_scope("mlp"):
+        return x + feed_forward(ln2(x))
+
+
+def encoder_layer(
     p: Params, x: jax.Array, num_patches: jax.Array, cfg: VisionConfig, runtime: RuntimeConfig
 ) -> jax.Array:
     p = cast(p, runtime.dtypes.compute)
-    y = layer_norm(x, p["ln1"], cfg.layer_norm_eps)
-    with jax.named_scope("attention"):
-        # Projections in their natural order, keys and values transposed to head-major after: asking the
-        # einsum for "inph" made XLA transpose both the activations and the weight (2x the time of "q").
-        q, k, v = (
-            jnp.einsum("ipe,enh->ipnh", y, p["attn"][name]["kernel"]) + p["attn"][name]["bias"]
-            for name in ("q", "k", "v")
-        )
-        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-        q, k, v = checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
-        # Bidirectional over each image's valid patches (a prefix of its slots).
-        attn = attention(q, k, v, kv_lengths=num_patches, implementation=runtime.attention)
-        o = p["attn"]["o"]["kernel"].reshape(-1, p["attn"]["o"]["kernel"].shape[-1])  # one contraction axis
-        x = x + jnp.einsum("ipf,fe->ipe", attn.reshape(*attn.shape[:2], -1), o) + p["attn"]["o"]["bias"]
-    with jax.named_scope("mlp"):
-        y = layer_norm(x, p["ln2"], cfg.layer_norm_eps)
-        y = dense(activation(cfg.hidden_act)(dense(y, p["mlp"]["fc1"])), p["mlp"]["fc2"])
-    return x + y
+    return vision_residual_layer(
+        x,
+        lambda y: layer_norm(y, p["ln1"], cfg.layer_norm_eps),
+        lambda y: vision_attention(p["attn"], y, num_patches, runtime),
+        lambda y: layer_norm(y, p["ln2"], cfg.layer_norm_eps),
+        lambda y: vision_mlp(p["mlp"], y, cfg),
+    )
+
+
+def embed_patches(
+    params: Params, pixel_values: jax.Array, spatial_shapes: jax.Array, dtype: Any
+) -> jax.Array:
+    """(I, P, C*patch*patch) patches -> (I, P, E): the patch embedding plus each image's resized position
+    grid (transformers' `Siglip2VisionEmbeddings`)."""
+    x = dense(pixel_values.astype(dtype), cast(params["patch_embed"], dtype))
+    positions = resize_position_grid(params["position_grid"], spatial_shapes, pixel_values.shape[1])
+    return x + positions.astype(dtype)
 
 
 def vision_tower(
@@ -92,10 +127,9 @@ def vision_tower(
 
     def body(x: jax.Array, layer: Params) -> tuple[jax.Array, None]:
         with jax.named_scope("vision_layer"):
-            return _encoder_layer(layer, x, num_patches, cfg, runtime), None
+            return encoder_layer(layer, x, num_patches, cfg, runtime), None
 
     with matmul_precision(dtype):
-        x = dense(pixel_values.astype(dtype), cast(params["patch_embed"], dtype))
-        positions = resize_position_grid(params["position_grid"], spatial_shapes, pixel_values.shape[1])
-        x, _ = jax.lax.scan(remat(body, runtime.remat), x + positions.astype(dtype), params["layers"])
+        x = embed_patches(params, pixel_values, spatial_shapes, dtype)
+        x, _ = jax.lax.scan(remat(body, runtime.remat), x, params["layers"])
     return layer_norm(x, cast(params["post_ln"], dtype), cfg.layer_norm_eps)

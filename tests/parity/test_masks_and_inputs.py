@@ -267,3 +267,39 @@ def test_conv_bias_left_padding_equals_transformers(tmp_path):
     batch = with_hole(ragged_batch(requests(config)[:2], "left"), 1, 2)
     valid = batch["attention_mask"].astype(bool)
     assert_close_where(model(**batch).logits, reference_forward(reference, batch).logits.numpy(), valid)
+
+
+def test_output_hidden_states_equal_transformers(pair):
+    """Same count (layers + 1), order (embeddings first, the last one final-normed) and values."""
+    config, reference, model = pair
+    batch = ragged_batch(requests(config), "left")
+    valid = batch["attention_mask"].astype(bool)
+    with torch.no_grad():
+        expected = reference(**torch_inputs(batch), output_hidden_states=True).hidden_states
+    ours = model(**batch, output_hidden_states=True).hidden_states
+    assert len(ours) == len(expected) == config.text_config.num_hidden_layers + 1
+    for mine, theirs in zip(ours, expected, strict=True):
+        assert_close_where(mine, theirs.numpy(), valid)
+
+
+def test_get_image_features_equal_transformers(pair):
+    config, reference, model = pair
+    images = random_images(config, [(8, 8), (4, 8), (8, 4)], 64, seed=4)
+    with torch.no_grad():
+        expected = reference.get_image_features(
+            pixel_values=torch.from_numpy(images["pixel_values"]),
+            spatial_shapes=torch.from_numpy(images["spatial_shapes"]),
+            pixel_attention_mask=torch.from_numpy(images["pixel_attention_mask"]).bool(),
+        )
+    ours = model.get_image_features(
+        images["pixel_values"], images["spatial_shapes"], images["pixel_attention_mask"]
+    )
+    patches = images["pixel_attention_mask"].astype(bool)
+    assert_close_where(ours.last_hidden_state, expected.last_hidden_state.numpy(), patches)
+    assert [x.shape for x in ours.pooler_output] == [tuple(x.shape) for x in expected.pooler_output]
+    for mine, theirs in zip(ours.pooler_output, expected.pooler_output, strict=True):
+        assert_close_where(mine, theirs.numpy(), slice(None))
+    with pytest.raises(Lfm2VlError, match="spatial_shapes must be"):
+        model.get_image_features(
+            images["pixel_values"], images["spatial_shapes"][:1], images["pixel_attention_mask"]
+        )

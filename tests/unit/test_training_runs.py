@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,11 +15,8 @@ from training_fixtures import conversation, tiny_config, write_jsonl
 from lfm2vl_jax.checkpoint.hf import load_hf_checkpoint
 from lfm2vl_jax.cli import build_parser, main, train_options
 from lfm2vl_jax.config import RuntimeConfig
-from lfm2vl_jax.nn.flax_modules import Lfm2VlModel, TextTower, VisionTower
-from lfm2vl_jax.nn.model import forward
-from lfm2vl_jax.nn.params import init_params, is_spec, param_specs
+from lfm2vl_jax.nn.params import init_params
 from lfm2vl_jax.parallel.mesh import make_mesh
-from lfm2vl_jax.parallel.rules import DEFAULT_RULES
 from lfm2vl_jax.processing.processor import Lfm2VlProcessor
 from lfm2vl_jax.training import trainer as trainer_module
 from lfm2vl_jax.training.config import SFTConfig, TrainingError
@@ -166,36 +162,6 @@ def test_gradient_accumulation_equals_one_batch(tmp_path, tiny_checkpoint):
         assert abs(one[key] - two[key]) <= 1e-6 * abs(one[key]), key
     for a, b in zip(jax.tree.leaves(params_one), jax.tree.leaves(params_two), strict=True):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
-
-
-def test_flax_modules_hold_our_params_and_call_our_functions():
-    config = tiny_config()
-    ids = jnp.arange(12, dtype=jnp.int32)[None] + 20
-    mask = jnp.ones_like(ids)
-    model = Lfm2VlModel(config)
-    variables = model.init(jax.random.key(0), ids, mask)
-    params = init_params(config, jax.random.key(1))
-    assert jax.tree.structure(nn.meta.unbox(variables)["params"]) == jax.tree.structure(params)
-    specs = nn.get_partition_spec(variables)["params"]
-    assert specs["text"]["blocks"][0][0]["mlp"]["gate"] == jax.sharding.PartitionSpec(
-        "layers", "embed", "mlp"
-    )
-    mesh = make_mesh()
-    shardings = nn.logical_to_mesh_sharding(specs, mesh, DEFAULT_RULES.rules)
-    assert jax.tree.structure(shardings) == jax.tree.structure(params)
-    logits = model.apply({"params": params}, ids, mask)
-    np.testing.assert_array_equal(logits, forward(params, config, ids, mask))
-    hidden = model.apply({"params": params}, ids, mask, method="hidden_states")
-    assert hidden.shape == (1, 12, config.text.hidden_size)
-    embeds = jnp.take(params["text"]["embed"], ids, axis=0)
-    text = TextTower(config).apply({"params": params["text"]}, embeds, mask)
-    np.testing.assert_array_equal(text, hidden)
-    vision = VisionTower(config).init(
-        jax.random.key(0), jnp.zeros((1, 16, 48)), jnp.ones((1, 16), jnp.int32), jnp.array([[4, 4]])
-    )
-    assert jax.tree.structure(nn.meta.unbox(vision)["params"]) == jax.tree.structure(
-        param_specs(config)["vision"], is_leaf=is_spec
-    )
 
 
 def test_config_file_mirrors_the_flags_and_flags_win(tmp_path):
