@@ -499,7 +499,7 @@ class Lfm2VlProcessor:
     # -- chat ------------------------------------------------------------------------------------------
 
     def _normalize_conversation(
-        self, conversation: Any, index: int, need_sources: bool
+        self, conversation: Any, index: int, need_sources: bool, tokenize: bool
     ) -> tuple[list[dict[str, Any]], list[tuple[Any, str]]]:
         """Validated copy of one conversation (None-valued keys dropped, OpenAI image_url blocks made image
         blocks) and its (image source, where) pairs in order of appearance. Without `need_sources` (the
@@ -551,6 +551,10 @@ class Lfm2VlProcessor:
                 message["content"] = blocks
             elif content is not None and not isinstance(content, str):
                 raise ProcessorError(f"{where}: content must be a string or a list of blocks")
+            elif tokenize and not content:
+                # transformers, when tokenizing, gives a message without content (e.g. an assistant turn of
+                # tool calls only) an empty list of blocks, which templates render as content
+                message["content"] = []
             messages.append(message)
         return messages, images
 
@@ -633,7 +637,9 @@ class Lfm2VlProcessor:
         batched = isinstance(conversation[0], (list, tuple))
         conversations = list(conversation) if batched else [conversation]
         need_sources = tokenize and given_images is None
-        normalized = [self._normalize_conversation(c, i, need_sources) for i, c in enumerate(conversations)]
+        normalized = [
+            self._normalize_conversation(c, i, need_sources, tokenize) for i, c in enumerate(conversations)
+        ]
         if return_assistant_tokens_mask and not template.has_generation_markers:
             warnings.warn(
                 f"return_assistant_tokens_mask: the chat template ({template.origin}) has no "
