@@ -651,18 +651,15 @@ class Lfm2VlProcessor:
         context.update(tools=template_data(tools), documents=template_data(documents))
         prompts, generation_spans = [], []
         for index, (messages, _) in enumerate(normalized):
-            try:
-                prompt, spans = template.render(
-                    template_data(messages),
-                    add_generation_prompt=add_generation_prompt,
-                    continue_final_message=continue_final_message,
-                    track_generation=return_assistant_tokens_mask,
-                    context=context,
-                )
-            except jinja2.exceptions.TemplateError as error:
-                raise ProcessorError(f"conversation {index}: chat template error: {error}") from None
-            except ProcessorError as error:
-                raise ProcessorError(f"conversation {index}: {error}") from None
+            prompt, spans = self._render(
+                template,
+                index,
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                track_generation=return_assistant_tokens_mask,
+                context=context,
+            )
             prompts.append(prompt)
             generation_spans.append(spans)
 
@@ -689,6 +686,40 @@ class Lfm2VlProcessor:
                 outputs.pop("offset_mapping"), outputs.pop("text_replacement_offsets"), generation_spans
             )
         return outputs if return_dict else outputs["input_ids"]
+
+    @staticmethod
+    def _render(template: ChatTemplate, index: int, messages: list[dict[str, Any]], **options: Any) -> Any:
+        try:
+            return template.render(template_data(messages), **options)
+        except jinja2.exceptions.TemplateError as error:
+            raise ProcessorError(f"conversation {index}: chat template error: {error}") from None
+        except ProcessorError as error:
+            raise ProcessorError(f"conversation {index}: {error}") from None
+
+    @property
+    def has_generation_markers(self) -> bool:
+        """Whether the chat template marks assistant turns with `{% generation %}` blocks."""
+        return self._compiled_template is not None and self._compiled_template.has_generation_markers
+
+    def generation_spans(
+        self, conversation: Sequence[Mapping[str, Any]]
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """One conversation rendered (as `apply_chat_template` without tokenising) and the character spans
+        of its `{% generation %}` blocks in that text: what `return_assistant_tokens_mask` marks."""
+        if self._compiled_template is None:
+            raise ProcessorError("this processor has no chat template")
+        messages, _ = self._normalize_conversation(conversation, 0, need_sources=False, tokenize=False)
+        context = template_data(self.special_tokens)
+        context.update(tools=None, documents=None)
+        return self._render(
+            self._compiled_template,
+            0,
+            messages,
+            add_generation_prompt=False,
+            continue_final_message=False,
+            track_generation=True,
+            context=context,
+        )
 
     @staticmethod
     def _assistant_masks(

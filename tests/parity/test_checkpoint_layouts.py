@@ -9,6 +9,7 @@ Logit tolerance as in test_parity: max|ours - reference| / max|reference| <= 1e-
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
@@ -17,11 +18,13 @@ import pytest
 import torch
 from checkpoint_layouts import LAYOUTS, hf_config, make_small_checkpoint
 from processor_fixtures import assert_processor_outputs_match, make_checkpoint_dir, synthetic_image
+from training_fixtures import image_conversations
 
 from lfm2vl_jax import Lfm2VlForConditionalGeneration, Lfm2VlProcessor
 from lfm2vl_jax.checkpoint.hf import tensor_map
 from lfm2vl_jax.config import config_from_dict
 from lfm2vl_jax.nn.params import init_params
+from lfm2vl_jax.training.data import LOSS_FROM_TEMPLATE, read_conversations
 
 LOGIT_RTOL = 1e-5
 
@@ -261,3 +264,24 @@ def test_tokenizer_config_without_added_tokens_decoder_takes_ids_from_tokenizer_
         if expected is None:
             expected = getattr(reference.tokenizer, name)
         assert getattr(ours, name) == expected, name
+
+
+def test_training_loss_mask_is_transformers_assistant_mask(lfm25, tmp_path):
+    """`lfm2vl train` on an LFM2.5-VL template takes the loss tokens from its generation blocks: the ids and
+    the loss mask of every conversation equal transformers' input_ids and assistant_masks."""
+    ours, reference = lfm25
+    path = image_conversations(tmp_path, 4)  # system turns, second turns, one or two images
+    dataset = read_conversations(path, ours, 4096)
+    assert dataset.loss_rule == LOSS_FROM_TEMPLATE
+    for example, line in zip(dataset.examples, path.read_text().splitlines(), strict=True):
+        messages = json.loads(line)["messages"]
+        for message in messages:
+            for block in message["content"] if isinstance(message["content"], list) else []:
+                if block["type"] == "image":
+                    block["image"] = str(tmp_path / block["image"])
+        expected = reference.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="np"
+        )
+        np.testing.assert_array_equal(example.input_ids, expected["input_ids"][0])
+        np.testing.assert_array_equal(example.loss_mask, expected["assistant_masks"][0] == 1)
+        assert example.loss_mask.any()
