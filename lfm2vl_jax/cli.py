@@ -92,6 +92,7 @@ def run_generate(args: argparse.Namespace) -> int:
     model = Lfm2VlForConditionalGeneration.from_pretrained(
         args.model, dtype=DTYPES[dtype], scan_layers=args.scan_layers, progress=sys.stderr.isatty()
     )
+    processor.check_model(model.config.image_token_id)
     options = _sampling_options(args)
     generated: list[int] = []
     printed = ""

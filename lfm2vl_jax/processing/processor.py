@@ -192,6 +192,15 @@ class Lfm2VlProcessor:
             raise ProcessorError(f"{name} {token!r} is not in the tokenizer's vocabulary")
         return token_id
 
+    def check_model(self, image_token_id: int, source: str = "the model's config.json") -> None:
+        """Refuses a model whose image token is not this tokenizer's `<image>`: its image features would
+        replace the wrong tokens (or none)."""
+        if image_token_id != self.image_token_id:
+            raise ProcessorError(
+                f"the tokenizer's {self.image_token} is id {self.image_token_id} but {source} says "
+                f"image_token_id {image_token_id}: the processor and the model do not belong together"
+            )
+
     # -- files -----------------------------------------------------------------------------------------
 
     @classmethod

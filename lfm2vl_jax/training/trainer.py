@@ -305,6 +305,7 @@ class SFTTrainer:
         mesh = self._mesh()
         runtime = self._runtime(mesh)
         declared = load_config(model_dir).replace(runtime=runtime)
+        processor.check_model(declared.image_token_id, f"{model_dir / 'config.json'}")
         shards = self._check_batch(mesh, declared)
         self._check_memory(self._trainable(declared))
         if self.primary:
