@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from processor_fixtures import REFERENCE_DIR, VOCAB_3B, ids_3b_like, make_checkpoint_dir
+from training_fixtures import PROCESSOR_SETTINGS
 
 ATTENTION_3B = (2, 5, 9, 13, 17, 21, 24, 27)  # LFM2.5-VL-3B's attention layers (of 30)
 
@@ -61,15 +62,8 @@ SMALL_TEXT = dict(
     num_key_value_heads=2,
 )
 SMALL_VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, patch_size=4, num_patches=16)
-SMALL_IMAGES = {
-    "encoder_patch_size": 4,
-    "tile_size": 16,
-    "min_image_tokens": 2,
-    "max_image_tokens": 8,
-    "min_tiles": 2,
-    "max_tiles": 4,
-    "max_num_patches": 32,
-}
+# the fine-tuning fixtures' tiny-image settings, with the layout's own thumbnail setting
+SMALL_IMAGES = {key: value for key, value in PROCESSOR_SETTINGS.items() if key != "use_thumbnail"}
 
 
 def small_widths(raw: dict[str, Any]) -> dict[str, Any]:
@@ -88,7 +82,8 @@ def hf_config(raw: dict[str, Any]) -> Any:
 
 def make_small_checkpoint(directory: Path, name: str, seed: int = 0) -> tuple[Path, Any]:
     """The layout `name` at small widths: transformers' random model (realistic weight scales) saved by
-    transformers, with the layout's processor files (tiny-image settings) and stand-in tokenizer."""
+    transformers, with the layout's config.json (small widths), processor files (tiny-image settings) and
+    stand-in tokenizer."""
     import torch
     from reference_models import randomize_weights
     from transformers import Lfm2VlForConditionalGeneration as HfModel
@@ -106,4 +101,6 @@ def make_small_checkpoint(directory: Path, name: str, seed: int = 0) -> tuple[Pa
     torch.manual_seed(seed)
     reference = randomize_weights(HfModel(hf_config(small_widths(raw))), seed=seed).float().eval()
     reference.save_pretrained(directory)
+    # the layout's own config.json (its keys, not transformers' re-save), at the small widths
+    (directory / "config.json").write_text(json.dumps(small_widths(raw), indent=2))
     return directory, reference

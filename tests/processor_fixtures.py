@@ -43,6 +43,19 @@ Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2025. Punctuation: , . ! ? ; : ' " ( ) [ 
 """
 
 
+# a tool schema for chat templates that render tools (LFM2.5-VL)
+WEATHER_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+
+
 def reference_dir(name: str = "lfm2-vl-450m") -> Path:
     path = REFERENCE_DIR / name
     if not path.is_dir():

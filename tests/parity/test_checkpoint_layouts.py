@@ -17,7 +17,12 @@ import numpy as np
 import pytest
 import torch
 from checkpoint_layouts import LAYOUTS, hf_config, make_small_checkpoint
-from processor_fixtures import assert_processor_outputs_match, make_checkpoint_dir, synthetic_image
+from processor_fixtures import (
+    WEATHER_TOOLS,
+    assert_processor_outputs_match,
+    make_checkpoint_dir,
+    synthetic_image,
+)
 from training_fixtures import image_conversations
 
 from lfm2vl_jax import Lfm2VlForConditionalGeneration, Lfm2VlProcessor
@@ -116,18 +121,6 @@ def lfm25(request, tmp_path_factory):
     return Lfm2VlProcessor.from_pretrained(directory), transformers_processor(directory, "lfm2.5")
 
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Weather in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-        },
-    }
-]
-
-
 def _conversations() -> dict[str, list]:
     photo = synthetic_image(300, 500, seed=3)
     small = synthetic_image(60, 80, seed=4)
@@ -173,7 +166,7 @@ def _conversations() -> dict[str, list]:
 
 
 @pytest.mark.parametrize("case", list(_conversations()))
-@pytest.mark.parametrize("keywords", [{}, {"tools": TOOLS}, {"keep_past_thinking": True}])
+@pytest.mark.parametrize("keywords", [{}, {"tools": WEATHER_TOOLS}, {"keep_past_thinking": True}])
 def test_chat_template_and_assistant_masks_match_transformers(lfm25, case, keywords):
     ours, reference = lfm25
     conversation = _conversations()[case]
@@ -193,7 +186,7 @@ def test_chat_template_and_assistant_masks_match_transformers(lfm25, case, keywo
 def test_assistant_masks_of_a_batch_match_transformers(lfm25, padding_side):
     ours, reference = lfm25
     batch = list(_conversations().values())
-    options = dict(tokenize=True, return_dict=True, return_assistant_tokens_mask=True, tools=TOOLS)
+    options = dict(tokenize=True, return_dict=True, return_assistant_tokens_mask=True, tools=WEATHER_TOOLS)
     result = ours.apply_chat_template(batch, padding_side=padding_side, **options)
     expected = reference.apply_chat_template(
         batch,

@@ -7,22 +7,12 @@ import json
 
 import numpy as np
 import pytest
-from processor_fixtures import image_path, make_checkpoint_dir
+from processor_fixtures import WEATHER_TOOLS, image_path, make_checkpoint_dir
 from reference_models import build_reference, tiny_config
 
 from lfm2vl_jax import Lfm2VlForConditionalGeneration, Lfm2VlProcessor, ToolCallError, parse_tool_calls
 from lfm2vl_jax.cli import main
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Weather in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-        },
-    }
-]
 CALLS = [
     {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}},
     {
@@ -56,7 +46,7 @@ def test_tool_calls_rendered_by_the_template_parse_back(checkpoint):
         {"role": "tool", "content": "21"},
         {"role": "assistant", "tool_calls": CALLS[2:], "content": "Done."},
     ]
-    rendered = processor.apply_chat_template(conversation, tools=TOOLS)
+    rendered = processor.apply_chat_template(conversation, tools=WEATHER_TOOLS)
     assert rendered.count("<|tool_call_start|>") == 2
     assert parse_tool_calls(rendered) == CALLS
     assert parse_tool_calls("no calls here") == []
@@ -79,7 +69,7 @@ def test_malformed_tool_calls_name_the_text(text, message):
 
 def test_generate_with_system_and_tools_renders_them(checkpoint, tmp_path, capsys):
     tools_file = tmp_path / "tools.json"
-    tools_file.write_text(json.dumps(TOOLS))
+    tools_file.write_text(json.dumps(WEATHER_TOOLS))
     image = image_path("Minduka_Present_Blue_Pack.png")
     argv = ["generate", "--model", str(checkpoint), "--image", str(image), "--prompt", "Weather?"]
     argv += [
@@ -104,7 +94,7 @@ def test_generate_with_system_and_tools_renders_them(checkpoint, tmp_path, capsy
         },
     ]
     inputs = processor.apply_chat_template(
-        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, tools=TOOLS
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, tools=WEATHER_TOOLS
     )
     prompt = processor.decode(inputs["input_ids"][0])
     assert "List of tools: " in prompt and "get_weather" in prompt and "Be brief." in prompt
@@ -122,7 +112,7 @@ def test_generate_prints_the_answers_tool_calls(checkpoint, tmp_path, capsys, mo
         Lfm2VlForConditionalGeneration, "stream", lambda *args, **kwargs: (np.array([i]) for i in scripted)
     )
     tools_file = tmp_path / "tools.json"
-    tools_file.write_text(json.dumps(TOOLS))
+    tools_file.write_text(json.dumps(WEATHER_TOOLS))
     assert (
         main(["generate", "--model", str(checkpoint), "--prompt", "Weather?", "--tools", str(tools_file)])
         == 0
