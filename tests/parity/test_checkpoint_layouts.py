@@ -237,6 +237,10 @@ def test_template_errors_name_what_is_wrong(lfm25, tmp_path):
         ours.apply_chat_template(conversation, return_assistant_tokens_mask=True, continue_final_message=True)
     with pytest.raises(Exception, match="continue_final_message and add_generation_prompt"):
         ours.apply_chat_template(conversation, add_generation_prompt=True, continue_final_message=True)
+    with pytest.raises(Exception, match=r"conversation 0: chat template error: .*underscore-prefixed"):
+        ours.apply_chat_template(
+            conversation, chat_template="{% set ns = namespace(_x=1) %}"
+        )  # as transformers
     with pytest.raises(Exception, match=r"conversation 0: chat template error: no tools allowed"):
         ours.apply_chat_template(conversation, chat_template="{{ raise_exception('no tools allowed') }}")
     with pytest.raises(
