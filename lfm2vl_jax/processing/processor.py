@@ -50,6 +50,8 @@ _NAMED_SPECIAL_TOKENS = (
 # "tokenizer_config.json model_max_length" this large means "no limit" (transformers' VERY_LARGE_INTEGER)
 _UNLIMITED_LENGTH = int(1e20)
 _IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
+# `__call__`'s options that `apply_chat_template` passes on from its keywords
+_CALL_OPTIONS = ("images", "images_kwargs", "input_data_format", "add_special_tokens")
 
 
 def _token_content(value: Any) -> str | None:
@@ -638,10 +640,14 @@ class Lfm2VlProcessor:
         else:
             raise ProcessorError("this processor has no chat template; pass chat_template=")
         check_tools_and_documents(tools, documents)
-        processor_kwargs = {
-            **{key: value for key, value in template_kwargs.items() if key not in template.variables},
-            **(processor_kwargs or {}),
+        # transformers' older way: processor options as keywords the template does not read (other such
+        # keywords only reach the template, which ignores them)
+        routed = {
+            key: value
+            for key, value in template_kwargs.items()
+            if key not in template.variables and key in _CALL_OPTIONS + Lfm2VlImageProcessor.config_keys
         }
+        processor_kwargs = {**routed, **(processor_kwargs or {})}
         given_images = processor_kwargs.pop("images", None)
         batched = isinstance(conversation[0], (list, tuple))
         conversations = list(conversation) if batched else [conversation]
