@@ -12,6 +12,7 @@ from .parallel.mesh import make_mesh
 from .parallel.rules import DEFAULT_RULES, ShardingRules
 from .processing.image_processor import Lfm2VlImageProcessor, ProcessorError
 from .processing.processor import Lfm2VlProcessor
+from .processing.tool_calls import ToolCallError, parse_tool_calls
 
 __all__ = [
     "DEFAULT_RULES",
@@ -26,7 +27,9 @@ __all__ = [
     "SamplingParams",
     "ShardingRules",
     "TextConfig",
+    "ToolCallError",
     "VisionConfig",
     "load_config",
     "make_mesh",
+    "parse_tool_calls",
 ]

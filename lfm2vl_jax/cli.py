@@ -10,6 +10,7 @@ status 1, and `--debug` shows its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +42,11 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", action="append", default=[], help="image file (repeatable; in prompt order)")
     p.add_argument("--prompt", required=True, help="the user message")
     p.add_argument("--system", help="optional system message")
+    p.add_argument(
+        "--tools",
+        help="JSON file: a list of tool (function) schemas, rendered by the chat template; the answer's "
+        "tool calls are then printed as JSON lines after it",
+    )
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument(
         "--dtype",
@@ -78,20 +84,23 @@ def _sampling_options(args: argparse.Namespace) -> dict:
 def run_generate(args: argparse.Namespace) -> int:
     from .api import Lfm2VlForConditionalGeneration
     from .processing.processor import Lfm2VlProcessor
+    from .processing.tool_calls import parse_tool_calls
 
     content = [{"type": "image", "path": path} for path in args.image]
     content.append({"type": "text", "text": args.prompt})
     conversation = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": content}
     ]
+    tools = _read_tools(args.tools) if args.tools else None
     processor = Lfm2VlProcessor.from_pretrained(args.model)
     inputs = processor.apply_chat_template(
-        conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, tools=tools
     )
     dtype = args.dtype or default_dtype_name()
     model = Lfm2VlForConditionalGeneration.from_pretrained(
         args.model, dtype=DTYPES[dtype], scan_layers=args.scan_layers, progress=sys.stderr.isatty()
     )
+    processor.check_model(model.config.image_token_id)
     options = _sampling_options(args)
     generated: list[int] = []
     printed = ""
@@ -104,7 +113,25 @@ def run_generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             printed = text
     sys.stdout.write("\n")
+    if tools is not None:  # the markers are special tokens: decoded without skipping them
+        for call in parse_tool_calls(processor.decode(generated, skip_special_tokens=False)):
+            sys.stdout.write("tool call: " + json.dumps(call["function"], ensure_ascii=False) + "\n")
     return 0
+
+
+def _read_tools(path: str) -> list[dict]:
+    """`--tools FILE.json`: a list of JSON objects (tool schemas)."""
+    try:
+        tools = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise Lfm2VlError(f"--tools {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise Lfm2VlError(f"--tools {path}: cannot be read ({err})") from None
+    except json.JSONDecodeError as err:
+        raise Lfm2VlError(f"--tools {path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        raise Lfm2VlError(f"--tools {path}: must hold a JSON list of tool objects (function schemas)")
+    return tools
 
 
 def _batch_parser(sub: argparse._SubParsersAction) -> None:

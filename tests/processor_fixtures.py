@@ -43,6 +43,19 @@ Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2025. Punctuation: , . ! ? ; : ' " ( ) [ 
 """
 
 
+# a tool schema for chat templates that render tools (LFM2.5-VL)
+WEATHER_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+
+
 def reference_dir(name: str = "lfm2-vl-450m") -> Path:
     path = REFERENCE_DIR / name
     if not path.is_dir():
@@ -59,8 +72,38 @@ def image_path(name: str) -> Path:
     return path
 
 
-def build_tokenizer(tokenizer_config: dict, vocab_size: int = 65536, bpe_vocab_size: int = 1200) -> Tokenizer:
-    """Byte-level BPE with the config's added tokens at their listed ids."""
+def added_tokens(tokenizer_config: dict) -> dict[int, dict]:
+    """The added tokens of a tokenizer config, by id. transformers 5's files (LFM2.5-VL) list none (they
+    live in the released tokenizer.json only): those get the LFM2-VL-450M file's, the same ids as the
+    reference README states."""
+    listed = tokenizer_config.get("added_tokens_decoder")
+    if listed is None:
+        listed = json.loads((reference_dir() / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    return {int(i): spec for i, spec in listed.items()}
+
+
+# A 3B-like vocabulary (LFM2.5-VL-3B's special-token ids): LFM2-VL's ids 0-13 move to 124893.. (pad 124893,
+# bos 124894) and 396-500 to 124907.. (`<image>` 124907, rows from 124908, thumbnail 125008, image
+# start/end 125009/125010), so that ordinary tokens sit where LFM2-VL's special ones were.
+VOCAB_3B = 128_000
+
+
+def ids_3b_like(token_id: int) -> int:
+    if token_id <= 13:
+        return token_id + 124_893
+    if 396 <= token_id <= 500:
+        return token_id + 124_511
+    return token_id
+
+
+def build_tokenizer(
+    tokenizer_config: dict,
+    vocab_size: int = 65536,
+    bpe_vocab_size: int = 1200,
+    added: dict[int, dict] | None = None,
+) -> Tokenizer:
+    """Byte-level BPE with the added tokens (`added`, else the config's) at their ids; BPE tokens take the
+    free ids from 0 up."""
     trainer = trainers.BpeTrainer(
         vocab_size=bpe_vocab_size,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -71,7 +114,7 @@ def build_tokenizer(tokenizer_config: dict, vocab_size: int = 65536, bpe_vocab_s
     trained.train_from_iterator([_CORPUS] * 4, trainer=trainer)
     trained_model = json.loads(trained.to_str())["model"]
 
-    added = {int(i): spec for i, spec in tokenizer_config["added_tokens_decoder"].items()}
+    added = added if added is not None else added_tokens(tokenizer_config)
     free_ids = (i for i in range(vocab_size) if i not in added)
     vocab = {spec["content"]: i for i, spec in added.items()}
     for token, _ in sorted(trained_model["vocab"].items(), key=lambda item: item[1]):
@@ -99,8 +142,9 @@ def build_tokenizer(tokenizer_config: dict, vocab_size: int = 65536, bpe_vocab_s
     return Tokenizer.from_str(json.dumps(spec))
 
 
-def make_checkpoint_dir(out_dir: Path, reference: str = "lfm2-vl-450m") -> Path:
-    """Copy a reference checkpoint's processor files to `out_dir` and add the stand-in `tokenizer.json`."""
+def make_checkpoint_dir(out_dir: Path, reference: str = "lfm2-vl-450m", three_b_like: bool = False) -> Path:
+    """Copy a reference checkpoint's processor files to `out_dir` and add the stand-in `tokenizer.json`
+    (`three_b_like`: with the 3B's vocabulary size and special-token ids, see `ids_3b_like`)."""
     source = reference_dir(reference)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in CHECKPOINT_FILES:
@@ -108,7 +152,11 @@ def make_checkpoint_dir(out_dir: Path, reference: str = "lfm2-vl-450m") -> Path:
             shutil.copyfile(source / name, out_dir / name)
     tokenizer_config = json.loads((source / "tokenizer_config.json").read_text())
     vocab_size = json.loads((source / "config.json").read_text())["text_config"]["vocab_size"]
-    build_tokenizer(tokenizer_config, vocab_size=vocab_size).save(str(out_dir / "tokenizer.json"))
+    added = added_tokens(tokenizer_config)
+    if three_b_like:
+        vocab_size, added = VOCAB_3B, {ids_3b_like(i): spec for i, spec in added.items()}
+    tokenizer = build_tokenizer(tokenizer_config, vocab_size=vocab_size, added=added)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
     return out_dir
 
 

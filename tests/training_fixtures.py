@@ -177,6 +177,26 @@ def uniform_conversations(directory: Path, count: int = 4) -> Path:
     return write_jsonl(directory / "train.jsonl", records)
 
 
+def reference_batch(processor: Any, examples: list) -> dict:
+    """The conversations as transformers' processor lays them out (our processor's parity is tested
+    elsewhere), right-padded, with -100 labels off the loss tokens."""
+    width = max(e.length for e in examples)
+    ids = np.full((len(examples), width), processor.pad_token_id, np.int64)
+    mask = np.zeros_like(ids)
+    labels = np.full_like(ids, -100)
+    images = []
+    for row, example in enumerate(examples):
+        ids[row, : example.length] = example.input_ids
+        mask[row, : example.length] = 1
+        labels[row, : example.length] = np.where(example.loss_mask, example.input_ids, -100)
+        if example.images:
+            images.append(processor(images=[list(example.images)], text=[example.text]))
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    for key in ("pixel_values", "pixel_attention_mask", "spatial_shapes"):
+        batch[key] = np.concatenate([out[key] for out in images])
+    return batch
+
+
 # The run that the resume and multi-process tests repeat: 8 steps of 2 conversations, a checkpoint every
 # 2 steps. Subprocesses share a persistent compilation cache and compile without XLA's backend
 # optimisations (half the compile time; every run of a comparison uses the same flags).

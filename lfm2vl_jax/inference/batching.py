@@ -424,6 +424,8 @@ class BatchEngine:
         **options: Any,
     ):
         self.model, self.processor, self.config = model, processor, model.config
+        if processor is not None:
+            processor.check_model(model.config.image_token_id)
         for name, value in (("slots", slots), ("max_length", max_length), ("max_new_tokens", max_new_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise Lfm2VlError(f"{name} must be a positive integer, got {value!r}")

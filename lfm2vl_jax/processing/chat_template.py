@@ -1,11 +1,12 @@
 """Chat templates compiled and rendered as transformers (5.x) renders them.
 
 The sandboxed jinja2 environment of `transformers.utils.chat_template_utils` (trim/lstrip blocks, loop
-controls, its `tojson`, `raise_exception`, `strftime_now`) plus its `{% generation %}` block extension:
-the LFM2.5-VL templates wrap each assistant turn in `{% generation %}...{% endgeneration %}`, which renders
-the body unchanged and, when the caller asks for the assistant mask, records the body's character span in
-the rendered text. `continue_final_message` is ported from transformers too (the final message is rendered
-with a tag after it and the text is cut at the tag).
+controls, its `tojson`, `raise_exception`, `strftime_now`, `dict` and `namespace`) plus its
+`{% generation %}` block extension: the LFM2.5-VL templates wrap each assistant turn in
+`{% generation %}...{% endgeneration %}`, which renders the body unchanged and, when the caller asks for
+the assistant mask, records the body's character span in the rendered text. `continue_final_message` is
+ported from transformers too (the final message is rendered with a tag after it and the text is cut at
+the tag).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import jinja2
 import jinja2.ext
 import jinja2.meta
 import jinja2.nodes
+import jinja2.utils
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -74,6 +76,33 @@ def _tojson(value: Any, ensure_ascii=False, indent=None, separators=None, sort_k
     )
 
 
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """transformers' `namespace`: no underscore-prefixed attributes (a way towards CPython internals)."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # Namespace's signature trick: `namespace(self=...)`
+        self, args = args[0], args[1:]
+        attributes = dict(*args, **kwargs)
+        for name in attributes:
+            _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__init__(self, attributes)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(
+                f"chat templates cannot store underscore-prefixed attributes on a namespace, got {name!r}"
+            )
+
+
+def _template_dict(*args: Any, **kwargs: Any) -> dict:
+    # transformers' `dict`: a plain function, not the type (no attribute access to the class)
+    return dict(*args, **kwargs)
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
     environment = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlocks, jinja2.ext.loopcontrols]
@@ -81,6 +110,8 @@ def _environment() -> ImmutableSandboxedEnvironment:
     environment.filters["tojson"] = _tojson
     environment.globals["raise_exception"] = _raise_exception
     environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    environment.globals["dict"] = _template_dict
+    environment.globals["namespace"] = _TemplateNamespace
     return environment
 
 

@@ -50,6 +50,8 @@ _NAMED_SPECIAL_TOKENS = (
 # "tokenizer_config.json model_max_length" this large means "no limit" (transformers' VERY_LARGE_INTEGER)
 _UNLIMITED_LENGTH = int(1e20)
 _IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
+# `__call__`'s options that `apply_chat_template` passes on from its keywords
+_CALL_OPTIONS = ("images", "images_kwargs", "input_data_format", "add_special_tokens")
 
 
 def _token_content(value: Any) -> str | None:
@@ -191,6 +193,15 @@ class Lfm2VlProcessor:
         if token_id is None:
             raise ProcessorError(f"{name} {token!r} is not in the tokenizer's vocabulary")
         return token_id
+
+    def check_model(self, image_token_id: int, source: str = "the model's config.json") -> None:
+        """Refuses a model whose image token is not this tokenizer's `<image>`: its image features would
+        replace the wrong tokens (or none)."""
+        if image_token_id != self.image_token_id:
+            raise ProcessorError(
+                f"the tokenizer's {self.image_token} is id {self.image_token_id} but {source} says "
+                f"image_token_id {image_token_id}: the processor and the model do not belong together"
+            )
 
     # -- files -----------------------------------------------------------------------------------------
 
@@ -499,7 +510,7 @@ class Lfm2VlProcessor:
     # -- chat ------------------------------------------------------------------------------------------
 
     def _normalize_conversation(
-        self, conversation: Any, index: int, need_sources: bool
+        self, conversation: Any, index: int, need_sources: bool, tokenize: bool
     ) -> tuple[list[dict[str, Any]], list[tuple[Any, str]]]:
         """Validated copy of one conversation (None-valued keys dropped, OpenAI image_url blocks made image
         blocks) and its (image source, where) pairs in order of appearance. Without `need_sources` (the
@@ -551,6 +562,10 @@ class Lfm2VlProcessor:
                 message["content"] = blocks
             elif content is not None and not isinstance(content, str):
                 raise ProcessorError(f"{where}: content must be a string or a list of blocks")
+            elif tokenize and not content:
+                # transformers, when tokenizing, gives a message without content (e.g. an assistant turn of
+                # tool calls only) an empty list of blocks, which templates render as content
+                message["content"] = []
             messages.append(message)
         return messages, images
 
@@ -625,15 +640,21 @@ class Lfm2VlProcessor:
         else:
             raise ProcessorError("this processor has no chat template; pass chat_template=")
         check_tools_and_documents(tools, documents)
-        processor_kwargs = {
-            **{key: value for key, value in template_kwargs.items() if key not in template.variables},
-            **(processor_kwargs or {}),
+        # transformers' older way: processor options as keywords the template does not read (other such
+        # keywords only reach the template, which ignores them)
+        routed = {
+            key: value
+            for key, value in template_kwargs.items()
+            if key not in template.variables and key in _CALL_OPTIONS + Lfm2VlImageProcessor.config_keys
         }
+        processor_kwargs = {**routed, **(processor_kwargs or {})}
         given_images = processor_kwargs.pop("images", None)
         batched = isinstance(conversation[0], (list, tuple))
         conversations = list(conversation) if batched else [conversation]
         need_sources = tokenize and given_images is None
-        normalized = [self._normalize_conversation(c, i, need_sources) for i, c in enumerate(conversations)]
+        normalized = [
+            self._normalize_conversation(c, i, need_sources, tokenize) for i, c in enumerate(conversations)
+        ]
         if return_assistant_tokens_mask and not template.has_generation_markers:
             warnings.warn(
                 f"return_assistant_tokens_mask: the chat template ({template.origin}) has no "
@@ -645,18 +666,15 @@ class Lfm2VlProcessor:
         context.update(tools=template_data(tools), documents=template_data(documents))
         prompts, generation_spans = [], []
         for index, (messages, _) in enumerate(normalized):
-            try:
-                prompt, spans = template.render(
-                    template_data(messages),
-                    add_generation_prompt=add_generation_prompt,
-                    continue_final_message=continue_final_message,
-                    track_generation=return_assistant_tokens_mask,
-                    context=context,
-                )
-            except jinja2.exceptions.TemplateError as error:
-                raise ProcessorError(f"conversation {index}: chat template error: {error}") from None
-            except ProcessorError as error:
-                raise ProcessorError(f"conversation {index}: {error}") from None
+            prompt, spans = self._render(
+                template,
+                index,
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                track_generation=return_assistant_tokens_mask,
+                context=context,
+            )
             prompts.append(prompt)
             generation_spans.append(spans)
 
@@ -683,6 +701,40 @@ class Lfm2VlProcessor:
                 outputs.pop("offset_mapping"), outputs.pop("text_replacement_offsets"), generation_spans
             )
         return outputs if return_dict else outputs["input_ids"]
+
+    @staticmethod
+    def _render(template: ChatTemplate, index: int, messages: list[dict[str, Any]], **options: Any) -> Any:
+        try:
+            return template.render(template_data(messages), **options)
+        except jinja2.exceptions.TemplateError as error:
+            raise ProcessorError(f"conversation {index}: chat template error: {error}") from None
+        except ProcessorError as error:
+            raise ProcessorError(f"conversation {index}: {error}") from None
+
+    @property
+    def has_generation_markers(self) -> bool:
+        """Whether the chat template marks assistant turns with `{% generation %}` blocks."""
+        return self._compiled_template is not None and self._compiled_template.has_generation_markers
+
+    def generation_spans(
+        self, conversation: Sequence[Mapping[str, Any]]
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """One conversation rendered (as `apply_chat_template` without tokenising) and the character spans
+        of its `{% generation %}` blocks in that text: what `return_assistant_tokens_mask` marks."""
+        if self._compiled_template is None:
+            raise ProcessorError("this processor has no chat template")
+        messages, _ = self._normalize_conversation(conversation, 0, need_sources=False, tokenize=False)
+        context = template_data(self.special_tokens)
+        context.update(tools=None, documents=None)
+        return self._render(
+            self._compiled_template,
+            0,
+            messages,
+            add_generation_prompt=False,
+            continue_final_message=False,
+            track_generation=True,
+            context=context,
+        )
 
     @staticmethod
     def _assistant_masks(

@@ -16,9 +16,15 @@ Three stages:
    rows (images decoded and preprocessed off the training thread) and collate them into numpy arrays.
    Its iterator state (`get_state`/`set_state`) is what a checkpoint stores.
 
-Loss tokens: the tokens of each assistant message's content and the end-of-turn token (`<|im_end|>`, the
-tokenizer's eos) that closes it; nothing else (not the `<|im_start|>assistant\\n` header, not the newline
-after `<|im_end|>`, not system/user text, not image tokens).
+Loss tokens, by one of two rules (`Dataset.loss_rule` says which a run used):
+- `LOSS_FROM_TEMPLATE`, when the chat template marks assistant turns with `{% generation %}` blocks (the
+  LFM2.5-VL templates): the tokens transformers' `return_assistant_tokens_mask` marks, i.e. every token
+  overlapping a generation block (for LFM2.5-VL: the assistant's content, tool calls and thinking, its
+  `<|im_end|>` and the newline after it), as TRL's `assistant_only_loss` trains on;
+- `LOSS_FROM_TURNS` otherwise (the LFM2-VL templates): the tokens of each assistant message's content and
+  the end-of-turn token (`<|im_end|>`, the tokenizer's eos) that closes it; nothing else (not the
+  `<|im_start|>assistant\\n` header, not the newline after `<|im_end|>`, not system/user text, not image
+  tokens).
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ EXIF_ORIENTATION = 0x0112
 TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 IMAGE_PATH_KEYS = ("image", "path", "url")
 EMPTY_ROW = -1  # a batch row that holds no example (the last batch of an epoch may be short)
+LOSS_FROM_TEMPLATE = "the chat template's {% generation %} blocks (transformers' assistant mask)"
+LOSS_FROM_TURNS = "each assistant message's content and the end-of-turn token closing it"
 
 
 class DataError(Lfm2VlError):
@@ -68,6 +76,7 @@ class Dataset:
     examples: list[Example]
     skipped: list[str]  # "file:line: problem" of each line skipped with skip_bad
     has_images: bool
+    loss_rule: str  # LOSS_FROM_TEMPLATE or LOSS_FROM_TURNS
 
 
 # Reading and checking ----------------------------------------------------------------------------------
@@ -177,10 +186,14 @@ def _image_layout(processor: Lfm2VlProcessor, size: tuple[int, int]) -> tuple[st
 
 
 def _tokenize(
-    processor: Lfm2VlProcessor, text: str, spans: list[tuple[int, int]], layouts: list[tuple[str, int, int]]
+    processor: Lfm2VlProcessor,
+    text: str,
+    spans: list[tuple[int, int]],
+    layouts: list[tuple[str, int, int]],
+    overlap: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ids of `text` with each `<image>` expanded (as the processor does) and the loss mask: tokens that
-    start inside a loss span."""
+    start inside a loss span, or with `overlap` (transformers' assistant-mask rule) that overlap one."""
     image_token = processor.image_token
     pieces = text.split(image_token)
     expanded, shifts, position = pieces[0], [], len(pieces[0])
@@ -193,10 +206,12 @@ def _tokenize(
         return p + sum(extra for start, extra in shifts if start < p)
 
     encoding = processor.tokenizer.encode(expanded, add_special_tokens=False)
-    starts = np.array([start for start, _ in encoding.offsets], np.int64)
+    offsets = np.array(encoding.offsets, np.int64).reshape(-1, 2)
+    starts, ends = offsets[:, 0], offsets[:, 1]
     mask = np.zeros(len(starts), bool)
     for begin, end in spans:
-        mask |= (starts >= shifted(begin)) & (starts < shifted(end))
+        begin, end = shifted(begin), shifted(end)
+        mask |= (starts < end) & (ends > begin) if overlap else (starts >= begin) & (starts < end)
     return np.asarray(encoding.ids, np.int32), mask
 
 
@@ -206,8 +221,12 @@ def _example(processor: Lfm2VlProcessor, record: Any, base: Path, source: str, m
     messages, paths = _resolve_images(record["messages"], base)
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
         raise DataError("no assistant turn (nothing to learn from)")
+    markers = processor.has_generation_markers
     try:
-        text = _render(processor, messages)
+        if markers:  # the loss tokens are the template's generation blocks
+            text, spans = processor.generation_spans(messages)
+        else:
+            text, spans = _render(processor, messages), None
     except Lfm2VlError as err:
         raise DataError(str(err)) from None
     if text.count(processor.image_token) != len(paths):
@@ -216,7 +235,9 @@ def _example(processor: Lfm2VlProcessor, record: Any, base: Path, source: str, m
             f"but {len(paths)} images"
         )
     layouts = [_image_layout(processor, _image_size(path)) for path in paths]
-    input_ids, loss_mask = _tokenize(processor, text, loss_spans(processor, messages, text), layouts)
+    if spans is None:
+        spans = loss_spans(processor, messages, text)
+    input_ids, loss_mask = _tokenize(processor, text, spans, layouts, overlap=markers)
     if len(input_ids) > max_length:
         raise DataError(f"{len(input_ids)} tokens long, over --max-length {max_length}")
     if not loss_mask[1:].any():
@@ -262,7 +283,8 @@ def read_conversations(
             skipped.append(f"{source}: {err}")
     if not examples:
         raise DataError(f"{path} holds no usable conversation ({len(skipped)} lines skipped)")
-    return Dataset(examples, skipped, has_images=any(e.images for e in examples))
+    rule = LOSS_FROM_TEMPLATE if processor.has_generation_markers else LOSS_FROM_TURNS
+    return Dataset(examples, skipped, has_images=any(e.images for e in examples), loss_rule=rule)
 
 
 # The batch plan ----------------------------------------------------------------------------------------

@@ -296,6 +296,7 @@ class SFTTrainer:
         eval_data = (
             read_conversations(c.eval_data, processor, c.max_length, c.skip_bad) if c.eval_data else None
         )
+        self.log(f"loss tokens: {train_data.loss_rule}")
         for dataset, name in ((train_data, c.data), (eval_data, c.eval_data)):
             if dataset is not None and dataset.skipped:
                 self.log(f"{name}: skipped {len(dataset.skipped)} bad lines, e.g. {dataset.skipped[0]}")
@@ -304,6 +305,7 @@ class SFTTrainer:
         mesh = self._mesh()
         runtime = self._runtime(mesh)
         declared = load_config(model_dir).replace(runtime=runtime)
+        processor.check_model(declared.image_token_id, f"{model_dir / 'config.json'}")
         shards = self._check_batch(mesh, declared)
         self._check_memory(self._trainable(declared))
         if self.primary:

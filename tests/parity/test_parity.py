@@ -213,13 +213,14 @@ def test_bf16_top1_agreement_with_fp32_reference(pair, record_property):
     assert agreement >= 0.9
 
 
-def test_real_450m_shapes_from_pretrained_image_prompt(tmp_path):
-    """The released 450M config (random weights of the real shapes) saved by transformers, loaded through
-    `from_pretrained`, on a prompt with a 24x32-patch image."""
+@pytest.mark.parametrize("name", ["lfm2-vl-450m", "lfm2.5-vl-450m"])
+def test_real_450m_shapes_from_pretrained_image_prompt(tmp_path, name):
+    """The released 450M configs, LFM2-VL's and LFM2.5-VL's (random weights of the real shapes) saved by
+    transformers, loaded through `from_pretrained`, on a prompt with a 24x32-patch image."""
     from transformers import Lfm2VlConfig as HfConfig
     from transformers import Lfm2VlForConditionalGeneration as HfModel
 
-    raw = json.loads((TEST_DATA / "reference" / "lfm2-vl-450m" / "config.json").read_text())
+    raw = json.loads((TEST_DATA / "reference" / name / "config.json").read_text())
     config = HfConfig(**{k: v for k, v in raw.items() if k != "model_type"})
     torch.manual_seed(0)
     reference = HfModel(config).float().eval()  # the file says bfloat16

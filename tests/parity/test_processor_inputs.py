@@ -143,6 +143,13 @@ def test_chat_template_image_options_match_reference(style: str, processor, refe
     ours = processor.apply_chat_template(conversation, tokenize=True, return_dict=True, **passed)
     assert_processor_outputs_match(ours, expected, f"chat options {style}")
     assert ours["pixel_values"].shape[0] == 1  # one whole image instead of 4 tiles
+    # a keyword that is neither read by the template nor a processor option is left alone
+    unused = processor.apply_chat_template(
+        conversation, tokenize=True, return_dict=True, enable_thinking=False
+    )
+    np.testing.assert_array_equal(
+        unused["input_ids"], processor.apply_chat_template(conversation, tokenize=True)
+    )
 
 
 @pytest.mark.parametrize(

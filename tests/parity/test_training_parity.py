@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from training_fixtures import reference_batch
 from transformers import Lfm2VlForConditionalGeneration as HfModel
 
 from lfm2vl_jax.checkpoint.hf import iter_hf_tensors, load_hf_checkpoint
@@ -35,26 +36,6 @@ def _torch(batch: dict) -> dict:
     if "pixel_attention_mask" in out:
         out["pixel_attention_mask"] = out["pixel_attention_mask"].bool()
     return out
-
-
-def _reference_batch(processor, examples) -> dict:
-    """The conversations as transformers' processor lays them out (our processor's parity is tested
-    elsewhere), right-padded, with -100 labels off the loss tokens."""
-    width = max(e.length for e in examples)
-    ids = np.full((len(examples), width), processor.pad_token_id, np.int64)
-    mask = np.zeros_like(ids)
-    labels = np.full_like(ids, -100)
-    images = []
-    for row, example in enumerate(examples):
-        ids[row, : example.length] = example.input_ids
-        mask[row, : example.length] = 1
-        labels[row, : example.length] = np.where(example.loss_mask, example.input_ids, -100)
-        if example.images:
-            images.append(processor(images=[list(example.images)], text=[example.text]))
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    for key in ("pixel_values", "pixel_attention_mask", "spatial_shapes"):
-        batch[key] = np.concatenate([out[key] for out in images])
-    return batch
 
 
 def test_loss_and_gradients_match_transformers(tiny_checkpoint, tiny_conversations):
@@ -81,7 +62,7 @@ def test_loss_and_gradients_match_transformers(tiny_checkpoint, tiny_conversatio
     loss, grads = jax.jit(jax.value_and_grad(mean_loss))(params)
 
     reference = HfModel.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
-    out = reference(**_torch(_reference_batch(processor, examples)))
+    out = reference(**_torch(reference_batch(processor, examples)))
     out.loss.backward()
     assert abs(float(loss) - out.loss.item()) <= LOSS_RTOL * abs(out.loss.item())
 
@@ -123,7 +104,7 @@ def test_lora_merged_export_matches_ours_with_adapters(tmp_path, tiny_checkpoint
 
     processor = Lfm2VlProcessor.from_pretrained(tiny_checkpoint)
     dataset = read_conversations(tiny_conversations, processor, 1024)
-    batch = _reference_batch(processor, dataset.examples)  # step 1 trained on all four
+    batch = reference_batch(processor, dataset.examples)  # step 1 trained on all four
     base = HfModel.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
     with torch.no_grad():
         base_out = base(**_torch(batch))

@@ -11,6 +11,8 @@ from training_fixtures import conversation, write_images, write_jsonl
 from lfm2vl_jax.processing.processor import Lfm2VlProcessor
 from lfm2vl_jax.training.data import (
     EMPTY_ROW,
+    LOSS_FROM_TEMPLATE,
+    LOSS_FROM_TURNS,
     BatchLoader,
     BatchPlan,
     DataError,
@@ -85,6 +87,37 @@ def test_loss_mask_with_images(tmp_path, processor):
         example.input_ids[example.loss_mask].tolist(), skip_special_tokens=False
     )
     assert loss_text == f"{FIRST}<|im_end|>{SECOND}<|im_end|>"
+
+
+# The LFM2-VL template with `{% generation %}` around each assistant message's content and its <|im_end|>.
+MARKED_LFM2_VL_TEMPLATE = (
+    "{{bos_token}}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% set content %}{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>' }}"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{% endset %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ content + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ content + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_template_markers_give_the_same_mask_as_the_turn_rule(tmp_path, processor, tiny_checkpoint):
+    """Where both rules apply (the LFM2-VL template, and the same template with generation markers), the
+    masks are equal token for token; the dataset says which rule it used."""
+    names = write_images(tmp_path / "imgs")
+    path = write_jsonl(tmp_path / "train.jsonl", [_multi_turn(names[:2]), _multi_turn([])])
+    by_turns = read_conversations(path, processor, max_length=4096)
+    processor.save_pretrained(tmp_path / "marked")
+    (tmp_path / "marked" / "chat_template.jinja").write_text(MARKED_LFM2_VL_TEMPLATE)
+    marked = Lfm2VlProcessor.from_pretrained(tmp_path / "marked")
+    assert marked.has_generation_markers and not processor.has_generation_markers
+    by_template = read_conversations(path, marked, max_length=4096)
+    assert (by_turns.loss_rule, by_template.loss_rule) == (LOSS_FROM_TURNS, LOSS_FROM_TEMPLATE)
+    for ours, reference in zip(by_template.examples, by_turns.examples, strict=True):
+        assert ours.text == reference.text  # the same template, plus markers
+        np.testing.assert_array_equal(ours.input_ids, reference.input_ids)
+        np.testing.assert_array_equal(ours.loss_mask, reference.loss_mask)
+        assert ours.loss_mask.sum() > 10
 
 
 @pytest.mark.parametrize(
