@@ -221,32 +221,84 @@ class Lfm2VlConfig:
         return dataclasses.replace(self, runtime=self.runtime.replace(**changes))
 
 
+MAX_MOTIF = 64  # longest motif the layer planner repeats (LFM2 patterns repeat motifs of 2 and 3 layers)
+
+
+def _repeat_runs(codes: np.ndarray, period: int) -> np.ndarray:
+    """run[i]: the number of consecutive positions j >= i with codes[j] == codes[j + period]."""
+    n = len(codes)
+    run = np.zeros(n, np.int32)
+    if period < n:
+        index = np.arange(n - period)
+        # the first mismatch at or after each position (n - period where none is left)
+        mismatch = np.where(codes[:-period] == codes[period:], n - period, index)
+        run[: n - period] = np.minimum.accumulate(mismatch[::-1])[::-1] - index
+    return run
+
+
+def _repeated_motifs(layer_types: tuple[str, ...]) -> list[list[int]]:
+    """For each layer, the motif lengths m <= MAX_MOTIF whose motif starting there is repeated right after
+    it and is not itself a repeat of a shorter motif (that shorter motif, repeated more often, is always
+    the cheaper plan for the same layers). Vectorised over the layers."""
+    n = len(layer_types)
+    kinds = {kind: code for code, kind in enumerate(dict.fromkeys(layer_types))}
+    codes = np.fromiter((kinds[kind] for kind in layer_types), np.int32, n)
+    runs = {m: _repeat_runs(codes, m) for m in range(1, min(MAX_MOTIF, n // 2) + 1)}
+    motifs: list[list[int]] = [[] for _ in range(n)]
+    for m, run in runs.items():
+        repeated = run >= m
+        for p in range(1, m):
+            if m % p == 0:  # a motif of period p is motif[:p] repeated m // p times
+                repeated &= runs[p] < m - p
+        for start in np.flatnonzero(repeated).tolist():
+            motifs[start].append(m)
+    return motifs
+
+
 def plan_segments(layer_types: tuple[str, ...]) -> tuple[Segment, ...]:
     """Splits a layer pattern into runs of repeated motifs, each to be scanned over its stacked weights.
 
     Trace and compile time grow with the number of distinct layer bodies traced, i.e. the summed motif
     lengths; a per-step `lax.cond` choosing the layer kind would keep compile time flat but halves decode
     speed. So we pick, by dynamic programming, the decomposition with the smallest summed motif length
-    (ties: fewest segments). E.g. LFM2's 16 layers `cc a cc a cc a c a c a c a c` become
-    `[c,c,a]x3, [c,a]x3, [c]x1`: six traced layers instead of sixteen, independent of depth for regular
-    patterns.
+    (ties: fewest segments, then the shortest first motif, then its fewest repeats). E.g. LFM2's 16 layers
+    `cc a cc a cc a c a c a c a c` become `[c]x1, [c,a,c]x3, [a,c]x3`: six traced layers instead of
+    sixteen, independent of depth for regular patterns.
+
+    Linear in depth (times MAX_MOTIF): from each layer, a segment is either one copy of any number of
+    layers (the best of these follows in O(1) from the next layer's) or r >= 2 copies of a motif of at
+    most MAX_MOTIF layers repeated there (the best r follows from the same motif's at its next copy).
+    Longer motifs are not repeated, so up to 2 * MAX_MOTIF layers the plan is the optimum over all.
     """
     n = len(layer_types)
-    # best[i] = (cost, segments, plan) for layer_types[i:]
-    best: list[tuple[int, int, tuple[Segment, ...]]] = [(0, 0, ())] * (n + 1)
+    motifs = _repeated_motifs(layer_types)
+    # Plans compare as (cost, segments, first motif length, its repeats); best[i] plans layers [i, n).
+    best: list[tuple[int, int, int, int]] = [(0, 0, 0, 0)] * (n + 1)
+    # (i, m) -> (cost, segments, r) of the best r >= 1 copies at i of the motif layer_types[i:i+m] and the
+    # plan after them; kept where the motif is repeated at i, until the copy before it is planned.
+    copies: dict[tuple[int, int], tuple[int, int, int]] = {}
+    single = None  # the best plan from `start` whose first segment is one copy (of any length)
     for start in range(n - 1, -1, -1):
-        candidates = []
-        for motif_len in range(1, n - start + 1):
-            motif = tuple(layer_types[start : start + motif_len])
-            repeats = 1
-            while layer_types[start + repeats * motif_len : start + (repeats + 1) * motif_len] == motif:
-                repeats += 1
-            for r in range(1, repeats + 1):
-                rest_cost, rest_segments, rest_plan = best[start + r * motif_len]
-                segment = Segment(motif=motif, repeats=r, first_layer=start)
-                candidates.append((motif_len + rest_cost, 1 + rest_segments, (segment, *rest_plan)))
-        best[start] = min(candidates, key=lambda c: (c[0], c[1]))
-    return best[0][2]
+        cost, segments = best[start + 1][:2]
+        one_layer = (1 + cost, 1 + segments, 1, 1)
+        single = one_layer if single is None else min(one_layer, (single[0] + 1, single[1], single[2] + 1, 1))
+        plan = single
+        for m in motifs[start]:
+            cost, segments = best[start + m][:2]
+            later = copies.pop((start + m, m), None)
+            if later is None:  # the copy at start + m is the motif's last
+                later = (*best[start + 2 * m][:2], 1)
+            choice = min((cost, segments, 1), (later[0], later[1], later[2] + 1))
+            copies[start, m] = choice
+            plan = min(plan, (m + choice[0], 1 + choice[1], m, choice[2]))
+        best[start] = plan
+    planned, start = [], 0
+    while start < n:
+        _, _, m, repeats = best[start]
+        motif = tuple(layer_types[start : start + m])
+        planned.append(Segment(motif=motif, repeats=repeats, first_layer=start))
+        start += m * repeats
+    return tuple(planned)
 
 
 def mlp_width(intermediate_size: int, auto_adjust: bool, multiplier: float | None, multiple_of: int) -> int:
@@ -384,7 +436,8 @@ def _text_config(raw: dict[str, Any], tie_word_embeddings: bool) -> TextConfig:
                 f"text_config.full_attn_idxs names layers {outside} of a "
                 f"{num_layers}-layer model (num_hidden_layers)"
             )
-        layer_types = [ATTENTION if i in set(attention_layers) else CONV for i in range(num_layers)]
+        attention_set = set(attention_layers)
+        layer_types = [ATTENTION if i in attention_set else CONV for i in range(num_layers)]
     if len(layer_types) != num_layers:
         raise ConfigError(
             f"text_config: layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}"
