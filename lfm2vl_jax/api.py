@@ -98,6 +98,7 @@ class Lfm2VlForConditionalGeneration:
         scan_layers: bool | None = None,
         progress: bool = True,
         runtime: RuntimeConfig | None = None,
+        check_finite: bool = True,
     ) -> Lfm2VlForConditionalGeneration:
         """Loads a transformers checkpoint from a local directory or a Hugging Face Hub id.
 
@@ -111,12 +112,16 @@ class Lfm2VlForConditionalGeneration:
             those slices (a copy of every weight, per token) before the matrix products.
         runtime: the whole `RuntimeConfig` (dtype policy, layout, attention implementation, mesh, rules);
             `dtype`, `mesh` and `scan_layers` are ignored when it is given.
+        check_finite: refuse a checkpoint with a NaN or infinite value in any tensor (or one beyond the range
+            of `dtype`), naming the first such tensor and its file; False skips this check.
         """
         if runtime is None:
             dtypes = DTypePolicy.uniform(dtype)
             runtime = RuntimeConfig(dtypes=dtypes, scan_layers=bool(scan_layers), mesh=mesh)
         directory = resolve_checkpoint_dir(path_or_hub_id)
-        config, params = load_hf_checkpoint(directory, runtime=runtime, progress=progress)
+        config, params = load_hf_checkpoint(
+            directory, runtime=runtime, progress=progress, check_finite=check_finite
+        )
         return cls(config, params, _read_generation_config(directory), directory)
 
     @property
