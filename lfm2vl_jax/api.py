@@ -17,7 +17,7 @@ from .checkpoint.hf import load_hf_checkpoint
 from .checkpoint.hub import resolve_checkpoint_dir
 from .config import ConfigError, DTypePolicy, Lfm2VlConfig, RuntimeConfig
 from .inference import engine
-from .inference.sampling import SamplingParams
+from .inference.sampling import SEED_RANGE, SamplingParams
 from .inputs import (
     MODEL_INPUTS,
     OptionError,
@@ -163,7 +163,7 @@ class Lfm2VlForConditionalGeneration:
         and the request's length and memory against what the model and the machine hold, before anything
         is allocated."""
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1, INT32_MAX)
-        seed = check_int("seed", seed, -(2**63), 2**63 - 1)
+        seed = check_int("seed", seed, *SEED_RANGE)
         sampling, stop, pad = self.decoding_options(options)
         inputs = as_numpy_inputs(**inputs)
         check_inputs(self.config, **inputs)

@@ -42,7 +42,7 @@ import numpy as np
 
 from ..config import Lfm2VlConfig
 from ..errors import Lfm2VlError
-from ..inputs import MODEL_INPUTS, as_numpy_inputs, check_inputs
+from ..inputs import MODEL_INPUTS, as_numpy_inputs, check_inputs, check_int
 from ..nn.model import embed_with_features, image_features
 from ..nn.params import Params
 from ..nn.text import embed_tokens, lm_logits, text_forward
@@ -50,7 +50,7 @@ from ..parallel.sharding import batch_sharding, cache_shardings
 from .batch_io import BatchRequest, BatchRequestError, BatchResult
 from .cache import Cache, append, cache_layout, init_cache, is_layout
 from .engine import bucket, prepare_batch
-from .sampling import SamplingParams, next_token_rows
+from .sampling import SEED_RANGE, SamplingParams, next_token_rows, seed_key
 
 if TYPE_CHECKING:
     from ..api import Lfm2VlForConditionalGeneration
@@ -333,7 +333,7 @@ class _Ready:
     limit: int
     stop_ids: tuple[int, ...]
     sampling: SamplingParams
-    key: np.ndarray  # key data of jax.random.key(seed)
+    key: np.ndarray  # key data of sampling.seed_key(seed)
 
 
 @dataclasses.dataclass
@@ -432,6 +432,7 @@ class BatchEngine:
             raise Lfm2VlError(
                 f"slots ({slots}) must be a multiple of the mesh's batch axes ({self.row_multiple} devices)"
             )
+        check_int("seed", seed, *SEED_RANGE)
         sampling, stop_ids, pad_id = model.decoding_options(options)
         self.slots, self.max_length, self.max_new_tokens, self.seed = slots, max_length, max_new_tokens, seed
         self.options = dict(options)
@@ -440,7 +441,7 @@ class BatchEngine:
         # One core left to the device's host threads (on a CPU backend, the device itself).
         self.workers = workers or max(1, min(4, (os.cpu_count() or 2) - 1))
         self.chunk = chunk
-        self.key_shape = tuple(jax.random.key_data(jax.random.key(0)).shape)
+        self.key_shape = tuple(jax.random.key_data(seed_key(0)).shape)
         self.stats = BatchStats(slots)
         self._busy = 0
         self._submitted: collections.deque = collections.deque()
@@ -533,7 +534,7 @@ class BatchEngine:
         max_new = self.max_new_tokens if request.max_new_tokens is None else request.max_new_tokens
         if max_new < 1:
             raise BatchRequestError(f"max_new_tokens must be >= 1, got {max_new}")
-        seed = self.seed if request.seed is None else request.seed
+        seed = check_int("seed", self.seed if request.seed is None else request.seed, *SEED_RANGE)
         images = None
         if inputs["pixel_values"] is not None:
             images = {k: inputs[k] for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes")}
@@ -544,7 +545,7 @@ class BatchEngine:
             limit=min(max_new, self.max_length - len(prompt)),
             stop_ids=stop_ids,
             sampling=sampling,
-            key=np.asarray(jax.random.key_data(jax.random.key(seed))),
+            key=np.asarray(jax.random.key_data(seed_key(seed))),
         )
 
     def _prepare_or_fail(self, tag: Any, request: BatchRequest | Mapping[str, Any]) -> tuple[Any, Any]:

@@ -181,7 +181,7 @@ options = st.fixed_dictionaries(
         "eos_token_id": mostly(st.integers(0, VOCAB - 1)),
         "pad_token_id": mostly(st.just(0)),
         "stop_token_ids": mostly(st.just([])),
-        "seed": mostly(st.integers(-(2**63), 2**63 - 1)),
+        "seed": mostly(st.integers(-(2**63), 2**64 - 1)),
         "loop": mostly(st.sampled_from([None, "host", "device"])),
     },
 )

@@ -16,6 +16,7 @@ from tiny_checkpoints import copy_checkpoint, replace_tensor, write_tiny_checkpo
 
 from lfm2vl_jax import Lfm2VlForConditionalGeneration
 from lfm2vl_jax.checkpoint.hf import CheckpointError, load_hf_checkpoint
+from lfm2vl_jax.inputs import OptionError
 
 PROMPT = np.array([[1, 5, 9, 13, 17, 21]])
 W1 = "model.language_model.layers.0.feed_forward.w1.weight"
@@ -69,3 +70,23 @@ def test_values_beyond_the_params_dtype_are_named(tiny, tmp_path):
 def test_check_finite_must_be_a_boolean(tiny):
     with pytest.raises(CheckpointError, match="check_finite must be True or False, got 'no'"):
         Lfm2VlForConditionalGeneration.from_pretrained(tiny, progress=False, check_finite="no")
+
+
+# Seeds: 64 bits --------------------------------------------------------------------------------------------
+
+
+def test_seeds_differing_above_bit_32_sample_differently(model):
+    def sample(seed: int) -> list[int]:
+        options = {"do_sample": True, "temperature": 3.0, "eos_token_id": []}
+        return model.generate(PROMPT, max_new_tokens=8, seed=seed, **options)[0].tolist()
+
+    assert sample(0) != sample(2**32)
+    assert sample(-1) == sample(2**64 - 1) != sample(2**32 - 1)  # negative: two's complement
+    assert sample(5) == sample(5)
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 10**30])
+def test_seeds_beyond_64_bits_are_refused_by_name(model, seed):
+    expected = rf"seed must be an integer in \[-{2**63}, {2**64 - 1}\], got {seed}"
+    with pytest.raises(OptionError, match=expected):
+        model.generate(PROMPT, max_new_tokens=4, seed=seed)
