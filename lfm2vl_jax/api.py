@@ -19,6 +19,7 @@ from .config import ConfigError, DTypePolicy, Lfm2VlConfig, RuntimeConfig
 from .inference import engine
 from .inference.sampling import SEED_RANGE, SamplingParams
 from .inputs import (
+    INT32_MAX,
     MODEL_INPUTS,
     OptionError,
     as_numpy_inputs,
@@ -26,6 +27,7 @@ from .inputs import (
     check_inputs,
     check_int,
     check_logits_fit,
+    generation_length,
     resolve_generation_options,
 )
 from .nn.model import forward
@@ -37,8 +39,6 @@ if TYPE_CHECKING:
 
 # The plain forward pass, jitted here, at its entry point (the config is static: it picks the program).
 _forward = jax.jit(forward, static_argnames=("config",))
-
-INT32_MAX = 2**31 - 1  # token counts and positions are int32 on the device
 
 
 def _named_inputs(*arrays: Any) -> dict[str, Any]:
@@ -72,6 +72,9 @@ class Lfm2VlForConditionalGeneration:
     >>> new_tokens = model.generate(**inputs, max_new_tokens=64)
     >>> processor.batch_decode(new_tokens, skip_special_tokens=True)
     """
+
+    # New tokens when neither the caller nor generation_config.json (max_new_tokens, max_length) says.
+    default_max_new_tokens: int = 128
 
     def __init__(
         self,
@@ -117,7 +120,13 @@ class Lfm2VlForConditionalGeneration:
         """
         if runtime is None:
             dtypes = DTypePolicy.uniform(dtype)
-            runtime = RuntimeConfig(dtypes=dtypes, scan_layers=bool(scan_layers), mesh=mesh)
+            scan_layers = False if scan_layers is None else scan_layers  # checked: True or False
+            runtime = RuntimeConfig(dtypes=dtypes, scan_layers=scan_layers, mesh=mesh)
+        elif not isinstance(runtime, RuntimeConfig):
+            raise ConfigError(f"runtime must be a RuntimeConfig, got a {type(runtime).__name__}")
+        for name, value in (("progress", progress), ("check_finite", check_finite)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name} must be True or False, got {value!r}")
         directory = resolve_checkpoint_dir(path_or_hub_id)
         config, params = load_hf_checkpoint(
             directory, runtime=runtime, progress=progress, check_finite=check_finite
@@ -155,18 +164,25 @@ class Lfm2VlForConditionalGeneration:
         return resolve_generation_options(self.config, options, self.generation_config)
 
     def request(
-        self, inputs: dict[str, Any], max_new_tokens: int, seed: int, options: dict[str, Any]
+        self, inputs: dict[str, Any], max_new_tokens: int | None, seed: int, options: dict[str, Any]
     ) -> engine.Request:
         """Validates and prepares one generation call: bucketed inputs (sharded over the mesh's `data`
         axis when there is one) and the decoding options, filled from the checkpoint's
         generation_config.json, then transformers' defaults. Every option is checked for type and range,
         and the request's length and memory against what the model and the machine hold, before anything
-        is allocated."""
-        max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1, INT32_MAX)
+        is allocated. `max_new_tokens=None`: generation_config.json's max_new_tokens, else its max_length
+        minus the longest prompt, else `default_max_new_tokens`."""
+        if max_new_tokens is not None:
+            max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1, INT32_MAX)
         seed = check_int("seed", seed, *SEED_RANGE)
         sampling, stop, pad = self.decoding_options(options)
         inputs = as_numpy_inputs(**inputs)
         check_inputs(self.config, **inputs)
+        mask = inputs["attention_mask"]
+        prompt = inputs["input_ids"].shape[1] if mask is None else int(mask.astype(bool).sum(axis=1).max())
+        max_new_tokens = generation_length(
+            max_new_tokens, self.generation_config, prompt, self.default_max_new_tokens
+        )
         rows = 1
         if self.mesh is not None:
             for axis in self.config.runtime.rules.mesh_axes("batch"):
@@ -198,7 +214,7 @@ class Lfm2VlForConditionalGeneration:
         pixel_attention_mask: Any = None,
         spatial_shapes: Any = None,
         *,
-        max_new_tokens: int = 128,
+        max_new_tokens: int | None = None,
         seed: int = 0,
         streamer: Callable[[np.ndarray], Any] | None = None,
         loop: str | None = None,
@@ -211,8 +227,11 @@ class Lfm2VlForConditionalGeneration:
         `streamer` (called with each step's new tokens, shape (batch,)), `loop` ("device": one
         `lax.while_loop`, the default without a streamer; "host": jitted steps driven from Python, needed
         for streaming; see `generate.py` for why). Unset options come from the
-        checkpoint's generation_config.json, then transformers' defaults. Rows may differ in length and in
-        number and size of images: each gets exactly the tokens it would get alone.
+        checkpoint's generation_config.json, then transformers' defaults; so does an unset
+        `max_new_tokens` (its max_new_tokens, else its max_length minus the longest prompt, else
+        `default_max_new_tokens`, 128). Sampling options without `do_sample=True` are ignored, with a
+        warning (once), as in transformers. Rows may differ in length and in number and size of images:
+        each gets exactly the tokens it would get alone.
         """
         if loop is not None and not (isinstance(loop, str) and loop in ("host", "device")):
             raise OptionError(f"loop must be 'host', 'device' or None, got {loop!r}")
@@ -232,7 +251,7 @@ class Lfm2VlForConditionalGeneration:
         pixel_attention_mask: Any = None,
         spatial_shapes: Any = None,
         *,
-        max_new_tokens: int = 128,
+        max_new_tokens: int | None = None,
         seed: int = 0,
         **options: Any,
     ) -> Iterator[np.ndarray]:
@@ -251,7 +270,7 @@ class Lfm2VlForConditionalGeneration:
         *,
         slots: int = 64,
         max_length: int = 4096,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | None = None,
         seed: int = 0,
         **options: Any,
     ) -> BatchEngine:

@@ -41,7 +41,11 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", action="append", default=[], help="image file (repeatable; in prompt order)")
     p.add_argument("--prompt", required=True, help="the user message")
     p.add_argument("--system", help="optional system message")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="default: generation_config.json's max_new_tokens (or max_length), else 256",
+    )
     p.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),
@@ -92,6 +96,7 @@ def run_generate(args: argparse.Namespace) -> int:
     model = Lfm2VlForConditionalGeneration.from_pretrained(
         args.model, dtype=DTYPES[dtype], scan_layers=args.scan_layers, progress=sys.stderr.isatty()
     )
+    model.default_max_new_tokens = 256  # the CLI's, where generation_config.json does not say
     options = _sampling_options(args)
     generated: list[int] = []
     printed = ""
@@ -121,7 +126,11 @@ def _batch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", required=True, type=Path, help="requests, one JSON object per line")
     p.add_argument("--output", required=True, type=Path, help="results file (JSONL, appended)")
     p.add_argument("--slots", type=int, default=64, help="requests decoded together (default 64)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="default for requests that do not say")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="default for requests that do not say (default: generation_config.json's, else 256)",
+    )
     p.add_argument(
         "--max-length", type=int, default=4096, help="most prompt + new tokens per request (default 4096)"
     )

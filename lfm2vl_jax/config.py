@@ -186,6 +186,22 @@ class RuntimeConfig:
     rules: ShardingRules = DEFAULT_RULES
 
     def __post_init__(self):
+        # Each field's type, so that e.g. scan_layers='no' is not read as True, nor a mesh description as
+        # a mesh: (expected, what to say).
+        types = {
+            "dtypes": (DTypePolicy, "a DTypePolicy"),
+            "scan_layers": ((bool, np.bool_), "True or False"),
+            "attention": (str, "an implementation name (e.g. 'auto', 'reference')"),
+            "remat": (str, f"one of {REMAT_POLICIES}"),
+            "mesh": ((Mesh, type(None)), "a jax.sharding.Mesh or None (parallel.mesh.make_mesh(data=2))"),
+            "rules": (ShardingRules, "a ShardingRules"),
+        }
+        for name, (expected, description) in types.items():
+            value = getattr(self, name)
+            if not isinstance(value, expected):
+                shown = repr(value) if len(repr(value)) <= 60 else f"a {type(value).__name__}"
+                raise ConfigError(f"runtime option {name} must be {description}, got {shown}")
+        object.__setattr__(self, "scan_layers", bool(self.scan_layers))
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat policy {self.remat!r} is not one of {REMAT_POLICIES}")
 

@@ -15,6 +15,10 @@ import numpy as np
 from ..errors import Lfm2VlError
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # 64-bit seeds, signed or unsigned
+# Smallest sampling temperature taken: float32 logits divided by less can overflow (and a subnormal one is
+# flushed to zero on some backends), which turns the draw into garbage. Smaller ones are refused, not
+# rounded: `do_sample=False` is the way to get the most likely token.
+MIN_TEMPERATURE = 1e-5
 
 
 def seed_key(seed: int) -> jax.Array:
@@ -46,7 +50,7 @@ class SamplingParams:
 
     def __post_init__(self):
         valid = {
-            "temperature": lambda x: x > 0,
+            "temperature": lambda x: x >= MIN_TEMPERATURE,
             "top_k": lambda x: x >= 0,
             "top_p": lambda x: 0 < x <= 1,
             "min_p": lambda x: 0 <= x <= 1,

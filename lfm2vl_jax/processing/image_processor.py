@@ -262,6 +262,8 @@ class Lfm2VlImageProcessor:
             ("use_thumbnail", use_thumbnail),
             ("do_rescale", do_rescale),
             ("do_normalize", do_normalize),
+            ("do_pad", do_pad),
+            ("do_convert_rgb", True if do_convert_rgb is None else do_convert_rgb),
         ):
             if not isinstance(value, (bool, np.bool_)):
                 raise ProcessorError(f"image processor config: {name} must be true or false, not {value!r}")
@@ -543,17 +545,32 @@ class Lfm2VlImageProcessor:
         return self.preprocess(loaded)
 
 
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object a processor or tokenizer config file holds; None if there is no such file."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ProcessorError(f"{path} is not valid JSON (UTF-8): {error}") from None
+    except RecursionError:
+        raise ProcessorError(f"{path} is nested too deeply to read") from None
+    if not isinstance(data, dict):
+        raise ProcessorError(f"{path} must hold a JSON object, not a {type(data).__name__}")
+    return data
+
+
 def read_image_processor_config(directory: Path) -> dict[str, Any]:
     """Merged image-processor settings of a checkpoint directory: preprocessor_config.json, then the flat
     keys of processor_config.json, then its nested "image_processor" dict (later wins)."""
     config: dict[str, Any] = {}
     for name in ("preprocessor_config.json", "processor_config.json"):
-        path = directory / name
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError as error:
-                raise ProcessorError(f"{path} is not valid JSON: {error}") from error
-            config.update({k: v for k, v in data.items() if k != "image_processor"})
-            config.update(data.get("image_processor") or {})
+        data = read_json_object(directory / name)
+        if data is None:
+            continue
+        nested = data.get("image_processor") or {}
+        if not isinstance(nested, dict):
+            raise ProcessorError(f"{directory / name}: image_processor must be an object, got {nested!r:.60}")
+        config.update({k: v for k, v in data.items() if k != "image_processor"})
+        config.update(nested)
     return config

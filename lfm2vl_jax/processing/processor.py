@@ -35,6 +35,7 @@ from .image_processor import (
     ProcessorError,
     load_image,
     read_image_processor_config,
+    read_json_object,
 )
 
 # transformers' SPECIAL_TOKENS_ATTRIBUTES, in its order
@@ -60,28 +61,38 @@ def _token_content(value: Any) -> str | None:
     return value
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ProcessorError(f"{path} is not valid JSON: {error}") from error
+def _flag(value: Any, config: Mapping[str, Any], key: str, default: bool, file: str) -> bool:
+    """A boolean setting: `value` if given, else `key` of {file}_config.json, else `default`; only
+    true or false is taken (a string such as "no" would otherwise read as true)."""
+    where = f"{key}" if value is not None else f"{file}_config.json: {key}"
+    value = config.get(key, default) if value is None else value
+    if not isinstance(value, (bool, np.bool_)):
+        raise ProcessorError(f"{where} must be true or false, got {value!r}")
+    return bool(value)
 
 
 def _read_chat_template(directory: Path, tokenizer_config: Mapping[str, Any]) -> str | None:
     """chat_template.jinja, else chat_template.json, else the template inside tokenizer_config.json."""
-    if (directory / "chat_template.jinja").is_file():
-        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
-    template_json = _read_json(directory / "chat_template.json")
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ProcessorError(f"{jinja} is not UTF-8 text: {error}") from None
+    template_json = read_json_object(directory / "chat_template.json")
+    source = directory / ("chat_template.json" if template_json else "tokenizer_config.json")
     template = template_json.get("chat_template") if template_json else tokenizer_config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        if not all(isinstance(entry, Mapping) and {"name", "template"} <= entry.keys() for entry in template):
+            raise ProcessorError(f"{source}: chat_template must be a string or a list of {{name, template}}")
         named = {entry["name"]: entry["template"] for entry in template}
         if "default" not in named:
             raise ProcessorError(
-                f"{directory}: several chat templates ({', '.join(named)}) and none is 'default'"
+                f"{directory}: several chat templates ({', '.join(map(str, named))}) and none is 'default'"
             )
         template = named["default"]
+    if template is not None and not isinstance(template, str):
+        raise ProcessorError(f"{source}: the chat template must be a string, got {template!r:.60}")
     return template
 
 
@@ -219,9 +230,9 @@ class Lfm2VlProcessor:
         self.pad_token_id = self._token_id(self.pad_token, "pad_token")
         self.image_token_id = self._token_id(self.image_token, "image_token")
 
-        if use_image_special_tokens is None:
-            use_image_special_tokens = self.processor_config.get("use_image_special_tokens", True)
-        self.use_image_special_tokens = bool(use_image_special_tokens)
+        self.use_image_special_tokens = _flag(
+            use_image_special_tokens, self.processor_config, "use_image_special_tokens", True, "processor"
+        )
         self.padding_side = padding_side or self.tokenizer_config.get("padding_side", "right")
         self.truncation_side = self.tokenizer_config.get("truncation_side", "right")
         for name, side in (("padding_side", self.padding_side), ("truncation_side", self.truncation_side)):
@@ -232,8 +243,8 @@ class Lfm2VlProcessor:
             max_length = int(model_max_length)
         self.max_length = max_length
         # transformers skips this clean-up for BPE models (it would corrupt their output)
-        self.clean_up_tokenization_spaces = bool(
-            self.tokenizer_config.get("clean_up_tokenization_spaces", False)
+        self.clean_up_tokenization_spaces = _flag(
+            None, self.tokenizer_config, "clean_up_tokenization_spaces", False, "tokenizer"
         ) and not isinstance(tokenizer.model, models.BPE)
         self._compiled_template = _compile_chat_template(chat_template) if chat_template else None
 
@@ -260,20 +271,27 @@ class Lfm2VlProcessor:
             tokenizer = Tokenizer.from_file(str(tokenizer_file))
         except Exception as error:  # tokenizers raises a bare Exception on malformed files
             raise ProcessorError(f"{tokenizer_file} could not be loaded: {error}") from error
-        tokenizer_config = _read_json(directory / "tokenizer_config.json") or {}
+        tokenizer_config = read_json_object(directory / "tokenizer_config.json") or {}
         processor_keys = {"use_image_special_tokens", "padding_side", "max_length"}
         unknown = set(overrides) - processor_keys - set(Lfm2VlImageProcessor.config_keys)
         if unknown:
             raise ProcessorError(f"unknown processor settings: {', '.join(sorted(unknown))}")
         image_overrides = {k: v for k, v in overrides.items() if k not in processor_keys}
+        image_settings = read_image_processor_config(directory)
+        try:
+            image_processor = Lfm2VlImageProcessor.from_dict(image_settings, **image_overrides)
+        except ProcessorError as error:  # name the files the settings came from
+            raise ProcessorError(
+                f"{directory} (preprocessor_config.json, processor_config.json): {error}"
+            ) from None
         return cls(
-            Lfm2VlImageProcessor.from_dict(read_image_processor_config(directory), **image_overrides),
+            image_processor,
             tokenizer,
             chat_template=_read_chat_template(directory, tokenizer_config),
             tokenizer_config=tokenizer_config,
-            special_tokens_map=_read_json(directory / "special_tokens_map.json"),
-            processor_config=_read_json(directory / "processor_config.json"),
-            preprocessor_config=_read_json(directory / "preprocessor_config.json"),
+            special_tokens_map=read_json_object(directory / "special_tokens_map.json"),
+            processor_config=read_json_object(directory / "processor_config.json"),
+            preprocessor_config=read_json_object(directory / "preprocessor_config.json"),
             **{k: v for k, v in overrides.items() if k in processor_keys},
         )
 

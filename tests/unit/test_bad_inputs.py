@@ -74,7 +74,7 @@ def one_error_line(capsys, prog: str = "lfm2vl") -> str:
 # max_new_tokens: type, positions, memory ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", [True, 2.0, "8", None, 0, -1, 2**31])
+@pytest.mark.parametrize("value", [True, 2.0, "8", 0, -1, 2**31])  # None: unset (generation_config.json)
 def test_max_new_tokens_must_be_a_positive_int(model, value):
     with pytest.raises(OptionError, match=f"max_new_tokens must be an integer in \\[1, .*got {value!r}"):
         model.generate(PROMPT, max_new_tokens=value)

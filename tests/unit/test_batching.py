@@ -204,3 +204,17 @@ def test_seeds_use_all_64_bits_in_the_engine_as_in_generate(model):
         Lfm2VlError, match="seed must be an integer in .*18446744073709551615.*got -9223372036854775809"
     ):
         engine(model, seed=-(2**63) - 1)
+
+
+def test_generation_config_lengths_are_the_engines_defaults(model):
+    """generation_config.json's max_new_tokens (else max_length minus the prompt) for requests and engines
+    that set none; a request's own limit wins."""
+    for lengths, expected in (({"max_new_tokens": 5}, [5, 2]), ({"max_length": 12}, [7, 2])):
+        generation_config = {"eos_token_id": [], "pad_token_id": 0, **lengths}
+        configured = Lfm2VlForConditionalGeneration(model.config, model.params, generation_config)
+        requests = [
+            {"id": 0, "inputs": prompt_inputs(model.config, [5])},
+            {"id": 1, "inputs": prompt_inputs(model.config, [5]), "max_new_tokens": 2},
+        ]
+        results = engine(configured, max_length=64).generate(requests)
+        assert [len(r.token_ids) for r in results] == expected

@@ -5,6 +5,8 @@ gets one `Lfm2VlError` naming the tensor, option, key or file, or the documented
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
 import jax
@@ -14,9 +16,15 @@ import numpy as np
 import pytest
 from tiny_checkpoints import copy_checkpoint, replace_tensor, write_tiny_checkpoint
 
+import lfm2vl_jax.inputs as inputs_module
 from lfm2vl_jax import Lfm2VlForConditionalGeneration
 from lfm2vl_jax.checkpoint.hf import CheckpointError, load_hf_checkpoint
+from lfm2vl_jax.config import ConfigError, RuntimeConfig
+from lfm2vl_jax.errors import Lfm2VlError
+from lfm2vl_jax.inference.sampling import MIN_TEMPERATURE, SamplingParams
 from lfm2vl_jax.inputs import OptionError
+from lfm2vl_jax.processing.image_processor import ProcessorError
+from lfm2vl_jax.processing.processor import Lfm2VlProcessor
 
 PROMPT = np.array([[1, 5, 9, 13, 17, 21]])
 W1 = "model.language_model.layers.0.feed_forward.w1.weight"
@@ -68,8 +76,10 @@ def test_values_beyond_the_params_dtype_are_named(tiny, tmp_path):
 
 
 def test_check_finite_must_be_a_boolean(tiny):
-    with pytest.raises(CheckpointError, match="check_finite must be True or False, got 'no'"):
+    with pytest.raises(Lfm2VlError, match="check_finite must be True or False, got 'no'"):
         Lfm2VlForConditionalGeneration.from_pretrained(tiny, progress=False, check_finite="no")
+    with pytest.raises(CheckpointError, match="check_finite must be True or False, got 1"):
+        load_hf_checkpoint(tiny, progress=False, check_finite=1)
 
 
 # Seeds: 64 bits --------------------------------------------------------------------------------------------
@@ -90,3 +100,125 @@ def test_seeds_beyond_64_bits_are_refused_by_name(model, seed):
     expected = rf"seed must be an integer in \[-{2**63}, {2**64 - 1}\], got {seed}"
     with pytest.raises(OptionError, match=expected):
         model.generate(PROMPT, max_new_tokens=4, seed=seed)
+
+
+# Sampling options: temperature minimum, options without do_sample, generation_config.json lengths ---------
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 9e-6])
+def test_temperatures_below_the_minimum_are_refused(model, temperature):
+    with pytest.raises(
+        OptionError, match=rf"temperature must be a finite number >= 1e-05 .*got {temperature}"
+    ):
+        model.generate(PROMPT, max_new_tokens=2, do_sample=True, temperature=temperature)
+    with pytest.raises(Lfm2VlError, match="temperature"):
+        SamplingParams(do_sample=True, temperature=temperature)
+
+
+def test_the_smallest_temperature_samples_the_most_likely_tokens(model):
+    greedy = model.generate(PROMPT, max_new_tokens=6, eos_token_id=[])
+    for seed in (0, 1, 2**40):
+        options = {"do_sample": True, "temperature": MIN_TEMPERATURE, "seed": seed, "eos_token_id": []}
+        assert model.generate(PROMPT, max_new_tokens=6, **options).tolist() == greedy.tolist()
+
+
+@pytest.fixture()
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(inputs_module, "WARNED_IGNORED", set())
+
+
+def test_sampling_options_without_do_sample_warn_once(model, fresh_warnings):
+    with pytest.warns(
+        UserWarning, match=r"do_sample is not set to True, so temperature=0\.5 will be ignored"
+    ):
+        first = model.generate(PROMPT, max_new_tokens=3, temperature=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = model.generate(PROMPT, max_new_tokens=3, temperature=0.7)  # once per set of options
+        model.generate(PROMPT, max_new_tokens=3, do_sample=False)  # nothing set: nothing to say
+        model.generate(PROMPT, max_new_tokens=3, top_k=50)  # transformers' default: not "set"
+    assert first.tolist() == second.tolist() == model.generate(PROMPT, max_new_tokens=3).tolist()
+    with pytest.warns(UserWarning, match=r"top_k=5, top_p=0\.9, min_p=0\.1 will be ignored.* unset top_k"):
+        model.generate(PROMPT, max_new_tokens=3, top_k=5, top_p=0.9, min_p=0.1, do_sample=False)
+
+
+def test_generation_config_sampling_options_warn_unless_greedy_was_chosen(model, fresh_warnings):
+    """transformers' rule: a value from generation_config.json warns when the caller did not choose
+    do_sample either; a caller's explicit do_sample=False means the file's values are meant for others."""
+    configured = Lfm2VlForConditionalGeneration(model.config, model.params, {"temperature": 0.3})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        configured.generate(PROMPT, max_new_tokens=2, do_sample=False)
+    with pytest.warns(UserWarning, match="temperature=0.3 will be ignored"):
+        configured.generate(PROMPT, max_new_tokens=2)
+
+
+def test_generation_config_lengths_are_honoured_when_the_caller_gives_none(model):
+    def new_tokens(generation_config: dict, **kwargs) -> int:
+        configured = Lfm2VlForConditionalGeneration(
+            model.config, model.params, {"eos_token_id": [], **generation_config}
+        )
+        return configured.generate(PROMPT, **kwargs).shape[1]
+
+    assert new_tokens({"max_new_tokens": 5}) == 5
+    assert new_tokens({"max_new_tokens": 5}, max_new_tokens=3) == 3
+    assert new_tokens({"max_length": 10}) == 4  # prompt and new tokens, as transformers counts
+    assert new_tokens({"max_length": 10, "max_new_tokens": 2}) == 2
+    with pytest.raises(OptionError, match="max_new_tokens=128: the prompt's 6 tokens"):  # the default, 128
+        new_tokens({})  # (over the tiny model's 64 positions)
+    with pytest.raises(OptionError, match=r"generation_config\.json: max_length=6 .* the prompt's 6 tokens"):
+        new_tokens({"max_length": 6})
+    for bad in ({"max_new_tokens": 0}, {"max_new_tokens": "5"}, {"max_length": True}):
+        with pytest.raises(
+            OptionError, match=rf"generation_config\.json: {next(iter(bad))} must be an integer"
+        ):
+            new_tokens(bad)
+
+
+# Options typed as booleans, and objects of the wrong type ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"scan_layers": "no"}, "runtime option scan_layers must be True or False, got 'no'"),
+        ({"scan_layers": 1}, "runtime option scan_layers must be True or False, got 1"),
+        ({"mesh": "data=2"}, "runtime option mesh must be a jax.sharding.Mesh or None .*got 'data=2'"),
+        ({"runtime": "fast"}, "runtime must be a RuntimeConfig, got a str"),
+        ({"progress": "no"}, "progress must be True or False, got 'no'"),
+    ],
+)
+def test_from_pretrained_arguments_of_the_wrong_type_are_named(tiny, arguments, message):
+    with pytest.raises(ConfigError, match=message):
+        Lfm2VlForConditionalGeneration.from_pretrained(tiny, **{"progress": False, **arguments})
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("scan_layers", "no"), ("attention", 3), ("remat", ["full"]), ("dtypes", "bfloat16"), ("rules", {})],
+)
+def test_runtime_config_fields_are_checked(field, value):
+    with pytest.raises(ConfigError, match=f"runtime option {field} must be"):
+        RuntimeConfig(**{field: value})
+    assert RuntimeConfig(scan_layers=np.bool_(False)).scan_layers is False
+
+
+@pytest.mark.parametrize(
+    "file, key, value",
+    [
+        ("processor_config.json", "use_image_special_tokens", "no"),
+        ("tokenizer_config.json", "clean_up_tokenization_spaces", "false"),
+        ("processor_config.json", "do_pad", "no"),
+        ("preprocessor_config.json", "do_convert_rgb", "yes"),
+    ],
+)
+def test_processor_settings_typed_as_booleans_take_only_booleans(checkpoint_450m, tmp_path, file, key, value):
+    directory = copy_checkpoint(checkpoint_450m, tmp_path / "ckpt")
+    path = directory / file
+    content = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(json.dumps({**content, key: value}), encoding="utf-8")
+    with pytest.raises(ProcessorError, match=f"{key} must be true or false, (got|not) '{value}'") as caught:
+        Lfm2VlProcessor.from_pretrained(directory)
+    assert file in str(caught.value)
+    with pytest.raises(ProcessorError, match="use_image_special_tokens must be true or false, got 'no'"):
+        Lfm2VlProcessor.from_pretrained(checkpoint_450m, use_image_special_tokens="no")
