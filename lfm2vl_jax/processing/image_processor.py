@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import warnings
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
@@ -69,9 +70,30 @@ def _pil_to_rgb(image: Image.Image, label: str) -> np.ndarray:
         ) from None
 
 
+def check_regular_file(path: str | os.PathLike, label: str) -> None:
+    """Refuses, by name and without opening it, an image path that is not a regular file (links
+    followed): opening a FIFO waits for a writer forever, a device may never end, a directory is no image."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ProcessorError(f"{label}: file not found") from None
+    except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
+        raise ProcessorError(f"{label}: cannot read it ({error})") from None
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a directory" if stat.S_ISDIR(mode)
+            else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file"
+        )  # fmt: skip
+        raise ProcessorError(f"{label} is {kind}, not an image file")
+
+
 def _open_file(path: str | os.PathLike | BinaryIO, label: str) -> np.ndarray:
     if isinstance(path, (str, os.PathLike)):
         label = f"{label} ({os.fspath(path)!r})"
+        check_regular_file(path, label)
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its limit; we refuse anything above it.

@@ -6,6 +6,9 @@ gets one `Lfm2VlError` naming the tensor, option, key or file, or the documented
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import warnings
 from pathlib import Path
 
@@ -19,12 +22,15 @@ from tiny_checkpoints import copy_checkpoint, replace_tensor, write_tiny_checkpo
 import lfm2vl_jax.inputs as inputs_module
 from lfm2vl_jax import Lfm2VlForConditionalGeneration
 from lfm2vl_jax.checkpoint.hf import CheckpointError, load_hf_checkpoint
+from lfm2vl_jax.cli import main
 from lfm2vl_jax.config import ConfigError, RuntimeConfig
 from lfm2vl_jax.errors import Lfm2VlError
 from lfm2vl_jax.inference.sampling import MIN_TEMPERATURE, SamplingParams
 from lfm2vl_jax.inputs import OptionError
 from lfm2vl_jax.processing.image_processor import ProcessorError
 from lfm2vl_jax.processing.processor import Lfm2VlProcessor
+from lfm2vl_jax.training.data import DataError
+from lfm2vl_jax.training.data import _image_size as image_size
 
 PROMPT = np.array([[1, 5, 9, 13, 17, 21]])
 W1 = "model.language_model.layers.0.feed_forward.w1.weight"
@@ -222,3 +228,63 @@ def test_processor_settings_typed_as_booleans_take_only_booleans(checkpoint_450m
     assert file in str(caught.value)
     with pytest.raises(ProcessorError, match="use_image_special_tokens must be true or false, got 'no'"):
         Lfm2VlProcessor.from_pretrained(checkpoint_450m, use_image_special_tokens="no")
+
+
+# Image paths must be regular files ------------------------------------------------------------------------
+
+FIFO = "a FIFO (named pipe)"
+
+
+@pytest.fixture()
+def not_files(tmp_path) -> list[tuple[str, Path]]:
+    """(kind, path): a FIFO (opening it would wait for a writer forever), a link to it, a directory, a
+    device."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "link.png").symlink_to(fifo)
+    return [
+        (FIFO, fifo),
+        (FIFO, tmp_path / "link.png"),
+        ("a directory", tmp_path / "folder.png"),
+        ("a device", Path("/dev/zero")),
+    ]
+
+
+@pytest.fixture()
+def no_hang():
+    """Fails the test instead of hanging it, should a FIFO be opened."""
+
+    def hung(*args):
+        raise TimeoutError("hung: an image path was opened")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_image_paths_that_are_not_regular_files_are_refused_by_name(processor, not_files, no_hang):
+    for kind, path in not_files:
+        expected = rf"image 0 \('{re.escape(str(path))}'\) is {re.escape(kind)}, not an image file"
+        with pytest.raises(ProcessorError, match=expected):
+            processor(images=[str(path)], text="<image>")
+        conversation = [{"role": "user", "content": [{"type": "image", "path": str(path)}]}]
+        with pytest.raises(ProcessorError, match=f"is {re.escape(kind)}, not an image file"):
+            processor.apply_chat_template(conversation, tokenize=True)
+
+
+def test_generate_cli_refuses_a_fifo_image_in_one_line(checkpoint_450m, not_files, no_hang, capsys):
+    """The processor loads the images before the model: the checkpoint's processor files suffice."""
+    fifo = str(not_files[0][1])
+    argv = ["generate", "--model", str(checkpoint_450m), "--prompt", "hi", "--image", fifo]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"is {FIFO}, not an image file" in err, err
+
+
+def test_training_data_refuses_a_fifo_image(not_files, no_hang):
+    for kind, path in not_files:
+        with pytest.raises(DataError, match=f"is {re.escape(kind)}, not an image file"):
+            image_size(str(path))
