@@ -52,7 +52,7 @@ def _read_generation_config(directory: Path) -> dict[str, Any]:
         return {}
     try:
         generation = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise ConfigError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(generation, dict):
         raise ConfigError(f"{path} must hold a JSON object, not a {type(generation).__name__}")

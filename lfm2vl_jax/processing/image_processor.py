@@ -573,10 +573,8 @@ def read_json_object(path: Path) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise ProcessorError(f"{path} is not valid JSON (UTF-8): {error}") from None
-    except RecursionError:
-        raise ProcessorError(f"{path} is nested too deeply to read") from None
     if not isinstance(data, dict):
         raise ProcessorError(f"{path} must hold a JSON object, not a {type(data).__name__}")
     return data

@@ -239,6 +239,10 @@ class Lfm2VlProcessor:
             if side not in ("left", "right"):
                 raise ProcessorError(f"{name} must be 'left' or 'right', got {side!r}")
         model_max_length = self.tokenizer_config.get("model_max_length")
+        if isinstance(model_max_length, bool) or not isinstance(model_max_length, (int, float, type(None))):
+            raise ProcessorError(
+                f"tokenizer_config.json: model_max_length must be a number, got {model_max_length!r:.60}"
+            )
         if max_length is None and model_max_length is not None and model_max_length < _UNLIMITED_LENGTH:
             max_length = int(model_max_length)
         self.max_length = max_length
@@ -249,6 +253,8 @@ class Lfm2VlProcessor:
         self._compiled_template = _compile_chat_template(chat_template) if chat_template else None
 
     def _token_id(self, token: str, name: str) -> int:
+        if not isinstance(token, str):
+            raise ProcessorError(f"tokenizer_config.json: {name} must be a token string, got {token!r:.60}")
         token_id = self.tokenizer.token_to_id(token)
         if token_id is None:
             raise ProcessorError(f"{name} {token!r} is not in the tokenizer's vocabulary")
@@ -398,6 +404,13 @@ class Lfm2VlProcessor:
         for index, sample in enumerate(texts):
             if not isinstance(sample, str):
                 raise ProcessorError(f"text {index} is a {type(sample).__name__}, expected str")
+            try:
+                sample.encode("utf-8")
+            except UnicodeEncodeError as error:  # what the tokenizer cannot take
+                raise ProcessorError(
+                    f"text {index} holds a lone surrogate {sample[error.start]!r} at character "
+                    f"{error.start}: not valid Unicode text"
+                ) from None
         if padding not in (True, "longest", "max_length"):
             raise ProcessorError(f"padding must be True, 'longest' or 'max_length', got {padding!r}")
         padding_side = padding_side or self.padding_side
@@ -510,6 +523,8 @@ class Lfm2VlProcessor:
             message = {key: value for key, value in message.items() if value is not None}
             if "role" not in message:
                 raise ProcessorError(f"{where} has no 'role'")
+            if not isinstance(message["role"], str):
+                raise ProcessorError(f"{where}: 'role' must be a string, got {message['role']!r:.40}")
             content = message.get("content")
             if isinstance(content, (list, tuple)):
                 blocks = []

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import struct
 import warnings
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from tiny_checkpoints import copy_checkpoint, replace_tensor, write_tiny_checkpo
 import lfm2vl_jax.inputs as inputs_module
 from lfm2vl_jax import Lfm2VlForConditionalGeneration
 from lfm2vl_jax.checkpoint.hf import CheckpointError, load_hf_checkpoint
+from lfm2vl_jax.checkpoint.hub import CheckpointNotFoundError
+from lfm2vl_jax.checkpoint.safetensors_io import SafetensorsError, SafetensorsFile
 from lfm2vl_jax.cli import main
 from lfm2vl_jax.config import ConfigError, RuntimeConfig
 from lfm2vl_jax.errors import Lfm2VlError
@@ -209,6 +212,14 @@ def test_runtime_config_fields_are_checked(field, value):
     assert RuntimeConfig(scan_layers=np.bool_(False)).scan_layers is False
 
 
+def with_json_value(source: Path, directory: Path, file: str, key: str, value: object) -> Path:
+    """A copy of checkpoint `source` whose JSON `file` has `key` set to `value`."""
+    copy_checkpoint(source, directory)
+    content = json.loads((directory / file).read_text(encoding="utf-8"))
+    (directory / file).write_text(json.dumps({**content, key: value}), encoding="utf-8")
+    return directory
+
+
 @pytest.mark.parametrize(
     "file, key, value",
     [
@@ -219,10 +230,7 @@ def test_runtime_config_fields_are_checked(field, value):
     ],
 )
 def test_processor_settings_typed_as_booleans_take_only_booleans(checkpoint_450m, tmp_path, file, key, value):
-    directory = copy_checkpoint(checkpoint_450m, tmp_path / "ckpt")
-    path = directory / file
-    content = json.loads(path.read_text(encoding="utf-8"))
-    path.write_text(json.dumps({**content, key: value}), encoding="utf-8")
+    directory = with_json_value(checkpoint_450m, tmp_path / "ckpt", file, key, value)
     with pytest.raises(ProcessorError, match=f"{key} must be true or false, (got|not) '{value}'") as caught:
         Lfm2VlProcessor.from_pretrained(directory)
     assert file in str(caught.value)
@@ -288,3 +296,108 @@ def test_training_data_refuses_a_fifo_image(not_files, no_hang):
     for kind, path in not_files:
         with pytest.raises(DataError, match=f"is {re.escape(kind)}, not an image file"):
             image_size(str(path))
+
+
+# Malformed files and arguments: one named error each, no traceback ------------------------------------------
+
+
+def write_header(path: Path, header: bytes) -> Path:
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    return path
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        (b"[1, 2]", r"corrupt header \(a JSON list, not an object\)"),
+        (b'"x"', r"corrupt header \(a JSON str, not an object\)"),
+        (b"null", r"corrupt header \(a JSON NoneType, not an object\)"),
+        (b"[" * 100_000 + b"]" * 100_000, "corrupt header"),
+        (b'{"__metadata__": [1]}', "__metadata__ must map names to strings"),
+        (b'{"t": {"dtype": "F32", "shape": [-1, -2], "data_offsets": [0, 8]}}', "'t' has a malformed header"),
+        (b'{"t": {"dtype": "F32", "shape": [2.5], "data_offsets": [0, 8]}}', "'t' has a malformed header"),
+        (b'{"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, true]}}', "'t' has a malformed header"),
+    ],
+)
+def test_safetensors_headers_that_are_not_objects_are_named(tmp_path, header, message):
+    path = write_header(tmp_path / "model.safetensors", header)
+    with pytest.raises(SafetensorsError, match=f"^{re.escape(str(path))}: .*{message}"):
+        SafetensorsFile(path)
+
+
+def test_a_checkpoint_whose_header_is_a_list_is_named_by_from_pretrained(tiny, tmp_path):
+    directory = copy_checkpoint(tiny, tmp_path / "ckpt")
+    write_header(directory / "model.safetensors", b"[]")
+    with pytest.raises(SafetensorsError, match="model.safetensors: corrupt header"):
+        Lfm2VlForConditionalGeneration.from_pretrained(directory, progress=False)
+
+
+@pytest.mark.parametrize(
+    "name, error", [("config.json", ConfigError), ("generation_config.json", ConfigError)]
+)
+def test_deeply_nested_json_files_are_named(tiny, tmp_path, name, error):
+    directory = copy_checkpoint(tiny, tmp_path / "ckpt")
+    (directory / name).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(error, match=f"{re.escape(str(directory / name))} is not valid JSON"):
+        Lfm2VlForConditionalGeneration.from_pretrained(directory, progress=False)
+
+
+@pytest.mark.parametrize("path", [123, None, "", b"/x"])
+def test_a_checkpoint_path_of_the_wrong_type_is_named(path):
+    with pytest.raises(CheckpointNotFoundError, match="must be a directory path or a hub id"):
+        Lfm2VlForConditionalGeneration.from_pretrained(path, progress=False)
+    with pytest.raises(CheckpointNotFoundError, match="must be a directory path or a hub id"):
+        Lfm2VlProcessor.from_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    "file, content, message",
+    [
+        (
+            "preprocessor_config.json",
+            b"[1, 2]",
+            "preprocessor_config.json must hold a JSON object, not a list",
+        ),
+        ("processor_config.json", b'{"image_processor": [1]}', "image_processor must be an object"),
+        ("processor_config.json", b"\xff\xfe{}", r"processor_config.json is not valid JSON \(UTF-8\)"),
+        ("tokenizer_config.json", b"\xff", r"tokenizer_config.json is not valid JSON \(UTF-8\)"),
+        ("chat_template.jinja", "{{ x }}\n".encode("utf-16"), "chat_template.jinja is not UTF-8 text"),
+        ("chat_template.json", b'{"chat_template": [1]}', "chat_template must be a string or a list of"),
+        ("chat_template.json", b'{"chat_template": 5}', "the chat template must be a string, got 5"),
+    ],
+)
+def test_malformed_processor_files_are_named(checkpoint_450m, tmp_path, file, content, message):
+    directory = copy_checkpoint(checkpoint_450m, tmp_path / "ckpt")
+    if file == "chat_template.json":
+        (directory / "chat_template.jinja").unlink(missing_ok=True)
+    (directory / file).write_bytes(content)
+    with pytest.raises(ProcessorError, match=message):
+        Lfm2VlProcessor.from_pretrained(directory)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("pad_token", 5, "tokenizer_config.json: pad_token must be a token string, got 5"),
+        ("eos_token", {"content": 5}, "tokenizer_config.json: eos_token must be a token string, got 5"),
+        ("model_max_length", "512", "tokenizer_config.json: model_max_length must be a number, got '512'"),
+    ],
+)
+def test_tokenizer_config_values_of_the_wrong_type_are_named(checkpoint_450m, tmp_path, key, value, message):
+    directory = with_json_value(checkpoint_450m, tmp_path / "ckpt", "tokenizer_config.json", key, value)
+    with pytest.raises(ProcessorError, match=re.escape(message)):
+        Lfm2VlProcessor.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("role", [5, ["user"], {"name": "user"}])
+def test_a_message_role_that_is_not_a_string_is_named(processor, role):
+    with pytest.raises(ProcessorError, match="conversation 0, message 1: 'role' must be a string"):
+        processor.apply_chat_template([{"role": "system", "content": "x"}, {"role": role, "content": "hi"}])
+
+
+def test_text_holding_a_lone_surrogate_is_named(processor):
+    with pytest.raises(ProcessorError, match=r"text 1 holds a lone surrogate '\\ud800' at character 3"):
+        processor(text=["fine", "hi \ud800 there"])
+    with pytest.raises(ProcessorError, match="lone surrogate"):
+        conversation = [{"role": "user", "content": [{"type": "text", "text": "a\udc80"}]}]
+        processor.apply_chat_template(conversation, tokenize=True)
