@@ -85,6 +85,8 @@ class Lfm2VlForConditionalGeneration:
     ):
         self.config = config  # with its runtime: layout, dtypes, mesh
         self.params = params
+        if generation_config is not None and not isinstance(generation_config, dict):
+            raise ConfigError(f"generation_config must be a dict, got a {type(generation_config).__name__}")
         self.generation_config = generation_config or {}
         self.source_dir = source_dir  # the checkpoint directory it was loaded from, if any
 

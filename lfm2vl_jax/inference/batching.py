@@ -422,7 +422,10 @@ class BatchEngine:
         **options: Any,
     ):
         self.model, self.processor, self.config = model, processor, model.config
-        for name, value in (("slots", slots), ("max_length", max_length)):
+        sizes = {"slots": slots, "max_length": max_length, "chunk": chunk}  # chunk 0 would never decode
+        sizes |= {name: value for name, value in (("prefill_batch", prefill_batch), ("workers", workers))
+                  if value is not None}  # fmt: skip
+        for name, value in sizes.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise Lfm2VlError(f"{name} must be a positive integer, got {value!r}")
         if max_length < 2:

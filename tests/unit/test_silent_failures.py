@@ -401,3 +401,18 @@ def test_text_holding_a_lone_surrogate_is_named(processor):
     with pytest.raises(ProcessorError, match="lone surrogate"):
         conversation = [{"role": "user", "content": [{"type": "text", "text": "a\udc80"}]}]
         processor.apply_chat_template(conversation, tokenize=True)
+
+
+@pytest.mark.parametrize(
+    "argument, value", [("chunk", 0), ("workers", -1), ("prefill_batch", 0), ("slots", True), ("chunk", 2.0)]
+)
+def test_batch_engine_sizes_are_positive_integers(model, argument, value):
+    """chunk=0 used to hang the engine (no decode step ever ran); workers=-1 was a ThreadPoolExecutor
+    traceback."""
+    with pytest.raises(Lfm2VlError, match=rf"^{argument} must be a positive integer, got {value!r}$"):
+        model.batch_engine(**{argument: value})
+
+
+def test_generation_config_must_be_a_dict(model):
+    with pytest.raises(ConfigError, match="generation_config must be a dict, got a list"):
+        Lfm2VlForConditionalGeneration(model.config, model.params, [("max_new_tokens", 5)])
