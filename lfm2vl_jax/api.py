@@ -180,7 +180,7 @@ class Lfm2VlForConditionalGeneration:
         sampling, stop, pad = self.decoding_options(options)
         inputs = as_numpy_inputs(**inputs)
         check_inputs(self.config, **inputs)
-        mask = inputs["attention_mask"]
+        mask = inputs.get("attention_mask")
         prompt = inputs["input_ids"].shape[1] if mask is None else int(mask.astype(bool).sum(axis=1).max())
         max_new_tokens = generation_length(
             max_new_tokens, self.generation_config, prompt, self.default_max_new_tokens

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lfm2vl_jax.config import ATTENTION as A
 from lfm2vl_jax.config import CONV as C
@@ -109,3 +111,9 @@ def test_motifs_longer_than_the_limit_are_planned_without_repeats():
     segments = plan_segments(motif * 3)
     assert tuple(kind for s in segments for _ in range(s.repeats) for kind in s.motif) == motif * 3
     assert all(len(s.motif) <= MAX_MOTIF or s.repeats == 1 for s in segments)
+
+
+@settings(deadline=None, derandomize=True, max_examples=300)
+@given(pattern=st.lists(st.sampled_from([C, A, "other"]), min_size=0, max_size=30).map(tuple))
+def test_any_pattern_is_planned_as_before(pattern):
+    assert plan_segments(pattern) == exhaustive_plan(pattern)

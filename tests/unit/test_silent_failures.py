@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from tiny_checkpoints import copy_checkpoint, replace_tensor, write_tiny_checkpoint
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tiny_checkpoints import copy_checkpoint, replace_tensor, tiny_config, write_tiny_checkpoint
 
 import lfm2vl_jax.inputs as inputs_module
 from lfm2vl_jax import Lfm2VlForConditionalGeneration
@@ -26,7 +28,15 @@ from lfm2vl_jax.checkpoint.hf import CheckpointError, load_hf_checkpoint
 from lfm2vl_jax.checkpoint.hub import CheckpointNotFoundError
 from lfm2vl_jax.checkpoint.safetensors_io import SafetensorsError, SafetensorsFile
 from lfm2vl_jax.cli import main
-from lfm2vl_jax.config import ConfigError, RuntimeConfig
+from lfm2vl_jax.config import (
+    BOOL,
+    CONFIG_KEYS,
+    TEXT_CONFIG_KEYS,
+    ConfigError,
+    RuntimeConfig,
+    config_from_dict,
+    config_to_dict,
+)
 from lfm2vl_jax.errors import Lfm2VlError
 from lfm2vl_jax.inference.sampling import MIN_TEMPERATURE, SamplingParams
 from lfm2vl_jax.inputs import OptionError
@@ -416,3 +426,59 @@ def test_batch_engine_sizes_are_positive_integers(model, argument, value):
 def test_generation_config_must_be_a_dict(model):
     with pytest.raises(ConfigError, match="generation_config must be a dict, got a list"):
         Lfm2VlForConditionalGeneration(model.config, model.params, [("max_new_tokens", 5)])
+
+
+# Property tests: any header, any config value -----------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=4),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+header_entries = st.fixed_dictionaries(
+    {},
+    optional={
+        "dtype": st.sampled_from(["F32", "BF16", "I8", "F8", 5, None]),
+        "shape": st.lists(st.integers(-2, 4) | json_values, max_size=3),
+        "data_offsets": st.lists(st.integers(-2, 64) | json_values, max_size=3),
+    },
+)
+
+
+@settings(deadline=None, derandomize=True, max_examples=300, suppress_health_check=list(HealthCheck))
+@given(
+    header=json_values
+    | st.dictionaries(st.sampled_from(["t", "u", "__metadata__"]), header_entries | json_values),
+    data=st.binary(max_size=64),
+)
+def test_any_safetensors_header_is_read_or_named(tmp_path, header, data):
+    path = tmp_path / "model.safetensors"
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+    try:
+        file = SafetensorsFile(path)
+        for name in file.keys():  # noqa: SIM118 (not a dict)
+            assert file.read(name).shape == file.shape(name)
+    except SafetensorsError as error:
+        assert str(error).startswith(f"{path}: ")
+
+
+BOOLEAN_KEYS = [key for key, rule in CONFIG_KEYS.items() if rule is BOOL] + [
+    f"text_config.{key}" for key, rule in TEXT_CONFIG_KEYS.items() if rule is BOOL
+]
+
+
+@settings(deadline=None, derandomize=True, max_examples=200)
+@given(key=st.sampled_from(BOOLEAN_KEYS), value=json_values)
+def test_config_keys_typed_as_booleans_take_only_booleans(key, value):
+    raw = config_to_dict(tiny_config())
+    *parents, name = key.split(".")
+    target = raw[parents[0]] if parents else raw
+    target[name] = value
+    if isinstance(value, bool):
+        config_from_dict(raw)
+    else:
+        with pytest.raises(ConfigError, match=f"^config.json: {re.escape(key)} must be true or false"):
+            config_from_dict(raw)
