@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import struct
 import warnings
@@ -482,3 +483,32 @@ def test_config_keys_typed_as_booleans_take_only_booleans(key, value):
     else:
         with pytest.raises(ConfigError, match=f"^config.json: {re.escape(key)} must be true or false"):
             config_from_dict(raw)
+
+
+# The CLI: seeds and generation_config.json lengths ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_checkpoint(tmp_path_factory, checkpoint_450m) -> Path:
+    """The tiny model with the released vocabulary beside the stand-in tokenizer and processor files."""
+    config = tiny_config(vocab_size=65536, max_position_embeddings=128_000)
+    directory = write_tiny_checkpoint(tmp_path_factory.mktemp("cli") / "ckpt", config)
+    for path in checkpoint_450m.iterdir():
+        shutil.copyfile(path, directory / path.name)
+    return directory
+
+
+def test_generate_cli_names_a_seed_beyond_64_bits(cli_checkpoint, capsys):
+    argv = ["generate", "--model", str(cli_checkpoint), "--prompt", "hi", "--seed", str(2**64)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"seed must be an integer in [-{2**63}, {2**64 - 1}], got {2**64}" in err
+
+
+def test_generate_cli_takes_its_length_from_generation_config_json(cli_checkpoint, tmp_path, capsys):
+    """No --max-new-tokens: the file's max_length counts the prompt too, and here leaves no room."""
+    directory = copy_checkpoint(cli_checkpoint, tmp_path / "ckpt")
+    (directory / "generation_config.json").write_text(json.dumps({"max_length": 3}), encoding="utf-8")
+    assert main(["generate", "--model", str(directory), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "generation_config.json: max_length=3 (prompt and new tokens) leaves no room" in err, err
