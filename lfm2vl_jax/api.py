@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -15,7 +14,7 @@ from jax.sharding import Mesh
 
 from .checkpoint.hf import load_hf_checkpoint
 from .checkpoint.hub import resolve_checkpoint_dir
-from .config import ConfigError, DTypePolicy, Lfm2VlConfig, RuntimeConfig
+from .config import ConfigError, DTypePolicy, Lfm2VlConfig, RuntimeConfig, read_json_object
 from .inference import engine
 from .inference.sampling import SEED_RANGE, SamplingParams
 from .inputs import (
@@ -47,16 +46,7 @@ def _named_inputs(*arrays: Any) -> dict[str, Any]:
 
 def _read_generation_config(directory: Path) -> dict[str, Any]:
     """The checkpoint's generation_config.json (its values are checked when a generation uses them)."""
-    path = directory / "generation_config.json"
-    if not path.exists():
-        return {}
-    try:
-        generation = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-        raise ConfigError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(generation, dict):
-        raise ConfigError(f"{path} must hold a JSON object, not a {type(generation).__name__}")
-    return generation
+    return read_json_object(directory / "generation_config.json") or {}
 
 
 class CausalLMOutput(NamedTuple):

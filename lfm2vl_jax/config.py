@@ -587,6 +587,20 @@ def _parse_config(raw: dict[str, Any]) -> Lfm2VlConfig:
     )
 
 
+def read_json_object(path: Path, error: type[Lfm2VlError] = ConfigError) -> dict[str, Any] | None:
+    """The JSON object a config file holds; None if there is no such file. Anything else (not UTF-8, not
+    JSON, nested too deeply, another JSON value) is an `error` naming the file."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise error(f"{path} is not valid JSON (UTF-8): {err}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object, not a {type(data).__name__}")
+    return data
+
+
 def config_path(path: str | Path) -> Path:
     """`config.json` in a checkpoint directory, or the file itself."""
     path = Path(path)

@@ -9,7 +9,6 @@ pixel row, pixel col, channel) and zero-padded to `max_num_patches` with a 0/1 m
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import stat
@@ -22,6 +21,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..config import read_json_object
 from ..errors import Lfm2VlError
 from ..memory import available_host_memory, gigabytes
 from .resize import BILINEAR, RESAMPLE_NAMES, SUPPORTED_RESAMPLE, Normalization, RowSink, resize_streamed
@@ -567,25 +567,12 @@ class Lfm2VlImageProcessor:
         return self.preprocess(loaded)
 
 
-def read_json_object(path: Path) -> dict[str, Any] | None:
-    """The JSON object a processor or tokenizer config file holds; None if there is no such file."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
-        raise ProcessorError(f"{path} is not valid JSON (UTF-8): {error}") from None
-    if not isinstance(data, dict):
-        raise ProcessorError(f"{path} must hold a JSON object, not a {type(data).__name__}")
-    return data
-
-
 def read_image_processor_config(directory: Path) -> dict[str, Any]:
     """Merged image-processor settings of a checkpoint directory: preprocessor_config.json, then the flat
     keys of processor_config.json, then its nested "image_processor" dict (later wins)."""
     config: dict[str, Any] = {}
     for name in ("preprocessor_config.json", "processor_config.json"):
-        data = read_json_object(directory / name)
+        data = read_json_object(directory / name, ProcessorError)
         if data is None:
             continue
         nested = data.get("image_processor") or {}

@@ -29,13 +29,13 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer, models
 
 from ..checkpoint.hub import PROCESSOR_FILES, resolve_checkpoint_dir
+from ..config import read_json_object
 from .image_processor import (
     ImageInput,
     Lfm2VlImageProcessor,
     ProcessorError,
     load_image,
     read_image_processor_config,
-    read_json_object,
 )
 
 # transformers' SPECIAL_TOKENS_ATTRIBUTES, in its order
@@ -61,6 +61,10 @@ def _token_content(value: Any) -> str | None:
     return value
 
 
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return read_json_object(path, ProcessorError)
+
+
 def _flag(value: Any, config: Mapping[str, Any], key: str, default: bool, file: str) -> bool:
     """A boolean setting: `value` if given, else `key` of {file}_config.json, else `default`; only
     true or false is taken (a string such as "no" would otherwise read as true)."""
@@ -79,7 +83,7 @@ def _read_chat_template(directory: Path, tokenizer_config: Mapping[str, Any]) ->
             return jinja.read_text(encoding="utf-8")
         except UnicodeDecodeError as error:
             raise ProcessorError(f"{jinja} is not UTF-8 text: {error}") from None
-    template_json = read_json_object(directory / "chat_template.json")
+    template_json = _read_json(directory / "chat_template.json")
     source = directory / ("chat_template.json" if template_json else "tokenizer_config.json")
     template = template_json.get("chat_template") if template_json else tokenizer_config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
@@ -277,7 +281,7 @@ class Lfm2VlProcessor:
             tokenizer = Tokenizer.from_file(str(tokenizer_file))
         except Exception as error:  # tokenizers raises a bare Exception on malformed files
             raise ProcessorError(f"{tokenizer_file} could not be loaded: {error}") from error
-        tokenizer_config = read_json_object(directory / "tokenizer_config.json") or {}
+        tokenizer_config = _read_json(directory / "tokenizer_config.json") or {}
         processor_keys = {"use_image_special_tokens", "padding_side", "max_length"}
         unknown = set(overrides) - processor_keys - set(Lfm2VlImageProcessor.config_keys)
         if unknown:
@@ -295,9 +299,9 @@ class Lfm2VlProcessor:
             tokenizer,
             chat_template=_read_chat_template(directory, tokenizer_config),
             tokenizer_config=tokenizer_config,
-            special_tokens_map=read_json_object(directory / "special_tokens_map.json"),
-            processor_config=read_json_object(directory / "processor_config.json"),
-            preprocessor_config=read_json_object(directory / "preprocessor_config.json"),
+            special_tokens_map=_read_json(directory / "special_tokens_map.json"),
+            processor_config=_read_json(directory / "processor_config.json"),
+            preprocessor_config=_read_json(directory / "preprocessor_config.json"),
             **{k: v for k, v in overrides.items() if k in processor_keys},
         )
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import struct
 import warnings
@@ -21,7 +20,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_checkpoints import copy_checkpoint, replace_tensor, tiny_config, write_tiny_checkpoint
+from tiny_checkpoints import (
+    copy_checkpoint,
+    replace_tensor,
+    tiny_config,
+    write_cli_checkpoint,
+)
 
 import lfm2vl_jax.inputs as inputs_module
 from lfm2vl_jax import Lfm2VlForConditionalGeneration
@@ -48,17 +52,6 @@ from lfm2vl_jax.training.data import _image_size as image_size
 
 PROMPT = np.array([[1, 5, 9, 13, 17, 21]])
 W1 = "model.language_model.layers.0.feed_forward.w1.weight"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """Vocabulary 512, 64 positions."""
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
-
-
-@pytest.fixture(scope="module")
-def model(tiny) -> Lfm2VlForConditionalGeneration:
-    return Lfm2VlForConditionalGeneration.from_pretrained(tiny, progress=False)
 
 
 # Non-finite checkpoint tensors ----------------------------------------------------------------------------
@@ -491,11 +484,7 @@ def test_config_keys_typed_as_booleans_take_only_booleans(key, value):
 @pytest.fixture(scope="module")
 def cli_checkpoint(tmp_path_factory, checkpoint_450m) -> Path:
     """The tiny model with the released vocabulary beside the stand-in tokenizer and processor files."""
-    config = tiny_config(vocab_size=65536, max_position_embeddings=128_000)
-    directory = write_tiny_checkpoint(tmp_path_factory.mktemp("cli") / "ckpt", config)
-    for path in checkpoint_450m.iterdir():
-        shutil.copyfile(path, directory / path.name)
-    return directory
+    return write_cli_checkpoint(tmp_path_factory.mktemp("cli") / "ckpt", checkpoint_450m)
 
 
 def test_generate_cli_names_a_seed_beyond_64_bits(cli_checkpoint, capsys):
