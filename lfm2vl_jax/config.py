@@ -237,6 +237,7 @@ class Lfm2VlConfig:
         return dataclasses.replace(self, runtime=self.runtime.replace(**changes))
 
 
+MAX_LAYERS = 1_000_000  # text layers a config may state (the largest released model has 30)
 MAX_MOTIF = 64  # longest motif the layer planner repeats (LFM2 patterns repeat motifs of 2 and 3 layers)
 
 
@@ -441,6 +442,10 @@ def _check_keys(raw: dict[str, Any], expected: dict[str, Expected], prefix: str)
 def _text_config(raw: dict[str, Any], tie_word_embeddings: bool) -> TextConfig:
     _check_keys(raw, TEXT_CONFIG_KEYS, "text_config.")
     num_layers = raw.get("num_hidden_layers", 32)
+    if num_layers > MAX_LAYERS:  # a sanity bound: the layer pattern is built as a list
+        raise ConfigError(
+            f"text_config.num_hidden_layers {num_layers} is above the {MAX_LAYERS} layers supported"
+        )
     layer_types = raw.get("layer_types")
     if layer_types is None:
         attention_layers = raw.get("full_attn_idxs")

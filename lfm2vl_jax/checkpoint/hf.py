@@ -420,6 +420,21 @@ def _unused(key: str, config: Lfm2VlConfig) -> bool:
     return key == "lm_head.weight" and config.text.tie_word_embeddings
 
 
+def _check_depth(config: Lfm2VlConfig, reader: CheckpointReader) -> None:
+    """Refuses a config that states more text layers than the checkpoint holds tensors for, before the
+    tensor table (which grows with the stated depth) is built."""
+    layers = {
+        m.group(1)
+        for key in reader.tensors
+        if (m := re.match(rf"{re.escape(TEXT_PREFIX)}layers\.(\d+)\.", key))
+    }
+    if config.text.num_layers > len(layers):
+        raise CheckpointError(
+            f"{reader.directory / 'config.json'}: text_config states {config.text.num_layers} layers, but "
+            f"the checkpoint holds tensors for {len(layers)} text layers"
+        )
+
+
 def _check_tensors(reader: CheckpointReader, table: dict[str, TensorMapping], config: Lfm2VlConfig) -> None:
     present = set(reader.tensors)
     unexpected = sorted(k for k in present - set(table) if not _unused(k, config))
@@ -505,6 +520,7 @@ def load_hf_checkpoint(
     reader = CheckpointReader(directory)
     config = reconcile_config(config_from_dict(raw, directory / "config.json"), raw, reader)
     config = config.replace(runtime=runtime)
+    _check_depth(config, reader)
     table = tensor_map(config)
     _check_tensors(reader, table, config)
 

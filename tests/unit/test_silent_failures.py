@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import struct
+import time
 import warnings
 from pathlib import Path
 
@@ -501,3 +502,24 @@ def test_generate_cli_takes_its_length_from_generation_config_json(cli_checkpoin
     assert main(["generate", "--model", str(directory), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert "generation_config.json: max_length=3 (prompt and new tokens) leaves no room" in err, err
+
+
+def test_a_config_stating_more_layers_than_the_checkpoint_holds_is_refused_at_once(tiny, tmp_path):
+    """Before the tensor table and layer plan (which grow with the stated depth) are built."""
+    directory = copy_checkpoint(tiny, tmp_path / "ckpt")
+    raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    del raw["text_config"]["layer_types"]
+    for layers, error, message in [
+        (
+            100_000,
+            CheckpointError,
+            "text_config states 100000 layers, but the checkpoint holds tensors for 3",
+        ),
+        (10**9, ConfigError, "num_hidden_layers 1000000000 is above the 1000000 layers supported"),
+    ]:
+        raw["text_config"]["num_hidden_layers"] = layers
+        (directory / "config.json").write_text(json.dumps(raw), encoding="utf-8")
+        begin = time.perf_counter()
+        with pytest.raises(error, match=message):
+            Lfm2VlForConditionalGeneration.from_pretrained(directory, progress=False)
+        assert time.perf_counter() - begin < 10
