@@ -421,18 +421,19 @@ def _unused(key: str, config: Lfm2VlConfig) -> bool:
 
 
 def _check_depth(config: Lfm2VlConfig, reader: CheckpointReader) -> None:
-    """Refuses a config that states more text layers than the checkpoint holds tensors for, before the
-    tensor table (which grows with the stated depth) is built."""
-    layers = {
-        m.group(1)
-        for key in reader.tensors
-        if (m := re.match(rf"{re.escape(TEXT_PREFIX)}layers\.(\d+)\.", key))
-    }
-    if config.text.num_layers > len(layers):
-        raise CheckpointError(
-            f"{reader.directory / 'config.json'}: text_config states {config.text.num_layers} layers, but "
-            f"the checkpoint holds tensors for {len(layers)} text layers"
-        )
+    """Refuses a config that states more layers than the checkpoint holds tensors for, before the tensor
+    table (which grows with the stated depth) is built."""
+    for tower, prefix, depth in (
+        ("text_config", f"{TEXT_PREFIX}layers", config.text.num_layers),
+        ("vision_config", f"{VISION_PREFIX}encoder.layers", config.vision.num_layers),
+    ):
+        pattern = re.compile(rf"{re.escape(prefix)}\.(\d+)\.")
+        held = {m.group(1) for key in reader.tensors if (m := pattern.match(key))}
+        if depth > len(held):
+            raise CheckpointError(
+                f"{reader.directory / 'config.json'}: {tower} states {depth} layers, but the checkpoint "
+                f"holds tensors for {len(held)}"
+            )
 
 
 def _check_tensors(reader: CheckpointReader, table: dict[str, TensorMapping], config: Lfm2VlConfig) -> None:

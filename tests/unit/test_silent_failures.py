@@ -32,7 +32,7 @@ import lfm2vl_jax.inputs as inputs_module
 from lfm2vl_jax import Lfm2VlForConditionalGeneration
 from lfm2vl_jax.checkpoint.hf import CheckpointError, load_hf_checkpoint
 from lfm2vl_jax.checkpoint.hub import CheckpointNotFoundError
-from lfm2vl_jax.checkpoint.safetensors_io import SafetensorsError, SafetensorsFile
+from lfm2vl_jax.checkpoint.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
 from lfm2vl_jax.cli import main
 from lfm2vl_jax.config import (
     BOOL,
@@ -523,3 +523,21 @@ def test_a_config_stating_more_layers_than_the_checkpoint_holds_is_refused_at_on
         with pytest.raises(error, match=message):
             Lfm2VlForConditionalGeneration.from_pretrained(directory, progress=False)
         assert time.perf_counter() - begin < 10
+
+
+def test_a_vision_tower_without_tensors_is_refused_before_its_stated_depth_is_walked(tiny, tmp_path):
+    directory = copy_checkpoint(tiny, tmp_path / "ckpt")
+    weights = SafetensorsFile(directory / "model.safetensors")
+    kept = [name for name in weights.keys() if ".encoder.layers." not in name]  # noqa: SIM118
+    layout = [(name, weights.dtype(name), weights.shape(name)) for name in kept]
+    arrays = [weights.read(name) for name in kept]
+    write_safetensors(directory / "model.safetensors", layout, arrays)
+    raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    raw["vision_config"]["num_hidden_layers"] = 10**8
+    (directory / "config.json").write_text(json.dumps(raw), encoding="utf-8")
+    begin = time.perf_counter()
+    with pytest.raises(
+        CheckpointError, match="vision_config states 100000000 layers, but the checkpoint holds"
+    ):
+        Lfm2VlForConditionalGeneration.from_pretrained(directory, progress=False)
+    assert time.perf_counter() - begin < 10
