@@ -204,8 +204,8 @@ def generation_length(value: Any, defaults: dict[str, Any], prompt_length: int, 
 # Sampling options: what each must be (for the message) and the test its value must pass.
 SAMPLING_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
     "temperature": (
-        f"a finite number >= {MIN_TEMPERATURE:g} (below it float32 logits overflow; do_sample=False gives "
-        "the most likely token)",
+        f"a finite number >= {MIN_TEMPERATURE:g} (below it float32 logits can overflow; do_sample=False "
+        "gives the most likely token)",
         lambda x: x >= MIN_TEMPERATURE,
     ),
     "top_p": ("a number in (0, 1]", lambda x: 0 < x <= 1),

@@ -422,9 +422,9 @@ class BatchEngine:
         **options: Any,
     ):
         self.model, self.processor, self.config = model, processor, model.config
+        optional = {"prefill_batch": prefill_batch, "workers": workers}  # None: the defaults below
         sizes = {"slots": slots, "max_length": max_length, "chunk": chunk}  # chunk 0 would never decode
-        sizes |= {name: value for name, value in (("prefill_batch", prefill_batch), ("workers", workers))
-                  if value is not None}  # fmt: skip
+        sizes |= {name: value for name, value in optional.items() if value is not None}
         for name, value in sizes.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise Lfm2VlError(f"{name} must be a positive integer, got {value!r}")
