@@ -65,11 +65,9 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return read_json_object(path, ProcessorError)
 
 
-def _flag(value: Any, config: Mapping[str, Any], key: str, default: bool, file: str) -> bool:
-    """A boolean setting: `value` if given, else `key` of {file}_config.json, else `default`; only
-    true or false is taken (a string such as "no" would otherwise read as true)."""
-    where = f"{key}" if value is not None else f"{file}_config.json: {key}"
-    value = config.get(key, default) if value is None else value
+def _boolean(value: Any, where: str) -> bool:
+    """A setting typed as a boolean: only true or false is taken (a string such as "no" would otherwise
+    read as true); `where` names the setting (and its file)."""
     if not isinstance(value, (bool, np.bool_)):
         raise ProcessorError(f"{where} must be true or false, got {value!r}")
     return bool(value)
@@ -234,9 +232,13 @@ class Lfm2VlProcessor:
         self.pad_token_id = self._token_id(self.pad_token, "pad_token")
         self.image_token_id = self._token_id(self.image_token, "image_token")
 
-        self.use_image_special_tokens = _flag(
-            use_image_special_tokens, self.processor_config, "use_image_special_tokens", True, "processor"
-        )
+        if use_image_special_tokens is None:
+            self.use_image_special_tokens = _boolean(
+                self.processor_config.get("use_image_special_tokens", True),
+                "processor_config.json: use_image_special_tokens",
+            )
+        else:
+            self.use_image_special_tokens = _boolean(use_image_special_tokens, "use_image_special_tokens")
         self.padding_side = padding_side or self.tokenizer_config.get("padding_side", "right")
         self.truncation_side = self.tokenizer_config.get("truncation_side", "right")
         for name, side in (("padding_side", self.padding_side), ("truncation_side", self.truncation_side)):
@@ -251,8 +253,9 @@ class Lfm2VlProcessor:
             max_length = int(model_max_length)
         self.max_length = max_length
         # transformers skips this clean-up for BPE models (it would corrupt their output)
-        self.clean_up_tokenization_spaces = _flag(
-            None, self.tokenizer_config, "clean_up_tokenization_spaces", False, "tokenizer"
+        self.clean_up_tokenization_spaces = _boolean(
+            self.tokenizer_config.get("clean_up_tokenization_spaces", False),
+            "tokenizer_config.json: clean_up_tokenization_spaces",
         ) and not isinstance(tokenizer.model, models.BPE)
         self._compiled_template = _compile_chat_template(chat_template) if chat_template else None
 
@@ -427,9 +430,10 @@ class Lfm2VlProcessor:
             raise ProcessorError(f"max_length must be a positive integer, got {max_length!r}")
         if padding == "max_length" and max_length is None:
             raise ProcessorError("padding='max_length' needs a max_length")
-        use_special = (
-            self.use_image_special_tokens if use_image_special_tokens is None else use_image_special_tokens
-        )
+        use_special = self.use_image_special_tokens
+        if use_image_special_tokens is not None:
+            use_special = _boolean(use_image_special_tokens, "use_image_special_tokens")
+        _boolean(truncation, "truncation")  # "no" would truncate
 
         nested = self._nest_images(images, len(texts))
         for index, (sample, sample_images) in enumerate(zip(texts, nested, strict=True)):

@@ -541,3 +541,9 @@ def test_a_vision_tower_without_tensors_is_refused_before_its_stated_depth_is_wa
     ):
         Lfm2VlForConditionalGeneration.from_pretrained(directory, progress=False)
     assert time.perf_counter() - begin < 10
+
+
+@pytest.mark.parametrize("option", ["use_image_special_tokens", "truncation"])
+def test_processor_call_options_typed_as_booleans_take_only_booleans(processor, option):
+    with pytest.raises(ProcessorError, match=f"^{option} must be true or false, got 'no'$"):
+        processor(text="hello", **{option: "no"})
