@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -15,10 +14,11 @@ from jax.sharding import Mesh
 
 from .checkpoint.hf import load_hf_checkpoint
 from .checkpoint.hub import resolve_checkpoint_dir
-from .config import ConfigError, DTypePolicy, Lfm2VlConfig, RuntimeConfig
+from .config import ConfigError, DTypePolicy, Lfm2VlConfig, RuntimeConfig, read_json_object
 from .inference import engine
-from .inference.sampling import SamplingParams
+from .inference.sampling import SEED_RANGE, SamplingParams
 from .inputs import (
+    INT32_MAX,
     MODEL_INPUTS,
     InputError,
     OptionError,
@@ -29,6 +29,7 @@ from .inputs import (
     check_inputs,
     check_int,
     check_logits_fit,
+    generation_length,
     is_right_padded,
     resolve_generation_options,
 )
@@ -51,8 +52,6 @@ _forward_with_hidden_states = jax.jit(forward_with_hidden_states, static_argname
 _image_features = jax.jit(vision_and_image_features, static_argnames=("config",))
 _loss = jax.jit(causal_lm_loss)
 
-INT32_MAX = 2**31 - 1  # token counts and positions are int32 on the device
-
 
 def _named_inputs(*arrays: Any) -> dict[str, Any]:
     return dict(zip(MODEL_INPUTS, arrays, strict=True))
@@ -60,16 +59,7 @@ def _named_inputs(*arrays: Any) -> dict[str, Any]:
 
 def _read_generation_config(directory: Path) -> dict[str, Any]:
     """The checkpoint's generation_config.json (its values are checked when a generation uses them)."""
-    path = directory / "generation_config.json"
-    if not path.exists():
-        return {}
-    try:
-        generation = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(generation, dict):
-        raise ConfigError(f"{path} must hold a JSON object, not a {type(generation).__name__}")
-    return generation
+    return read_json_object(directory / "generation_config.json") or {}
 
 
 class CausalLMOutput(NamedTuple):
@@ -96,6 +86,9 @@ class Lfm2VlForConditionalGeneration:
     >>> processor.batch_decode(new_tokens, skip_special_tokens=True)
     """
 
+    # New tokens when neither the caller nor generation_config.json (max_new_tokens, max_length) says.
+    default_max_new_tokens: int = 128
+
     def __init__(
         self,
         config: Lfm2VlConfig,
@@ -105,6 +98,8 @@ class Lfm2VlForConditionalGeneration:
     ):
         self.config = config  # with its runtime: layout, dtypes, mesh
         self.params = params
+        if generation_config is not None and not isinstance(generation_config, dict):
+            raise ConfigError(f"generation_config must be a dict, got a {type(generation_config).__name__}")
         self.generation_config = generation_config or {}
         self.source_dir = source_dir  # the checkpoint directory it was loaded from, if any
 
@@ -121,6 +116,7 @@ class Lfm2VlForConditionalGeneration:
         scan_layers: bool | None = None,
         progress: bool = True,
         runtime: RuntimeConfig | None = None,
+        check_finite: bool = True,
     ) -> Lfm2VlForConditionalGeneration:
         """Loads a transformers checkpoint from a local directory or a Hugging Face Hub id.
 
@@ -134,12 +130,22 @@ class Lfm2VlForConditionalGeneration:
             those slices (a copy of every weight, per token) before the matrix products.
         runtime: the whole `RuntimeConfig` (dtype policy, layout, attention implementation, mesh, rules);
             `dtype`, `mesh` and `scan_layers` are ignored when it is given.
+        check_finite: refuse a checkpoint with a NaN or infinite value in any tensor (or one beyond the range
+            of `dtype`), naming the first such tensor and its file; False skips this check.
         """
         if runtime is None:
             dtypes = DTypePolicy.uniform(dtype)
-            runtime = RuntimeConfig(dtypes=dtypes, scan_layers=bool(scan_layers), mesh=mesh)
+            scan_layers = False if scan_layers is None else scan_layers  # checked: True or False
+            runtime = RuntimeConfig(dtypes=dtypes, scan_layers=scan_layers, mesh=mesh)
+        elif not isinstance(runtime, RuntimeConfig):
+            raise ConfigError(f"runtime must be a RuntimeConfig, got a {type(runtime).__name__}")
+        for name, value in (("progress", progress), ("check_finite", check_finite)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name} must be True or False, got {value!r}")
         directory = resolve_checkpoint_dir(path_or_hub_id)
-        config, params = load_hf_checkpoint(directory, runtime=runtime, progress=progress)
+        config, params = load_hf_checkpoint(
+            directory, runtime=runtime, progress=progress, check_finite=check_finite
+        )
         return cls(config, params, _read_generation_config(directory), directory)
 
     @property
@@ -239,7 +245,7 @@ class Lfm2VlForConditionalGeneration:
     def request(
         self,
         inputs: dict[str, Any],
-        max_new_tokens: int,
+        max_new_tokens: int | None,
         seed: int,
         options: dict[str, Any],
         inputs_embeds: Any = None,
@@ -248,11 +254,19 @@ class Lfm2VlForConditionalGeneration:
         axis when there is one) and the decoding options, filled from the checkpoint's
         generation_config.json, then transformers' defaults. Every option is checked for type and range,
         and the request's length and memory against what the model and the machine hold, before anything
-        is allocated."""
-        max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1, INT32_MAX)
-        seed = check_int("seed", seed, -(2**63), 2**63 - 1)
+        is allocated. `max_new_tokens=None`: generation_config.json's max_new_tokens, else its max_length
+        minus the longest prompt, else `default_max_new_tokens`."""
+        if max_new_tokens is not None:
+            max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1, INT32_MAX)
+        seed = check_int("seed", seed, *SEED_RANGE)
         sampling, stop, pad = self.decoding_options(options)
         inputs = self._checked_inputs(inputs, inputs_embeds)
+        mask = inputs.get("attention_mask")
+        source = inputs["input_ids"] if inputs["inputs_embeds"] is None else inputs["inputs_embeds"]
+        prompt = source.shape[1] if mask is None else int(mask.astype(bool).sum(axis=1).max())
+        max_new_tokens = generation_length(
+            max_new_tokens, self.generation_config, prompt, self.default_max_new_tokens
+        )
         rows = 1
         if self.mesh is not None:
             for axis in self.config.runtime.rules.mesh_axes("batch"):
@@ -289,7 +303,7 @@ class Lfm2VlForConditionalGeneration:
         spatial_shapes: Any = None,
         *,
         inputs_embeds: Any = None,
-        max_new_tokens: int = 128,
+        max_new_tokens: int | None = None,
         seed: int = 0,
         streamer: Callable[[np.ndarray], Any] | None = None,
         loop: str | None = None,
@@ -302,11 +316,14 @@ class Lfm2VlForConditionalGeneration:
         `streamer` (called with each step's new tokens, shape (batch,)), `loop` ("device": one
         `lax.while_loop`, the default without a streamer; "host": jitted steps driven from Python, needed
         for streaming; see `generate.py` for why). Unset options come from the
-        checkpoint's generation_config.json, then transformers' defaults. Rows may differ in length and in
-        number and size of images: each gets exactly the tokens it would get alone. The attention mask may
-        pad either side and hold zeros between a row's tokens (transformers' `generate` semantics: a masked
-        token takes no position and feeds the convolutions a zero). `inputs_embeds` (batch, seq, hidden_size)
-        may stand for `input_ids`, as in transformers (no prompt token then counts for a repetition penalty).
+        checkpoint's generation_config.json, then transformers' defaults; so does an unset
+        `max_new_tokens` (its max_new_tokens, else its max_length minus the longest prompt, else
+        `default_max_new_tokens`, 128). Sampling options without `do_sample=True` are ignored, with a
+        warning (once), as in transformers. Rows may differ in length and in number and size of images:
+        each gets exactly the tokens it would get alone. The attention mask may pad either side and hold
+        zeros between a row's tokens (transformers' `generate` semantics: a masked token takes no position
+        and feeds the convolutions a zero). `inputs_embeds` (batch, seq, hidden_size) may stand for
+        `input_ids`, as in transformers (no prompt token then counts for a repetition penalty).
         """
         if loop is not None and not (isinstance(loop, str) and loop in ("host", "device")):
             raise OptionError(f"loop must be 'host', 'device' or None, got {loop!r}")
@@ -327,7 +344,7 @@ class Lfm2VlForConditionalGeneration:
         spatial_shapes: Any = None,
         *,
         inputs_embeds: Any = None,
-        max_new_tokens: int = 128,
+        max_new_tokens: int | None = None,
         seed: int = 0,
         **options: Any,
     ) -> Iterator[np.ndarray]:
@@ -346,7 +363,7 @@ class Lfm2VlForConditionalGeneration:
         *,
         slots: int = 64,
         max_length: int = 4096,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | None = None,
         seed: int = 0,
         **options: Any,
     ) -> BatchEngine:

@@ -47,7 +47,11 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
         help="JSON file: a list of tool (function) schemas, rendered by the chat template; the answer's "
         "tool calls are then printed as JSON lines after it",
     )
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="default: generation_config.json's max_new_tokens (or max_length), else 256",
+    )
     p.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),
@@ -101,6 +105,7 @@ def run_generate(args: argparse.Namespace) -> int:
         args.model, dtype=DTYPES[dtype], scan_layers=args.scan_layers, progress=sys.stderr.isatty()
     )
     processor.check_model(model.config.image_token_id)
+    model.default_max_new_tokens = 256  # the CLI's, where generation_config.json does not say
     options = _sampling_options(args)
     generated: list[int] = []
     printed = ""
@@ -148,7 +153,11 @@ def _batch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", required=True, type=Path, help="requests, one JSON object per line")
     p.add_argument("--output", required=True, type=Path, help="results file (JSONL, appended)")
     p.add_argument("--slots", type=int, default=64, help="requests decoded together (default 64)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="default for requests that do not say")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="default for requests that do not say (default: generation_config.json's, else 256)",
+    )
     p.add_argument(
         "--max-length", type=int, default=4096, help="most prompt + new tokens per request (default 4096)"
     )

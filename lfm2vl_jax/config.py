@@ -186,6 +186,22 @@ class RuntimeConfig:
     rules: ShardingRules = DEFAULT_RULES
 
     def __post_init__(self):
+        # Each field's type, so that e.g. scan_layers='no' is not read as True, nor a mesh description as
+        # a mesh: (expected, what to say).
+        types = {
+            "dtypes": (DTypePolicy, "a DTypePolicy"),
+            "scan_layers": ((bool, np.bool_), "True or False"),
+            "attention": (str, "an implementation name (e.g. 'auto', 'reference')"),
+            "remat": (str, f"one of {REMAT_POLICIES}"),
+            "mesh": ((Mesh, type(None)), "a jax.sharding.Mesh or None (parallel.mesh.make_mesh(data=2))"),
+            "rules": (ShardingRules, "a ShardingRules"),
+        }
+        for name, (expected, description) in types.items():
+            value = getattr(self, name)
+            if not isinstance(value, expected):
+                shown = repr(value) if len(repr(value)) <= 60 else f"a {type(value).__name__}"
+                raise ConfigError(f"runtime option {name} must be {description}, got {shown}")
+        object.__setattr__(self, "scan_layers", bool(self.scan_layers))
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat policy {self.remat!r} is not one of {REMAT_POLICIES}")
 
@@ -221,32 +237,85 @@ class Lfm2VlConfig:
         return dataclasses.replace(self, runtime=self.runtime.replace(**changes))
 
 
+MAX_LAYERS = 1_000_000  # text layers a config may state (the largest released model has 30)
+MAX_MOTIF = 64  # longest motif the layer planner repeats (LFM2 patterns repeat motifs of 2 and 3 layers)
+
+
+def _repeat_runs(codes: np.ndarray, period: int) -> np.ndarray:
+    """run[i]: the number of consecutive positions j >= i with codes[j] == codes[j + period]."""
+    n = len(codes)
+    run = np.zeros(n, np.int32)
+    if period < n:
+        index = np.arange(n - period)
+        # the first mismatch at or after each position (n - period where none is left)
+        mismatch = np.where(codes[:-period] == codes[period:], n - period, index)
+        run[: n - period] = np.minimum.accumulate(mismatch[::-1])[::-1] - index
+    return run
+
+
+def _repeated_motifs(layer_types: tuple[str, ...]) -> list[list[int]]:
+    """For each layer, the motif lengths m <= MAX_MOTIF whose motif starting there is repeated right after
+    it and is not itself a repeat of a shorter motif (that shorter motif, repeated more often, is always
+    the cheaper plan for the same layers). Vectorised over the layers."""
+    n = len(layer_types)
+    kinds = {kind: code for code, kind in enumerate(dict.fromkeys(layer_types))}
+    codes = np.fromiter((kinds[kind] for kind in layer_types), np.int32, n)
+    runs = {m: _repeat_runs(codes, m) for m in range(1, min(MAX_MOTIF, n // 2) + 1)}
+    motifs: list[list[int]] = [[] for _ in range(n)]
+    for m, run in runs.items():
+        repeated = run >= m
+        for p in range(1, m):
+            if m % p == 0:  # a motif of period p is motif[:p] repeated m // p times
+                repeated &= runs[p] < m - p
+        for start in np.flatnonzero(repeated).tolist():
+            motifs[start].append(m)
+    return motifs
+
+
 def plan_segments(layer_types: tuple[str, ...]) -> tuple[Segment, ...]:
     """Splits a layer pattern into runs of repeated motifs, each to be scanned over its stacked weights.
 
     Trace and compile time grow with the number of distinct layer bodies traced, i.e. the summed motif
     lengths; a per-step `lax.cond` choosing the layer kind would keep compile time flat but halves decode
     speed. So we pick, by dynamic programming, the decomposition with the smallest summed motif length
-    (ties: fewest segments). E.g. LFM2's 16 layers `cc a cc a cc a c a c a c a c` become
-    `[c,c,a]x3, [c,a]x3, [c]x1`: six traced layers instead of sixteen, independent of depth for regular
-    patterns.
+    (ties: fewest segments, then the shortest first motif, then its fewest repeats). E.g. LFM2's 16 layers
+    `cc a cc a cc a c a c a c a c` become `[c]x1, [c,a,c]x3, [a,c]x3`: six traced layers instead of
+    sixteen, independent of depth for regular patterns.
+
+    Linear in depth (times MAX_MOTIF): from each layer, a segment is either one copy of any number of
+    layers (the best of these follows in O(1) from the next layer's) or r >= 2 copies of a motif of at
+    most MAX_MOTIF layers repeated there (the best r follows from the same motif's at its next copy).
+    Longer motifs are not repeated, so up to 2 * MAX_MOTIF layers the plan is the optimum over all.
     """
     n = len(layer_types)
-    # best[i] = (cost, segments, plan) for layer_types[i:]
-    best: list[tuple[int, int, tuple[Segment, ...]]] = [(0, 0, ())] * (n + 1)
+    motifs = _repeated_motifs(layer_types)
+    # Plans compare as (cost, segments, first motif length, its repeats); best[i] plans layers [i, n).
+    best: list[tuple[int, int, int, int]] = [(0, 0, 0, 0)] * (n + 1)
+    # (i, m) -> (cost, segments, r) of the best r >= 1 copies at i of the motif layer_types[i:i+m] and the
+    # plan after them; kept where the motif is repeated at i, until the copy before it is planned.
+    copies: dict[tuple[int, int], tuple[int, int, int]] = {}
+    single = None  # the best plan from `start` whose first segment is one copy (of any length)
     for start in range(n - 1, -1, -1):
-        candidates = []
-        for motif_len in range(1, n - start + 1):
-            motif = tuple(layer_types[start : start + motif_len])
-            repeats = 1
-            while layer_types[start + repeats * motif_len : start + (repeats + 1) * motif_len] == motif:
-                repeats += 1
-            for r in range(1, repeats + 1):
-                rest_cost, rest_segments, rest_plan = best[start + r * motif_len]
-                segment = Segment(motif=motif, repeats=r, first_layer=start)
-                candidates.append((motif_len + rest_cost, 1 + rest_segments, (segment, *rest_plan)))
-        best[start] = min(candidates, key=lambda c: (c[0], c[1]))
-    return best[0][2]
+        cost, segments = best[start + 1][:2]
+        one_layer = (1 + cost, 1 + segments, 1, 1)
+        single = one_layer if single is None else min(one_layer, (single[0] + 1, single[1], single[2] + 1, 1))
+        plan = single
+        for m in motifs[start]:
+            cost, segments = best[start + m][:2]
+            later = copies.pop((start + m, m), None)
+            if later is None:  # the copy at start + m is the motif's last
+                later = (*best[start + 2 * m][:2], 1)
+            choice = min((cost, segments, 1), (later[0], later[1], later[2] + 1))
+            copies[start, m] = choice
+            plan = min(plan, (m + choice[0], 1 + choice[1], m, choice[2]))
+        best[start] = plan
+    planned, start = [], 0
+    while start < n:
+        _, _, m, repeats = best[start]
+        motif = tuple(layer_types[start : start + m])
+        planned.append(Segment(motif=motif, repeats=repeats, first_layer=start))
+        start += m * repeats
+    return tuple(planned)
 
 
 def mlp_width(intermediate_size: int, auto_adjust: bool, multiplier: float | None, multiple_of: int) -> int:
@@ -373,6 +442,10 @@ def _check_keys(raw: dict[str, Any], expected: dict[str, Expected], prefix: str)
 def _text_config(raw: dict[str, Any], tie_word_embeddings: bool) -> TextConfig:
     _check_keys(raw, TEXT_CONFIG_KEYS, "text_config.")
     num_layers = raw.get("num_hidden_layers", 32)
+    if num_layers > MAX_LAYERS:  # a sanity bound: the layer pattern is built as a list
+        raise ConfigError(
+            f"text_config.num_hidden_layers {num_layers} is above the {MAX_LAYERS} layers supported"
+        )
     layer_types = raw.get("layer_types")
     if layer_types is None:
         attention_layers = raw.get("full_attn_idxs")
@@ -384,7 +457,8 @@ def _text_config(raw: dict[str, Any], tie_word_embeddings: bool) -> TextConfig:
                 f"text_config.full_attn_idxs names layers {outside} of a "
                 f"{num_layers}-layer model (num_hidden_layers)"
             )
-        layer_types = [ATTENTION if i in set(attention_layers) else CONV for i in range(num_layers)]
+        attention_set = set(attention_layers)
+        layer_types = [ATTENTION if i in attention_set else CONV for i in range(num_layers)]
     if len(layer_types) != num_layers:
         raise ConfigError(
             f"text_config: layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}"
@@ -518,6 +592,20 @@ def _parse_config(raw: dict[str, Any]) -> Lfm2VlConfig:
     )
 
 
+def read_json_object(path: Path, error: type[Lfm2VlError] = ConfigError) -> dict[str, Any] | None:
+    """The JSON object a config file holds; None if there is no such file. Anything else (not UTF-8, not
+    JSON, nested too deeply, another JSON value) is an `error` naming the file."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise error(f"{path} is not valid JSON (UTF-8): {err}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object, not a {type(data).__name__}")
+    return data
+
+
 def config_path(path: str | Path) -> Path:
     """`config.json` in a checkpoint directory, or the file itself."""
     path = Path(path)
@@ -531,7 +619,7 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"no config.json at {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise ConfigError(f"{path} is not valid JSON: {err}") from None
 
 

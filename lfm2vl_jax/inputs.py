@@ -4,6 +4,7 @@ is traced or allocated), with errors that name the input or option, the value an
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ from .config import Lfm2VlConfig
 from .errors import Lfm2VlError
 from .inference.cache import cache_layout, is_layout
 from .inference.engine import PreparedBatch, cache_capacity
-from .inference.sampling import SamplingParams
+from .inference.sampling import MIN_TEMPERATURE, SamplingParams
 from .memory import available_host_memory, gigabytes
 
 
@@ -297,9 +298,36 @@ def check_token_ids(name: str, value: Any, vocab_size: int, where: str = "") -> 
     return [int(i) for i in ids]
 
 
+INT32_MAX = 2**31 - 1  # token counts and positions are int32 on the device
+
+
+def generation_length(value: Any, defaults: dict[str, Any], prompt_length: int, fallback: int) -> int:
+    """How many new tokens to generate, as transformers decides: `value` (the caller's; None: unset), else
+    generation_config.json's (`defaults`) max_new_tokens, else its max_length (prompt and new tokens)
+    minus `prompt_length`, else `fallback`; each checked, the error naming where the value came from."""
+    if value is not None:
+        return check_int("max_new_tokens", value, 1, INT32_MAX)
+    where = "generation_config.json: "
+    if defaults.get("max_new_tokens") is not None:
+        return check_int("max_new_tokens", defaults["max_new_tokens"], 1, INT32_MAX, where)
+    if defaults.get("max_length") is not None:
+        total = check_int("max_length", defaults["max_length"], 1, INT32_MAX, where)
+        if total <= prompt_length:
+            raise OptionError(
+                f"{where}max_length={total} (prompt and new tokens) leaves no room after the prompt's "
+                f"{prompt_length} tokens; pass max_new_tokens"
+            )
+        return total - prompt_length
+    return fallback
+
+
 # Sampling options: what each must be (for the message) and the test its value must pass.
 SAMPLING_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
-    "temperature": ("a positive finite number", lambda x: x > 0),
+    "temperature": (
+        f"a finite number >= {MIN_TEMPERATURE:g} (below it float32 logits can overflow; do_sample=False "
+        "gives the most likely token)",
+        lambda x: x >= MIN_TEMPERATURE,
+    ),
     "top_p": ("a number in (0, 1]", lambda x: 0 < x <= 1),
     "min_p": ("a number in [0, 1]", lambda x: 0 <= x <= 1),
     "repetition_penalty": ("a positive finite number", lambda x: x > 0),
@@ -314,6 +342,35 @@ SAMPLING_DEFAULTS = {  # transformers' GenerationConfig defaults
 }
 TOKEN_OPTIONS = ("eos_token_id", "pad_token_id", "stop_token_ids")
 GENERATE_OPTIONS = (*SAMPLING_DEFAULTS, *TOKEN_OPTIONS)
+SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p")  # what greedy decoding ignores
+
+
+WARNED_IGNORED: set[tuple[str, ...]] = set()  # sets of ignored sampling options warned about, once each
+
+
+def warn_ignored_sampling_options(
+    values: dict[str, Any], given: dict[str, Any], defaults: dict[str, Any]
+) -> None:
+    """Greedy decoding with sampling options set: warned once per set of options, as transformers'
+    `GenerationConfig.validate` does (its conditions: a value other than transformers' default, given by
+    the caller, or read from generation_config.json when the caller did not choose do_sample either)."""
+    chose_greedy = given.get("do_sample") is not None
+    ignored = [
+        name
+        for name in SAMPLING_ONLY
+        if values[name] != SAMPLING_DEFAULTS[name]
+        and (given.get(name) is not None or (not chose_greedy and defaults.get(name) is not None))
+    ]
+    if ignored and tuple(ignored) not in WARNED_IGNORED:
+        WARNED_IGNORED.add(tuple(ignored))
+        shown = ", ".join(f"{name}={values[name]!r}" for name in ignored)
+        warnings.warn(
+            f"do_sample is not set to True, so {shown} will be ignored: "
+            f"{'it applies' if len(ignored) == 1 else 'they apply'} to sampling only (greedy decoding picks "
+            f"the most likely token). Set do_sample=True or unset {', '.join(ignored)}.",
+            UserWarning,
+            stacklevel=6,  # generate(...) or stream(...)'s caller
+        )
 
 
 def resolve_generation_options(
@@ -350,6 +407,7 @@ def resolve_generation_options(
     if values["repetition_penalty"] == 1.0:  # transformers applies none; None keeps no (B, V) seen record
         values["repetition_penalty"] = None
     if not do_sample:  # greedy decoding reads only the repetition penalty: one program for any others
+        warn_ignored_sampling_options(values, options, defaults)
         values = {"repetition_penalty": values["repetition_penalty"]}
     sampling = SamplingParams(do_sample=bool(do_sample), **values)
 

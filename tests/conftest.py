@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from processor_fixtures import PIXEL_PARITY, make_checkpoint_dir, make_reference_processor
+from tiny_checkpoints import write_tiny_checkpoint
 from training_fixtures import (
     image_conversations,
     make_tiny_checkpoint,
@@ -22,6 +23,7 @@ from training_fixtures import (
     uniform_conversations,
 )
 
+from lfm2vl_jax import Lfm2VlForConditionalGeneration
 from lfm2vl_jax.processing.processor import Lfm2VlProcessor
 
 TIERS = ("unit", "parity", "multidevice")
@@ -70,6 +72,19 @@ def reference_processor_thumbnail(checkpoint_1_6b: Path):
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random LFM2-VL transformers checkpoint with tokenizer and processor files (fine-tuning)."""
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random transformers checkpoint without processor files (`tiny_checkpoints.tiny_config`:
+    vocabulary 512, 64 positions), for bad-input tests."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-model") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def model(tiny: Path) -> Lfm2VlForConditionalGeneration:
+    """`tiny`, loaded (shared: tests must not change it)."""
+    return Lfm2VlForConditionalGeneration.from_pretrained(tiny, progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -55,6 +55,15 @@ def write_tiny_checkpoint(directory: Path, config: Lfm2VlConfig | None = None, s
     return save_hf_checkpoint(directory, config, numpy_params(config, seed), progress=False)
 
 
+def write_cli_checkpoint(directory: Path, processor_files: Path) -> Path:
+    """The tiny model with the released vocabulary (65,536) and 128,000 positions, beside the tokenizer
+    and processor files of `processor_files` (a checkpoint directory): what `lfm2vl generate` reads."""
+    write_tiny_checkpoint(directory, tiny_config(vocab_size=65536, max_position_embeddings=128_000))
+    for path in processor_files.iterdir():
+        shutil.copyfile(path, directory / path.name)
+    return directory
+
+
 def copy_checkpoint(source: Path, directory: Path) -> Path:
     shutil.copytree(source, directory)
     return directory

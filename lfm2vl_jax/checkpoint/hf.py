@@ -291,7 +291,7 @@ def weight_files(directory: Path) -> list[Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: weight_map must map tensor names to shard files")
@@ -420,6 +420,22 @@ def _unused(key: str, config: Lfm2VlConfig) -> bool:
     return key == "lm_head.weight" and config.text.tie_word_embeddings
 
 
+def _check_depth(config: Lfm2VlConfig, reader: CheckpointReader) -> None:
+    """Refuses a config that states more layers than the checkpoint holds tensors for, before the tensor
+    table (which grows with the stated depth) is built."""
+    for tower, prefix, depth in (
+        ("text_config", f"{TEXT_PREFIX}layers", config.text.num_layers),
+        ("vision_config", f"{VISION_PREFIX}encoder.layers", config.vision.num_layers),
+    ):
+        pattern = re.compile(rf"{re.escape(prefix)}\.(\d+)\.")
+        held = {m.group(1) for key in reader.tensors if (m := pattern.match(key))}
+        if depth > len(held):
+            raise CheckpointError(
+                f"{reader.directory / 'config.json'}: {tower} states {depth} layers, but the checkpoint "
+                f"holds tensors for {len(held)}"
+            )
+
+
 def _check_tensors(reader: CheckpointReader, table: dict[str, TensorMapping], config: Lfm2VlConfig) -> None:
     present = set(reader.tensors)
     unexpected = sorted(k for k in present - set(table) if not _unused(k, config))
@@ -462,8 +478,27 @@ def _group_by_leaf(table: dict[str, TensorMapping]) -> dict[tuple, list[TensorMa
     return groups
 
 
+def _non_finite(key: str, path: Path, stored: np.ndarray, dtype: np.dtype) -> str:
+    """Why tensor `key` is not finite once cast to `dtype`: NaN or inf in the file, or values beyond the
+    range of `dtype`."""
+    nan, inf = int(np.isnan(stored).sum()), int(np.isinf(stored).sum())
+    if nan or inf:
+        return (
+            f"tensor {key!r} in {path} holds {nan} NaN and {inf} infinite values (of {stored.size}): the "
+            "checkpoint is damaged (pass check_finite=False to load it anyway)"
+        )
+    largest = float(np.abs(stored.astype(np.float64)).max())
+    return (
+        f"tensor {key!r} in {path} holds values up to {largest:.4g}, beyond the range of {dtype.name} (the "
+        "params dtype asked for); load it in float32 or bfloat16"
+    )
+
+
 def load_hf_checkpoint(
-    directory: str | Path, runtime: RuntimeConfig | None = None, progress: bool = True
+    directory: str | Path,
+    runtime: RuntimeConfig | None = None,
+    progress: bool = True,
+    check_finite: bool = True,
 ) -> tuple[Lfm2VlConfig, Params]:
     """Reads a transformers checkpoint directory into (config, params); no torch needed.
 
@@ -471,7 +506,13 @@ def load_hf_checkpoint(
     (`scan_layers`) and params dtype, and are sharded over its mesh as they load. Tensors are read one at
     a time (each into a fresh array), laid out and cast on the host, and each parameter leaf is put on its
     device(s) as soon as it is complete, so peak host memory stays near one leaf.
+
+    `check_finite`: each tensor is checked, as it is read and cast, for NaN and infinite values (a damaged
+    file, or values beyond the range of the params dtype), and the first such tensor is named (a
+    `CheckpointError`); False skips the check (one pass over each tensor on the host).
     """
+    if not isinstance(check_finite, bool):
+        raise CheckpointError(f"check_finite must be True or False, got {check_finite!r}")
     runtime = RuntimeConfig() if runtime is None else runtime
     directory = Path(directory)
     if not (directory / "config.json").is_file():
@@ -480,6 +521,7 @@ def load_hf_checkpoint(
     reader = CheckpointReader(directory)
     config = reconcile_config(config_from_dict(raw, directory / "config.json"), raw, reader)
     config = config.replace(runtime=runtime)
+    _check_depth(config, reader)
     table = tensor_map(config)
     _check_tensors(reader, table, config)
 
@@ -492,16 +534,17 @@ def load_hf_checkpoint(
         spec: ParamSpec = leaf_at(specs, path)
         leaf = np.empty(spec.shape, np_dtype)
         for m in mappings:
+            file = reader.tensors[m.hf_key][0].path
             try:
-                value = m.to_jax(reader.read(m.hf_key))
+                stored = reader.read(m.hf_key)
+                value = m.to_jax(stored)
             except (OSError, ValueError) as err:
-                raise SafetensorsError(
-                    f"{reader.tensors[m.hf_key][0].path}: cannot read {m.hf_key!r}: {err}"
-                ) from None
-            if m.index is None:
-                leaf[...] = value
-            else:
-                leaf[m.index] = value
+                raise SafetensorsError(f"{file}: cannot read {m.hf_key!r}: {err}") from None
+            target = leaf if m.index is None else leaf[m.index]  # a view: written in place
+            with np.errstate(over="ignore"):  # an overflowing cast is reported below
+                target[...] = value
+            if check_finite and not np.isfinite(target).all():
+                raise CheckpointError(_non_finite(m.hf_key, file, stored, np_dtype))
             bar.update()
         sharding = None if leaf_shardings is None else leaf_at(leaf_shardings, path)
         _set_leaf(params, path, jax.device_put(leaf, sharding))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import Lfm2VlError
@@ -18,6 +19,10 @@ def resolve_checkpoint_dir(path_or_hub_id: str | Path, files: tuple[str, ...] = 
     """A local directory as is; otherwise a Hugging Face Hub id, whose `files` (glob patterns) are
     downloaded (or found in the local hub cache) with `huggingface_hub`. Offline or unknown ids give one
     error saying what to do."""
+    if not isinstance(path_or_hub_id, (str, os.PathLike)) or not str(path_or_hub_id):
+        raise CheckpointNotFoundError(
+            f"a checkpoint must be a directory path or a hub id 'owner/name', got {path_or_hub_id!r}"
+        )
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return path

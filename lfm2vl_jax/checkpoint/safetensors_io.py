@@ -41,6 +41,10 @@ class SafetensorsError(Lfm2VlError):
     """A safetensors file that is truncated, corrupt or not what it claims."""
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class SafetensorsFile:
     """Lazy view of one .safetensors file: the header parsed and checked up front, tensors read on demand."""
 
@@ -58,22 +62,33 @@ class SafetensorsFile:
                 )
             try:
                 header = json.loads(f.read(header_len))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
                 raise SafetensorsError(f"{self.path}: corrupt header ({err})") from None
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        if not isinstance(header, dict):
+            raise SafetensorsError(
+                f"{self.path}: corrupt header (a JSON {type(header).__name__}, not an object)"
+            )
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise SafetensorsError(f"{self.path}: corrupt header (__metadata__ must map names to strings)")
+        self.metadata: dict[str, str] = metadata
         self._data_start = 8 + header_len
         data_size = size - self._data_start
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, entry in header.items():
             try:
                 dtype = DTYPES[entry["dtype"]]
-                shape = tuple(int(d) for d in entry["shape"])
-                begin, end = (int(o) for o in entry["data_offsets"])
+                shape = tuple(entry["shape"])
+                begin, end = entry["data_offsets"]
+                if not all(_is_count(x) for x in (*shape, begin, end)):
+                    raise ValueError("sizes and offsets must be non-negative integers")
             except (KeyError, TypeError, ValueError):
+                shown = json.dumps(entry)
+                shown = shown if len(shown) <= 200 else shown[:197] + "..."
                 raise SafetensorsError(
-                    f"{self.path}: tensor {name!r} has a malformed header entry {entry}"
+                    f"{self.path}: tensor {name!r} has a malformed header entry {shown}"
                 ) from None
-            if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
+            if end - begin != math.prod(shape) * dtype.itemsize:
                 raise SafetensorsError(f"{self.path}: tensor {name!r} has inconsistent offsets for its shape")
             if end > data_size:
                 raise SafetensorsError(

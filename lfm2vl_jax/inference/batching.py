@@ -42,7 +42,7 @@ import numpy as np
 
 from ..config import Lfm2VlConfig
 from ..errors import Lfm2VlError
-from ..inputs import MODEL_INPUTS, as_numpy_inputs, check_inputs
+from ..inputs import MODEL_INPUTS, as_numpy_inputs, check_inputs, check_int, generation_length
 from ..nn.model import embed_with_features, image_features
 from ..nn.params import Params
 from ..nn.text import embed_tokens, lm_logits, text_forward
@@ -50,13 +50,14 @@ from ..parallel.sharding import batch_sharding, cache_shardings
 from .batch_io import BatchRequest, BatchRequestError, BatchResult
 from .cache import Cache, append, cache_layout, init_cache, is_layout
 from .engine import bucket, prepare_batch, prompt_pass
-from .sampling import SamplingParams, next_token_rows
+from .sampling import SEED_RANGE, SamplingParams, next_token_rows, seed_key
 
 if TYPE_CHECKING:
     from ..api import Lfm2VlForConditionalGeneration
     from ..processing.processor import Lfm2VlProcessor
 
 MAX_STOP_TOKENS = 8  # stop ids per request (eos and `stop_token_ids`)
+DEFAULT_MAX_NEW_TOKENS = 256  # when neither the request, the engine nor generation_config.json says
 POLL_STEPS = 4  # decode steps between looks at the workers while a slot waits for a request
 SAMPLING_FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty")
 
@@ -334,7 +335,7 @@ class _Ready:
     limit: int
     stop_ids: tuple[int, ...]
     sampling: SamplingParams
-    key: np.ndarray  # key data of jax.random.key(seed)
+    key: np.ndarray  # key data of sampling.seed_key(seed)
 
     @property
     def num_tokens(self) -> int:
@@ -399,7 +400,9 @@ class BatchEngine:
             must carry `inputs` and results have `text=None`.
         slots: rows decoded together (a multiple of the mesh's batch axes).
         max_length: prompt + generated tokens per request; a request's `max_new_tokens` is cut to fit.
-        max_new_tokens, seed, **options: defaults for requests that do not set them (options as
+        max_new_tokens: default for requests that do not set it; None: generation_config.json's
+            max_new_tokens, else its max_length minus the prompt, else DEFAULT_MAX_NEW_TOKENS (256).
+        seed, **options: defaults for requests that do not set them (options as
             `generate`: do_sample, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id,
             stop_token_ids). `top_k` is per engine (a static shape): a sampling request that sets another
             value fails.
@@ -416,7 +419,7 @@ class BatchEngine:
         *,
         slots: int = 64,
         max_length: int = 4096,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | None = None,
         seed: int = 0,
         prefill_batch: int | None = None,
         workers: int | None = None,
@@ -426,7 +429,10 @@ class BatchEngine:
         self.model, self.processor, self.config = model, processor, model.config
         if processor is not None:
             processor.check_model(model.config.image_token_id)
-        for name, value in (("slots", slots), ("max_length", max_length), ("max_new_tokens", max_new_tokens)):
+        optional = {"prefill_batch": prefill_batch, "workers": workers}  # None: the defaults below
+        sizes = {"slots": slots, "max_length": max_length, "chunk": chunk}  # chunk 0 would never decode
+        sizes |= {name: value for name, value in optional.items() if value is not None}
+        for name, value in sizes.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise Lfm2VlError(f"{name} must be a positive integer, got {value!r}")
         if max_length < 2:
@@ -439,6 +445,8 @@ class BatchEngine:
             raise Lfm2VlError(
                 f"slots ({slots}) must be a multiple of the mesh's batch axes ({self.row_multiple} devices)"
             )
+        check_int("seed", seed, *SEED_RANGE)
+        generation_length(max_new_tokens, model.generation_config, 0, DEFAULT_MAX_NEW_TOKENS)  # checks it
         sampling, stop_ids, pad_id = model.decoding_options(options)
         self.slots, self.max_length, self.max_new_tokens, self.seed = slots, max_length, max_new_tokens, seed
         self.options = dict(options)
@@ -447,7 +455,7 @@ class BatchEngine:
         # One core left to the device's host threads (on a CPU backend, the device itself).
         self.workers = workers or max(1, min(4, (os.cpu_count() or 2) - 1))
         self.chunk = chunk
-        self.key_shape = tuple(jax.random.key_data(jax.random.key(0)).shape)
+        self.key_shape = tuple(jax.random.key_data(seed_key(0)).shape)
         self.stats = BatchStats(slots)
         self._busy = 0
         self._submitted: collections.deque = collections.deque()
@@ -543,9 +551,10 @@ class BatchEngine:
                 "(prompt and new tokens); raise max_length"
             )
         max_new = self.max_new_tokens if request.max_new_tokens is None else request.max_new_tokens
-        if max_new < 1:
-            raise BatchRequestError(f"max_new_tokens must be >= 1, got {max_new}")
-        seed = self.seed if request.seed is None else request.seed
+        max_new = generation_length(
+            max_new, self.model.generation_config, len(prompt), DEFAULT_MAX_NEW_TOKENS
+        )
+        seed = check_int("seed", self.seed if request.seed is None else request.seed, *SEED_RANGE)
         images = None
         if inputs["pixel_values"] is not None:
             images = {k: inputs[k] for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes")}
@@ -557,7 +566,7 @@ class BatchEngine:
             limit=min(max_new, self.max_length - num_tokens),
             stop_ids=stop_ids,
             sampling=sampling,
-            key=np.asarray(jax.random.key_data(jax.random.key(seed))),
+            key=np.asarray(jax.random.key_data(seed_key(seed))),
         )
 
     def _prepare_or_fail(self, tag: Any, request: BatchRequest | Mapping[str, Any]) -> tuple[Any, Any]:

@@ -35,7 +35,7 @@ from ..nn.params import Params
 from ..nn.text import embed_tokens, lm_logits, text_forward
 from ..parallel.sharding import cache_shardings
 from .cache import Cache, append, init_cache
-from .sampling import SamplingParams, next_token
+from .sampling import SamplingParams, next_token, seed_key
 
 HOST_CHECK_EVERY = 8  # host loop: decode steps dispatched between looks at the `done` flags
 
@@ -307,7 +307,7 @@ class Request:
     stop_ids: tuple[int, ...]
     pad_id: int
     max_new_tokens: int
-    seed: int = 0
+    seed: int = 0  # 64 bits (`sampling.seed_key`)
 
 
 def run(params: Params, config: Lfm2VlConfig, request: Request, loop: str = "host") -> Iterator[DecodeState]:
@@ -334,7 +334,7 @@ def run(params: Params, config: Lfm2VlConfig, request: Request, loop: str = "hos
         batch.pixel_values,
         batch.pixel_attention_mask,
         batch.spatial_shapes,
-        jax.random.key(request.seed),
+        seed_key(request.seed),
         sampling,
         stop,
         done,

@@ -10,8 +10,25 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..errors import Lfm2VlError
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # 64-bit seeds, signed or unsigned
+# Smallest sampling temperature taken: float32 logits divided by less can overflow (and a subnormal one is
+# flushed to zero on some backends), which turns the draw into garbage. Smaller ones are refused, not
+# rounded: `do_sample=False` is the way to get the most likely token.
+MIN_TEMPERATURE = 1e-5
+
+
+def seed_key(seed: int) -> jax.Array:
+    """The PRNG key of a 64-bit seed (in SEED_RANGE; a negative one counts as its two's complement, seed
+    mod 2**64). `jax.random.key(seed)` keeps only the low 32 bits without `jax_enable_x64` (0 and 2**32
+    would sample alike), so the low 32 bits seed the key and the high 32 bits, where not zero, are folded
+    in: seeds in [0, 2**32) keep `jax.random.key(seed)`'s stream, with or without x64."""
+    value = int(seed) % 2**64
+    key = jax.random.key(np.uint32(value & 0xFFFFFFFF))
+    return key if value < 2**32 else jax.random.fold_in(key, np.uint32(value >> 32))
 
 
 @flax.struct.dataclass
@@ -33,7 +50,7 @@ class SamplingParams:
 
     def __post_init__(self):
         valid = {
-            "temperature": lambda x: x > 0,
+            "temperature": lambda x: x >= MIN_TEMPERATURE,
             "top_k": lambda x: x >= 0,
             "top_p": lambda x: 0 < x <= 1,
             "min_p": lambda x: 0 <= x <= 1,

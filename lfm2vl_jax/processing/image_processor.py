@@ -9,9 +9,9 @@ pixel row, pixel col, channel) and zero-padded to `max_num_patches` with a 0/1 m
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import stat
 import warnings
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..config import read_json_object
 from ..errors import Lfm2VlError
 from ..memory import available_host_memory, gigabytes
 from .resize import BILINEAR, RESAMPLE_NAMES, SUPPORTED_RESAMPLE, Normalization, RowSink, resize_streamed
@@ -69,9 +70,30 @@ def _pil_to_rgb(image: Image.Image, label: str) -> np.ndarray:
         ) from None
 
 
+def check_regular_file(path: str | os.PathLike, label: str) -> None:
+    """Refuses, by name and without opening it, an image path that is not a regular file (links
+    followed): opening a FIFO waits for a writer forever, a device may never end, a directory is no image."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ProcessorError(f"{label}: file not found") from None
+    except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
+        raise ProcessorError(f"{label}: cannot read it ({error})") from None
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a directory" if stat.S_ISDIR(mode)
+            else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file"
+        )  # fmt: skip
+        raise ProcessorError(f"{label} is {kind}, not an image file")
+
+
 def _open_file(path: str | os.PathLike | BinaryIO, label: str) -> np.ndarray:
     if isinstance(path, (str, os.PathLike)):
         label = f"{label} ({os.fspath(path)!r})"
+        check_regular_file(path, label)
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its limit; we refuse anything above it.
@@ -296,6 +318,8 @@ class Lfm2VlImageProcessor:
             ("use_thumbnail", use_thumbnail),
             ("do_rescale", do_rescale),
             ("do_normalize", do_normalize),
+            ("do_pad", do_pad),
+            ("do_convert_rgb", True if do_convert_rgb is None else do_convert_rgb),
         ):
             if not isinstance(value, (bool, np.bool_)):
                 raise ProcessorError(f"image processor config: {name} must be true or false, not {value!r}")
@@ -600,12 +624,12 @@ def read_image_processor_config(directory: Path) -> dict[str, Any]:
     keys of processor_config.json, then its nested "image_processor" dict (later wins)."""
     config: dict[str, Any] = {}
     for name in ("preprocessor_config.json", "processor_config.json"):
-        path = directory / name
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError as error:
-                raise ProcessorError(f"{path} is not valid JSON: {error}") from error
-            config.update({k: v for k, v in data.items() if k != "image_processor"})
-            config.update(data.get("image_processor") or {})
+        data = read_json_object(directory / name, ProcessorError)
+        if data is None:
+            continue
+        nested = data.get("image_processor") or {}
+        if not isinstance(nested, dict):
+            raise ProcessorError(f"{directory / name}: image_processor must be an object, got {nested!r:.60}")
+        config.update({k: v for k, v in data.items() if k != "image_processor"})
+        config.update(nested)
     return config

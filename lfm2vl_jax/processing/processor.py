@@ -28,6 +28,7 @@ import numpy as np
 from tokenizers import Tokenizer, models
 
 from ..checkpoint.hub import PROCESSOR_FILES, resolve_checkpoint_dir
+from ..config import read_json_object
 from .chat_template import ChatTemplate, check_tools_and_documents, template_data
 from .image_processor import (
     ImageInput,
@@ -62,31 +63,41 @@ def _token_content(value: Any) -> str | None:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ProcessorError(f"{path} is not valid JSON: {error}") from error
+    return read_json_object(path, ProcessorError)
+
+
+def _boolean(value: Any, where: str) -> bool:
+    """A setting typed as a boolean: only true or false is taken (a string such as "no" would otherwise
+    read as true); `where` names the setting (and its file)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ProcessorError(f"{where} must be true or false, got {value!r}")
+    return bool(value)
 
 
 def _read_chat_template(directory: Path, tokenizer_config: Mapping[str, Any]) -> tuple[str | None, str]:
     """(template, the file it came from): chat_template.jinja, else chat_template.json, else the template
     inside tokenizer_config.json."""
-    if (directory / "chat_template.jinja").is_file():
-        path = directory / "chat_template.jinja"
-        return path.read_text(encoding="utf-8"), str(path)
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return jinja.read_text(encoding="utf-8"), str(jinja)
+        except UnicodeDecodeError as error:
+            raise ProcessorError(f"{jinja} is not UTF-8 text: {error}") from None
     template_json = _read_json(directory / "chat_template.json")
-    origin = directory / ("chat_template.json" if template_json else "tokenizer_config.json")
+    source = directory / ("chat_template.json" if template_json else "tokenizer_config.json")
     template = template_json.get("chat_template") if template_json else tokenizer_config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        if not all(isinstance(entry, Mapping) and {"name", "template"} <= entry.keys() for entry in template):
+            raise ProcessorError(f"{source}: chat_template must be a string or a list of {{name, template}}")
         named = {entry["name"]: entry["template"] for entry in template}
         if "default" not in named:
             raise ProcessorError(
-                f"{directory}: several chat templates ({', '.join(named)}) and none is 'default'"
+                f"{directory}: several chat templates ({', '.join(map(str, named))}) and none is 'default'"
             )
         template = named["default"]
-    return template, str(origin)
+    if template is not None and not isinstance(template, str):
+        raise ProcessorError(f"{source}: the chat template must be a string, got {template!r:.60}")
+    return template, str(source)
 
 
 def _id_list(row: Any, vocab_size: int) -> list[int]:
@@ -171,24 +182,35 @@ class Lfm2VlProcessor:
         self.image_token_id = self._token_id(self.image_token, "image_token")
 
         if use_image_special_tokens is None:
-            use_image_special_tokens = self.processor_config.get("use_image_special_tokens", True)
-        self.use_image_special_tokens = bool(use_image_special_tokens)
+            self.use_image_special_tokens = _boolean(
+                self.processor_config.get("use_image_special_tokens", True),
+                "processor_config.json: use_image_special_tokens",
+            )
+        else:
+            self.use_image_special_tokens = _boolean(use_image_special_tokens, "use_image_special_tokens")
         self.padding_side = padding_side or self.tokenizer_config.get("padding_side", "right")
         self.truncation_side = self.tokenizer_config.get("truncation_side", "right")
         for name, side in (("padding_side", self.padding_side), ("truncation_side", self.truncation_side)):
             if side not in ("left", "right"):
                 raise ProcessorError(f"{name} must be 'left' or 'right', got {side!r}")
         model_max_length = self.tokenizer_config.get("model_max_length")
+        if isinstance(model_max_length, bool) or not isinstance(model_max_length, (int, float, type(None))):
+            raise ProcessorError(
+                f"tokenizer_config.json: model_max_length must be a number, got {model_max_length!r:.60}"
+            )
         if max_length is None and model_max_length is not None and model_max_length < _UNLIMITED_LENGTH:
             max_length = int(model_max_length)
         self.max_length = max_length
         # transformers skips this clean-up for BPE models (it would corrupt their output)
-        self.clean_up_tokenization_spaces = bool(
-            self.tokenizer_config.get("clean_up_tokenization_spaces", False)
+        self.clean_up_tokenization_spaces = _boolean(
+            self.tokenizer_config.get("clean_up_tokenization_spaces", False),
+            "tokenizer_config.json: clean_up_tokenization_spaces",
         ) and not isinstance(tokenizer.model, models.BPE)
         self._compiled_template = ChatTemplate(chat_template, chat_template_origin) if chat_template else None
 
     def _token_id(self, token: str, name: str) -> int:
+        if not isinstance(token, str):
+            raise ProcessorError(f"tokenizer_config.json: {name} must be a token string, got {token!r:.60}")
         token_id = self.tokenizer.token_to_id(token)
         if token_id is None:
             raise ProcessorError(f"{name} {token!r} is not in the tokenizer's vocabulary")
@@ -227,8 +249,15 @@ class Lfm2VlProcessor:
             raise ProcessorError(f"unknown processor settings: {', '.join(sorted(unknown))}")
         image_overrides = {k: v for k, v in overrides.items() if k not in processor_keys}
         chat_template, chat_template_origin = _read_chat_template(directory, tokenizer_config)
+        image_settings = read_image_processor_config(directory)
+        try:
+            image_processor = Lfm2VlImageProcessor.from_dict(image_settings, **image_overrides)
+        except ProcessorError as error:  # name the files the settings came from
+            raise ProcessorError(
+                f"{directory} (preprocessor_config.json, processor_config.json): {error}"
+            ) from None
         return cls(
-            Lfm2VlImageProcessor.from_dict(read_image_processor_config(directory), **image_overrides),
+            image_processor,
             tokenizer,
             chat_template=chat_template,
             chat_template_origin=chat_template_origin,
@@ -368,6 +397,13 @@ class Lfm2VlProcessor:
         for index, sample in enumerate(texts):
             if not isinstance(sample, str):
                 raise ProcessorError(f"text {index} is a {type(sample).__name__}, expected str")
+            try:
+                sample.encode("utf-8")
+            except UnicodeEncodeError as error:  # what the tokenizer cannot take
+                raise ProcessorError(
+                    f"text {index} holds a lone surrogate {sample[error.start]!r} at character "
+                    f"{error.start}: not valid Unicode text"
+                ) from None
         if padding not in (True, "longest", "max_length"):
             raise ProcessorError(f"padding must be True, 'longest' or 'max_length', got {padding!r}")
         padding_side = padding_side or self.padding_side
@@ -380,9 +416,10 @@ class Lfm2VlProcessor:
             raise ProcessorError(f"max_length must be a positive integer, got {max_length!r}")
         if padding == "max_length" and max_length is None:
             raise ProcessorError("padding='max_length' needs a max_length")
-        use_special = (
-            self.use_image_special_tokens if use_image_special_tokens is None else use_image_special_tokens
-        )
+        use_special = self.use_image_special_tokens
+        if use_image_special_tokens is not None:
+            use_special = _boolean(use_image_special_tokens, "use_image_special_tokens")
+        _boolean(truncation, "truncation")  # "no" would truncate
 
         nested = self._nest_images(images, len(texts))
         for index, (sample, sample_images) in enumerate(zip(texts, nested, strict=True)):
@@ -525,6 +562,8 @@ class Lfm2VlProcessor:
             message = {key: value for key, value in message.items() if value is not None}
             if "role" not in message:
                 raise ProcessorError(f"{where} has no 'role'")
+            if not isinstance(message["role"], str):
+                raise ProcessorError(f"{where}: 'role' must be a string, got {message['role']!r:.40}")
             content = message.get("content")
             if isinstance(content, (list, tuple)):
                 blocks = []

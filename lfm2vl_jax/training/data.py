@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import Lfm2VlError
+from ..processing.image_processor import ProcessorError, check_regular_file
 from ..processing.processor import Lfm2VlProcessor
 
 EXIF_ORIENTATION = 0x0112
@@ -154,6 +155,10 @@ def _resolve_images(messages: Any, base: Path) -> tuple[list[dict], list[str]]:
 
 def _image_size(path: str) -> tuple[int, int]:
     """(height, width) as the processor will see the image (EXIF orientation applied), from the header."""
+    try:
+        check_regular_file(path, f"image {path}")  # not a FIFO, device or directory (never opened)
+    except ProcessorError as err:
+        raise DataError(str(err)) from None
     try:
         with Image.open(path) as image:
             width, height = image.size

@@ -20,7 +20,13 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_checkpoints import copy_checkpoint, replace_tensor, snapshot, tiny_config, write_tiny_checkpoint
+from tiny_checkpoints import (
+    copy_checkpoint,
+    replace_tensor,
+    snapshot,
+    tiny_config,
+    write_cli_checkpoint,
+)
 
 import lfm2vl_jax.checkpoint.export as export
 import lfm2vl_jax.inputs as inputs_module
@@ -43,25 +49,10 @@ W1 = "model.language_model.layers.0.feed_forward.w1.weight"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """Vocabulary 512, 64 positions."""
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
-
-
-@pytest.fixture(scope="module")
-def model(tiny) -> Lfm2VlForConditionalGeneration:
-    return Lfm2VlForConditionalGeneration.from_pretrained(tiny, progress=False)
-
-
-@pytest.fixture(scope="module")
 def cli_checkpoint(tmp_path_factory, checkpoint_450m) -> Path:
     """The tiny model with the released vocabulary (65,536) and 128,000 positions, beside the stand-in
     tokenizer and processor files, for `lfm2vl generate`."""
-    config = tiny_config(vocab_size=65536, max_position_embeddings=128_000)
-    directory = write_tiny_checkpoint(tmp_path_factory.mktemp("cli") / "ckpt", config)
-    for path in checkpoint_450m.iterdir():
-        shutil.copyfile(path, directory / path.name)
-    return directory
+    return write_cli_checkpoint(tmp_path_factory.mktemp("cli") / "ckpt", checkpoint_450m)
 
 
 def one_error_line(capsys, prog: str = "lfm2vl") -> str:
@@ -74,7 +65,7 @@ def one_error_line(capsys, prog: str = "lfm2vl") -> str:
 # max_new_tokens: type, positions, memory ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", [True, 2.0, "8", None, 0, -1, 2**31])
+@pytest.mark.parametrize("value", [True, 2.0, "8", 0, -1, 2**31])  # None: unset (generation_config.json)
 def test_max_new_tokens_must_be_a_positive_int(model, value):
     with pytest.raises(OptionError, match=f"max_new_tokens must be an integer in \\[1, .*got {value!r}"):
         model.generate(PROMPT, max_new_tokens=value)

@@ -17,6 +17,7 @@ from compile_counter import CompileCounter
 from tiny_model import prompt_inputs, tiny_config, tiny_params
 
 from lfm2vl_jax import Lfm2VlForConditionalGeneration
+from lfm2vl_jax.errors import Lfm2VlError
 from lfm2vl_jax.inference.batch_io import BatchRequest
 from lfm2vl_jax.inference.sampling import SamplingParams, next_token, next_token_rows
 
@@ -169,3 +170,51 @@ def test_max_length_cuts_the_limit_and_submit_queues(model):
     batch.submit({"id": 1, "inputs": prompt_inputs(model.config, [5]), "seed": 0})
     lengths = {r.id: len(r.token_ids) for r in batch.run()}
     assert lengths == {0: 4, 1: 16}
+
+
+def test_seeds_use_all_64_bits_in_the_engine_as_in_generate(model):
+    """0 and 2**32 (and -1 and 2**32 - 1) draw different tokens; -1 is 2**64 - 1 (two's complement); each
+    request still gets what `generate` gives it alone; a seed beyond 64 bits is an error record."""
+    seeds = [0, 2**32, 2**32 - 1, -1, 2**64 - 1, 2**63 + 5]
+    requests = [
+        {
+            "id": seed,
+            "inputs": prompt_inputs(model.config, [5], seed=3),
+            "max_new_tokens": 8,
+            "seed": seed,
+            "do_sample": True,
+            "temperature": 3.0,
+            "top_k": 50,
+            "eos_token_id": [],
+        }
+        for seed in seeds
+    ]
+    bad = {**requests[0], "id": "too big", "seed": 2**64}
+    results = {r.id: r for r in engine(model, max_length=64).generate([*requests, bad])}
+    for request in requests:
+        assert results[request["id"]].token_ids == generate_alone(model, request), request["id"]
+    tokens = {seed: results[seed].token_ids for seed in seeds}
+    assert tokens[0] != tokens[2**32] and tokens[-1] != tokens[2**32 - 1] and tokens[-1] == tokens[2**64 - 1]
+    assert len({tuple(t) for t in tokens.values()}) == len(seeds) - 1
+    assert (
+        results["too big"].finish_reason == "error"
+        and "seed must be an integer in" in results["too big"].error
+    )
+    with pytest.raises(
+        Lfm2VlError, match="seed must be an integer in .*18446744073709551615.*got -9223372036854775809"
+    ):
+        engine(model, seed=-(2**63) - 1)
+
+
+def test_generation_config_lengths_are_the_engines_defaults(model):
+    """generation_config.json's max_new_tokens (else max_length minus the prompt) for requests and engines
+    that set none; a request's own limit wins."""
+    for lengths, expected in (({"max_new_tokens": 5}, [5, 2]), ({"max_length": 12}, [7, 2])):
+        generation_config = {"eos_token_id": [], "pad_token_id": 0, **lengths}
+        configured = Lfm2VlForConditionalGeneration(model.config, model.params, generation_config)
+        requests = [
+            {"id": 0, "inputs": prompt_inputs(model.config, [5])},
+            {"id": 1, "inputs": prompt_inputs(model.config, [5]), "max_new_tokens": 2},
+        ]
+        results = engine(configured, max_length=64).generate(requests)
+        assert [len(r.token_ids) for r in results] == expected

@@ -173,7 +173,7 @@ options = st.fixed_dictionaries(
     {"max_new_tokens": mostly(st.integers(1, 12))},
     optional={
         "do_sample": mostly(st.booleans()),
-        "temperature": mostly(st.floats(1e-3, 1e3)),
+        "temperature": mostly(st.floats(1e-3, 1e3) | st.floats(0, 1e-3)),  # below 1e-5: refused
         "top_k": mostly(st.sampled_from([0, 5])),
         "top_p": mostly(st.floats(1e-3, 1.0)),
         "min_p": mostly(st.floats(0.0, 1.0)),
@@ -181,7 +181,7 @@ options = st.fixed_dictionaries(
         "eos_token_id": mostly(st.integers(0, VOCAB - 1)),
         "pad_token_id": mostly(st.just(0)),
         "stop_token_ids": mostly(st.just([])),
-        "seed": mostly(st.integers(-(2**63), 2**63 - 1)),
+        "seed": mostly(st.integers(-(2**63), 2**64 - 1)),
         "loop": mostly(st.sampled_from([None, "host", "device"])),
     },
 )
