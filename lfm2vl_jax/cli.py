@@ -244,7 +244,12 @@ def _conversion_arguments(p: argparse.ArgumentParser, src_help: str, dst_help: s
     p.add_argument(
         "--dtype", choices=sorted(DTYPES), help="dtype of the written weights (default: as stored)"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint files of an existing DST")
+    p.add_argument(
+        "--keep-other-files",
+        action="store_true",
+        help="write into a DST holding files that are not a checkpoint's (they are kept)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_debug_argument(p)
     if to_hf:
@@ -281,13 +286,22 @@ def _report_written(out) -> int:
 def run_hf_to_orbax(args: argparse.Namespace) -> int:
     from .checkpoint.orbax import hf_to_orbax
 
-    return _report_written(hf_to_orbax(args.src, args.dst, args.dtype, args.overwrite, not args.quiet))
+    out = hf_to_orbax(args.src, args.dst, args.dtype, args.overwrite, not args.quiet, args.keep_other_files)
+    return _report_written(out)
 
 
 def run_orbax_to_hf(args: argparse.Namespace) -> int:
     from .checkpoint.orbax import orbax_to_hf
 
-    out = orbax_to_hf(args.src, args.dst, args.dtype, args.overwrite, args.max_shard_size, not args.quiet)
+    out = orbax_to_hf(
+        args.src,
+        args.dst,
+        args.dtype,
+        args.overwrite,
+        args.max_shard_size,
+        not args.quiet,
+        args.keep_other_files,
+    )
     return _report_written(out)
 
 
