@@ -68,6 +68,25 @@ def _float(sampling: SamplingParams, name: str) -> float:
     return 1.0 if value is None else value
 
 
+def _chars_per_token_bound(processor: Lfm2VlProcessor) -> int:
+    """An upper bound on the characters one token stands for: its vocabulary's longest entry (byte-level
+    entries count bytes, at least the characters), times 4 for normalizers that merge characters."""
+    return 4 * max(map(len, processor.tokenizer.get_vocab(with_added_tokens=True)), default=1)
+
+
+def _text_chars(messages: list) -> int:
+    """Characters of text in chat messages (string contents and text blocks; images not counted)."""
+    total = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, str):
+            total += len(content)
+        for block in content if isinstance(content, list) else ():
+            text = block.get("text") if isinstance(block, Mapping) else None
+            total += len(text) if isinstance(text, str) else 0
+    return total
+
+
 @flax.struct.dataclass
 class SlotState:
     """Everything the decode program carries per slot (S slots, vocabulary V)."""
@@ -436,7 +455,11 @@ class BatchEngine:
         self.slots, self.max_length, self.max_new_tokens, self.seed = slots, max_length, max_new_tokens, seed
         self.options = dict(options)
         self.top_k, self.pad_id = sampling.top_k, pad_id
+        for name, value in (("prefill_batch", prefill_batch), ("workers", workers)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise Lfm2VlError(f"{name} must be a positive integer or None, got {value!r}")
         self.prefill_batch = max(1, min(slots, prefill_batch or slots // 4))
+        self.max_text_chars = None if processor is None else max_length * _chars_per_token_bound(processor)
         # One core left to the device's host threads (on a CPU backend, the device itself).
         self.workers = workers or max(1, min(4, (os.cpu_count() or 2) - 1))
         self.chunk = chunk
@@ -508,6 +531,12 @@ class BatchEngine:
         if request.messages is not None:
             if self.processor is None:
                 raise BatchRequestError("a request with 'messages' needs an engine with a processor")
+            chars = _text_chars(request.messages)
+            if chars > self.max_text_chars:  # refused before tokenizing megabytes
+                raise BatchRequestError(
+                    f"the messages hold {chars} characters of text, more than max_length={self.max_length} "
+                    "tokens can cover; shorten them or raise max_length"
+                )
             inputs = self.processor.apply_chat_template(
                 request.messages, add_generation_prompt=True, tokenize=True, return_dict=True
             )
