@@ -407,6 +407,19 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--coordinator-address", help="multi-process: process 0's host:port")
     p.add_argument("--num-processes", type=int, help="multi-process: number of processes")
     p.add_argument("--process-id", type=int, help="multi-process: this process's index")
+    p.add_argument(
+        "--coordinator-timeout", type=int, help="multi-process: seconds to wait for all processes (300)"
+    )
+    p.add_argument(
+        "--keep-other-files",
+        action="store_true",
+        help="train into an --output holding other files (they are kept)",
+    )
+    p.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        help="skip an update whose loss or gradient is NaN/inf instead of stopping the run",
+    )
     p.set_defaults(run=run_train, command="train")
 
 

@@ -73,6 +73,18 @@ def _drop_abandoned_read_reports() -> None:
     sys.unraisablehook = hook
 
 
+@contextlib.contextmanager
+def quiet_orbax_reads() -> Iterator[None]:
+    """Around an orbax restore that may fail on damaged or mismatched data: no orbax warnings, and if it
+    fails, no "Event loop is closed" reports from its abandoned reads (the caller's error says it all)."""
+    try:
+        with _without_orbax_warnings():
+            yield
+    except Exception:
+        _drop_abandoned_read_reports()
+        raise
+
+
 def _unreadable(where: Path, problem: str, error: BaseException | None = None) -> ExportError:
     _drop_abandoned_read_reports()
     detail = "" if error is None else f" ({_first_line(error)})"

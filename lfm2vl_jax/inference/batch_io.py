@@ -155,6 +155,27 @@ def resolve_image_paths(messages: list, base_dir: Path) -> list:
     return resolved
 
 
+def chars_per_token_bound(tokenizer: Any) -> int:
+    """An upper bound on the characters one token stands for (a `tokenizers.Tokenizer`'s longest
+    vocabulary entry; byte-level entries count bytes, at least the characters), times 4 for normalizers
+    that merge characters: a text of more than `max_length` times this cannot fit, and is refused
+    without tokenizing it."""
+    return 4 * max(map(len, tokenizer.get_vocab(with_added_tokens=True)), default=1)
+
+
+def text_chars(messages: Any) -> int:
+    """Characters of text in chat messages (string contents and text blocks; images not counted)."""
+    total = 0
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, str):
+            total += len(content)
+        for block in content if isinstance(content, list) else ():
+            text = block.get("text") if isinstance(block, Mapping) else None
+            total += len(text) if isinstance(text, str) else 0
+    return total
+
+
 def line_id(line_number: int) -> str:
     """The id given to a line whose own id cannot be read (so that --resume skips it too)."""
     return f"<line {line_number}>"

@@ -47,7 +47,7 @@ from ..nn.model import embed_with_features, image_features
 from ..nn.params import Params
 from ..nn.text import embed_tokens, lm_logits, text_forward
 from ..parallel.sharding import batch_sharding, cache_shardings
-from .batch_io import BatchRequest, BatchRequestError, BatchResult
+from .batch_io import BatchRequest, BatchRequestError, BatchResult, chars_per_token_bound, text_chars
 from .cache import Cache, append, cache_layout, init_cache, is_layout
 from .engine import bucket, prepare_batch
 from .sampling import SamplingParams, next_token_rows
@@ -66,25 +66,6 @@ def _float(sampling: SamplingParams, name: str) -> float:
     which leaves every logit unchanged."""
     value = getattr(sampling, name)
     return 1.0 if value is None else value
-
-
-def _chars_per_token_bound(processor: Lfm2VlProcessor) -> int:
-    """An upper bound on the characters one token stands for: its vocabulary's longest entry (byte-level
-    entries count bytes, at least the characters), times 4 for normalizers that merge characters."""
-    return 4 * max(map(len, processor.tokenizer.get_vocab(with_added_tokens=True)), default=1)
-
-
-def _text_chars(messages: list) -> int:
-    """Characters of text in chat messages (string contents and text blocks; images not counted)."""
-    total = 0
-    for message in messages:
-        content = message.get("content") if isinstance(message, Mapping) else None
-        if isinstance(content, str):
-            total += len(content)
-        for block in content if isinstance(content, list) else ():
-            text = block.get("text") if isinstance(block, Mapping) else None
-            total += len(text) if isinstance(text, str) else 0
-    return total
 
 
 @flax.struct.dataclass
@@ -459,7 +440,9 @@ class BatchEngine:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise Lfm2VlError(f"{name} must be a positive integer or None, got {value!r}")
         self.prefill_batch = max(1, min(slots, prefill_batch or slots // 4))
-        self.max_text_chars = None if processor is None else max_length * _chars_per_token_bound(processor)
+        self.max_text_chars = (
+            None if processor is None else max_length * chars_per_token_bound(processor.tokenizer)
+        )
         # One core left to the device's host threads (on a CPU backend, the device itself).
         self.workers = workers or max(1, min(4, (os.cpu_count() or 2) - 1))
         self.chunk = chunk
@@ -531,7 +514,7 @@ class BatchEngine:
         if request.messages is not None:
             if self.processor is None:
                 raise BatchRequestError("a request with 'messages' needs an engine with a processor")
-            chars = _text_chars(request.messages)
+            chars = text_chars(request.messages)
             if chars > self.max_text_chars:  # refused before tokenizing megabytes
                 raise BatchRequestError(
                     f"the messages hold {chars} characters of text, more than max_length={self.max_length} "
