@@ -20,11 +20,13 @@ class TrainingError(Lfm2VlError):
     """A fine-tuning run that cannot start or continue as asked (options, output directory, resources)."""
 
 
-def _names(value: str | Sequence[str] | None) -> tuple[str, ...]:
+def _names(value: str | Sequence[str] | None, flag: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
         value = value.split(",")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TrainingError(f"{flag} must be comma-separated names or a list of names, got {value!r}")
     return tuple(v.strip() for v in value if v.strip())
 
 
@@ -35,7 +37,7 @@ def _multipliers(value: str | Mapping[str, float] | None) -> dict[str, float]:
         items = value.items()
     else:
         items = []
-        for part in _names(value):
+        for part in _names(value, "--lr-multiplier"):
             name, sep, number = part.partition("=")
             if not sep:
                 raise TrainingError(f"--lr-multiplier {value!r}: expected component=factor pairs")
@@ -120,8 +122,8 @@ class SFTConfig:
     skip_nonfinite: bool = False  # skip (not apply) an update whose loss or gradient is NaN or inf
 
     def __post_init__(self):
-        self.freeze = _names(self.freeze)
-        self.lora_targets = _names(self.lora_targets)
+        self.freeze = _names(self.freeze, "--freeze")
+        self.lora_targets = _names(self.lora_targets, "--lora-targets")
         self.lr_multiplier = _multipliers(self.lr_multiplier)
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
