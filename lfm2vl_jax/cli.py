@@ -181,6 +181,8 @@ def check_output_file(output: Path, inputs: Sequence[tuple[str, Path]]) -> None:
             raise Lfm2VlError(f"--output {output} is the {flag} file {path}; write the results elsewhere")
     if not output.parent.is_dir():
         raise Lfm2VlError(f"--output {output}: directory {output.parent} does not exist")
+    if output.exists() and not output.is_file() and output != Path(os.devnull):
+        raise Lfm2VlError(f"--output {output} is not a regular file")
 
 
 def check_batch_arguments(args: argparse.Namespace) -> None:

@@ -123,7 +123,7 @@ class Checkpoints:
                 aside = self.directory / f"broken-{broken}"
                 os.rename(self.directory / str(broken), aside)
                 warn(
-                    f"warning: the checkpoint of step {broken} does not restore ({reason}); moved to "
+                    f"the checkpoint of step {broken} does not restore ({reason}); moved to "
                     f"{aside}, resuming from step {step}"
                 )
             if failures:

@@ -20,7 +20,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -89,23 +91,40 @@ def read_run_file(path: Path) -> dict[str, Any]:
 
 
 def initialize_distributed(config: SFTConfig) -> None:
-    """`jax.distributed.initialize` for a multi-process launch (before anything touches a device), waiting
-    at most `coordinator_timeout` seconds for the processes to connect."""
-    if config.coordinator_address or (config.num_processes or 1) > 1:
-        try:
-            jax.distributed.initialize(
-                config.coordinator_address,
-                config.num_processes,
-                config.process_id,
-                initialization_timeout=config.coordinator_timeout,
-            )
-        except (RuntimeError, ValueError) as err:  # XLA's connection errors are RuntimeErrors
-            detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise TrainingError(
-                f"--coordinator-address {config.coordinator_address}: process {config.process_id} of "
-                f"{config.num_processes} could not join the run within --coordinator-timeout "
-                f"{config.coordinator_timeout} s ({detail})"
-            ) from None
+    """`jax.distributed.initialize` for a multi-process launch (before anything touches a device and
+    before anything is written). XLA aborts the process when its own deadline passes, so a watchdog
+    ends it first, after `coordinator_timeout` seconds, with one error line naming the address (exit
+    status 2)."""
+    if not (config.coordinator_address or (config.num_processes or 1) > 1):
+        return
+    where = (
+        f"--coordinator-address {config.coordinator_address}: process {config.process_id} of "
+        f"{config.num_processes}"
+    )
+
+    def give_up() -> None:
+        sys.stderr.write(
+            f"lfm2vl train: error: {where}: not every process joined the run within --coordinator-timeout "
+            f"{config.coordinator_timeout} s (is the address reachable, and are all processes started?)\n"
+        )
+        sys.stderr.flush()
+        os._exit(2)
+
+    watchdog = threading.Timer(config.coordinator_timeout, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(
+            config.coordinator_address,
+            config.num_processes,
+            config.process_id,
+            initialization_timeout=config.coordinator_timeout + 60,  # ours fires first
+        )
+    except (RuntimeError, ValueError) as err:  # a bad address, an id out of range
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise TrainingError(f"{where} could not join the run ({detail})") from None
+    finally:
+        watchdog.cancel()
 
 
 def global_batch(
@@ -201,6 +220,11 @@ class SFTTrainer:
     def log(self, message: str) -> None:
         if self.config.progress and self.primary:
             tqdm.write(message, file=sys.stderr)
+
+    def warn(self, message: str) -> None:
+        """Printed even with --quiet: something the user must know was skipped."""
+        if self.primary:
+            tqdm.write(f"lfm2vl train: warning: {message}", file=sys.stderr)
 
     # -- setup ---------------------------------------------------------------------------------------------
 
@@ -387,7 +411,8 @@ class SFTTrainer:
         checkpoints = Checkpoints(self.output / "checkpoints", c.save_every, c.keep)
         restored = None
         if c.resume and checkpoints.latest_step() is not None:
-            restored = checkpoints.restore_latest_good(abstract_with_shardings(abstract, shardings), self.log)
+            abstract_placed = abstract_with_shardings(abstract, shardings)
+            restored = checkpoints.restore_latest_good(abstract_placed, self.warn)
         if restored is None:
             start, state, data_state = 0, self._initial_state(trainable, trained, tx, shardings), None
         else:
@@ -485,7 +510,9 @@ class SFTTrainer:
             if "skipped" in values and bool(values["skipped"]):
                 skipped.append(step)
                 loss, norm = float(values["loss"]), float(values["grad_norm"])
-                self.log(f"step {step}: loss {loss}, gradient norm {norm}: update skipped (--skip-nonfinite)")
+                self.warn(
+                    f"step {step}: loss {loss}, gradient norm {norm}; update skipped (--skip-nonfinite)"
+                )
             elif not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
                 good = run.checkpoints.latest_step()
                 kept = (
