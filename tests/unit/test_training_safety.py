@@ -102,7 +102,7 @@ def test_a_non_finite_step_stops_the_run_keeping_the_last_good_checkpoint(
     """A learning rate of 1e30 trains step 1 (its loss is computed before the update) to weights of
     ~1e30, whose step-2 loss overflows."""
     out = tmp_path / "run"
-    config = run_config(tiny_checkpoint, training_data, out, learning_rate=1e30, save_every=1, steps=3)
+    config = run_config(tiny_checkpoint, training_data, out, learning_rate=1e30, save_every=1, steps=2)
     with pytest.raises(
         TrainingError, match=r"step 2: the loss is nan.*last good checkpoint \(step 1\) is kept"
     ):
@@ -114,11 +114,11 @@ def test_a_non_finite_step_stops_the_run_keeping_the_last_good_checkpoint(
 
     skipped = tmp_path / "skipped"
     config = run_config(
-        tiny_checkpoint, training_data, skipped, learning_rate=1e30, skip_nonfinite=True, steps=3
+        tiny_checkpoint, training_data, skipped, learning_rate=1e30, skip_nonfinite=True, steps=2
     )
     SFTTrainer(config).train()
     lines = [json.loads(line) for line in (skipped / "metrics.jsonl").read_text().splitlines()]
-    assert [line["skipped_updates"] for line in lines] == [0, 1, 2]
+    assert [line["skipped_updates"] for line in lines] == [0, 1]
     assert (skipped / "final" / "model.safetensors").exists()
 
 
