@@ -169,3 +169,13 @@ def test_max_length_cuts_the_limit_and_submit_queues(model):
     batch.submit({"id": 1, "inputs": prompt_inputs(model.config, [5]), "seed": 0})
     lengths = {r.id: len(r.token_ids) for r in batch.run()}
     assert lengths == {0: 4, 1: 16}
+
+
+@pytest.mark.parametrize(
+    "option, value", [("workers", -1), ("workers", 0.5), ("prefill_batch", 0), ("prefill_batch", True)]
+)
+def test_engine_sizes_are_positive_integers_named(model, option, value):
+    from lfm2vl_jax.errors import Lfm2VlError
+
+    with pytest.raises(Lfm2VlError, match=f"{option} must be a positive integer or None, got {value!r}"):
+        engine(model, **{option: value})
