@@ -9,7 +9,8 @@
     silent     finished as if nothing were wrong (exit 0 / no error record where one was due)
     traceback  a traceback, an internal error, or an error line that does not name the problem
 
-    PYTHONPATH=. python tests/tools/bad_input_sweep.py [--only SUBSTRING] [--timeout 120] [--memory-gb 6]
+    PYTHONPATH=. python tests/tools/bad_input_sweep.py [--only SUBSTRING] [--timeout 180] [--memory-gb 8] \
+        [--code CHECKOUT]  # another checkout's lfm2vl_jax, e.g. to compare with an older version
 
 Torch-free: the checkpoint is the tiny random one of the tests (tests/training_fixtures.py). Prints one
 line per case and the counts; exit status 1 if any case is not `error` or `handled`.
@@ -33,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+CODE = REPO  # the checkout whose lfm2vl_jax the cases run (--code)
 
 CLI = [sys.executable, "-m", "lfm2vl_jax.cli"]
 GOOD_LINE = {"id": "good", "messages": [{"role": "user", "content": "Hello."}], "max_new_tokens": 2}
@@ -472,7 +474,7 @@ def prepare_shared(shared: Path, timeout: float) -> None:
         "hf_to_orbax(shared / 'model', shared / 'orbax', progress=False); "
         "uniform_conversations(shared / 'data')"
     )
-    env = os.environ | {"PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    env = os.environ | {"PYTHONPATH": str(CODE), "JAX_PLATFORMS": "cpu"}
     subprocess.run([sys.executable, "-c", code], check=True, timeout=timeout, cwd=REPO, env=env)
     argv = [*CLI, *train(shared, shared / "run")]
     subprocess.run(argv, check=True, timeout=timeout, env=env, capture_output=True)
@@ -524,7 +526,7 @@ def run_case(case: Case, shared: Path, timeout: float, memory: int) -> tuple[str
                 errors="replace",
                 timeout=timeout,
                 preexec_fn=limit,
-                env=os.environ | {"PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"},
+                env=os.environ | {"PYTHONPATH": str(CODE), "JAX_PLATFORMS": "cpu"},
             )
             rc, out = done.returncode, done.stdout + done.stderr
         except subprocess.TimeoutExpired as expired:
@@ -539,7 +541,10 @@ def main() -> int:
     parser.add_argument("--only", help="run the cases whose name contains this")
     parser.add_argument("--timeout", type=float, default=180, help="seconds per case (default 180)")
     parser.add_argument("--memory-gb", type=float, default=8, help="address-space limit per case (8)")
+    parser.add_argument("--code", type=Path, default=REPO, help="checkout to test (default: this one)")
     args = parser.parse_args()
+    global CODE
+    CODE = args.code.resolve()
     cases = [c for c in CASES if not args.only or args.only in c.name]
     counts: collections.Counter = collections.Counter()
     with tempfile.TemporaryDirectory(prefix="sweep-shared-") as tmp:
