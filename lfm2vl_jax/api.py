@@ -402,11 +402,13 @@ class Lfm2VlForConditionalGeneration:
         processor: Any = None,
         source_dir: str | Path | None = None,
         progress: bool = True,
+        keep_other_files: bool = False,
     ) -> Path:
         """Writes a transformers checkpoint directory (config.json, model.safetensors or shards with an
         index, generation_config.json) that transformers' and our `from_pretrained` load; see
         `export.save_hf_checkpoint`. Crash-safe (written beside `out_dir`, verified, then renamed); an
-        existing `out_dir` is replaced only with `overwrite=True`.
+        existing `out_dir`'s checkpoint files are replaced only with `overwrite=True`, and a directory
+        holding other files is written into (keeping them) only with `keep_other_files=True`.
 
         dtype: weights' dtype on disk (default: as held). processor: e.g. an `Lfm2VlProcessor`, saved in
         too. source_dir: a checkpoint directory whose tokenizer, processor and chat-template files are
@@ -425,4 +427,5 @@ class Lfm2VlForConditionalGeneration:
             generation_config=self.generation_config,
             processor=processor,
             progress=progress,
+            keep_other_files=keep_other_files,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 
 from .config import REMAT_POLICIES, default_dtype_name
 from .errors import Lfm2VlError
+from .inference.batch_io import MAX_LINE_BYTES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5.x's default
@@ -184,10 +186,53 @@ def _batch_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--prefill-batch", type=int, help="most requests prefilled together (default slots/4)")
     p.add_argument("--workers", type=int, help="threads preparing requests (default: CPUs - 1, 1..4)")
+    p.add_argument(
+        "--max-line-bytes",
+        type=int,
+        default=MAX_LINE_BYTES,
+        help=f"longest request line read; longer ones fail unread (default {MAX_LINE_BYTES // 2**20} MiB)",
+    )
     p.add_argument("--resume", action="store_true", help="skip the ids already in --output, append the rest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_batch)
+
+
+def check_positive(args: argparse.Namespace, names: Sequence[str]) -> None:
+    """Integer options that must be >= 1 when given, named by their flag."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise Lfm2VlError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def check_output_file(output: Path, inputs: Sequence[tuple[str, Path]]) -> None:
+    """An output file must not be (through links too) one of the command's input files, and its
+    directory must exist."""
+    for flag, path in inputs:
+        same = os.path.realpath(output) == os.path.realpath(path)
+        if not same and output.exists() and path.exists():
+            same = os.path.samefile(output, path)  # a hard link
+        if same:
+            raise Lfm2VlError(f"--output {output} is the {flag} file {path}; write the results elsewhere")
+    if not output.parent.is_dir():
+        raise Lfm2VlError(f"--output {output}: directory {output.parent} does not exist")
+    if output.exists() and not output.is_file() and output != Path(os.devnull):
+        raise Lfm2VlError(f"--output {output} is not a regular file")
+
+
+def check_batch_arguments(args: argparse.Namespace) -> None:
+    """Every option of `lfm2vl batch` that can be checked without the model, before anything is read or
+    written."""
+    check_positive(
+        args, ("slots", "max_new_tokens", "max_length", "prefill_batch", "workers", "max_line_bytes")
+    )
+    if args.resume and args.overwrite:
+        raise Lfm2VlError("--resume continues --output and --overwrite replaces it: pass one of them")
+    if not args.input.is_file():
+        what = "not a regular file" if args.input.exists() else "no such file"
+        raise Lfm2VlError(f"--input {args.input}: {what}")
+    check_output_file(args.output, [("--input", args.input)])
 
 
 def run_batch(args: argparse.Namespace) -> int:
@@ -201,30 +246,31 @@ def run_batch(args: argparse.Namespace) -> int:
     from .parallel.mesh import make_mesh, parse_mesh
     from .processing.processor import Lfm2VlProcessor
 
-    if not args.input.is_file():
-        raise Lfm2VlError(f"--input {args.input}: no such file")
+    check_batch_arguments(args)
+    # Every check that reads only, then the model: nothing is written before all have passed.
+    writer = ResultWriter(args.output, resume=args.resume, overwrite=args.overwrite)
     mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
     options = _sampling_options(args)
     dtype = args.dtype or default_dtype_name()
-    with ResultWriter(args.output, resume=args.resume, overwrite=args.overwrite) as writer:
-        processor = Lfm2VlProcessor.from_pretrained(args.model)
-        model = Lfm2VlForConditionalGeneration.from_pretrained(
-            args.model,
-            dtype=DTYPES[dtype],
-            mesh=mesh,
-            scan_layers=args.scan_layers,
-            progress=not args.quiet and sys.stderr.isatty(),
-        )
-        engine = model.batch_engine(
-            processor,
-            slots=args.slots,
-            max_length=args.max_length,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-            prefill_batch=args.prefill_batch,
-            workers=args.workers,
-            **options,
-        )
+    processor = Lfm2VlProcessor.from_pretrained(args.model)
+    model = Lfm2VlForConditionalGeneration.from_pretrained(
+        args.model,
+        dtype=DTYPES[dtype],
+        mesh=mesh,
+        scan_layers=args.scan_layers,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    engine = model.batch_engine(
+        processor,
+        slots=args.slots,
+        max_length=args.max_length,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        prefill_batch=args.prefill_batch,
+        workers=args.workers,
+        **options,
+    )
+    with writer:
         bar = tqdm(total=count_lines(args.input), unit="req", disable=args.quiet or None, dynamic_ncols=True)
         totals = {"stop": 0, "length": 0, "error": 0, "skipped": 0}
         first_line: dict = {}
@@ -235,7 +281,7 @@ def run_batch(args: argparse.Namespace) -> int:
             bar.update()
 
         def requests():  # what the engine runs; bad lines, duplicates and done ids are handled here
-            for number, item in read_requests(args.input):
+            for number, item in read_requests(args.input, args.max_line_bytes):
                 if item.id in first_line:  # a duplicate is known by its line, the id being taken
                     duplicate = BatchResult.failure(
                         line_id(number),
@@ -280,7 +326,12 @@ def _conversion_arguments(p: argparse.ArgumentParser, src_help: str, dst_help: s
     p.add_argument(
         "--dtype", choices=sorted(DTYPES), help="dtype of the written weights (default: as stored)"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint files of an existing DST")
+    p.add_argument(
+        "--keep-other-files",
+        action="store_true",
+        help="write into a DST holding files that are not a checkpoint's (they are kept)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_debug_argument(p)
     if to_hf:
@@ -317,13 +368,22 @@ def _report_written(out) -> int:
 def run_hf_to_orbax(args: argparse.Namespace) -> int:
     from .checkpoint.orbax import hf_to_orbax
 
-    return _report_written(hf_to_orbax(args.src, args.dst, args.dtype, args.overwrite, not args.quiet))
+    out = hf_to_orbax(args.src, args.dst, args.dtype, args.overwrite, not args.quiet, args.keep_other_files)
+    return _report_written(out)
 
 
 def run_orbax_to_hf(args: argparse.Namespace) -> int:
     from .checkpoint.orbax import orbax_to_hf
 
-    out = orbax_to_hf(args.src, args.dst, args.dtype, args.overwrite, args.max_shard_size, not args.quiet)
+    out = orbax_to_hf(
+        args.src,
+        args.dst,
+        args.dtype,
+        args.overwrite,
+        args.max_shard_size,
+        not args.quiet,
+        args.keep_other_files,
+    )
     return _report_written(out)
 
 
@@ -385,6 +445,19 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--coordinator-address", help="multi-process: process 0's host:port")
     p.add_argument("--num-processes", type=int, help="multi-process: number of processes")
     p.add_argument("--process-id", type=int, help="multi-process: this process's index")
+    p.add_argument(
+        "--coordinator-timeout", type=int, help="multi-process: seconds to wait for all processes (300)"
+    )
+    p.add_argument(
+        "--keep-other-files",
+        action="store_true",
+        help="train into an --output holding other files (they are kept)",
+    )
+    p.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        help="skip an update whose loss or gradient is NaN/inf instead of stopping the run",
+    )
     p.set_defaults(run=run_train, command="train")
 
 

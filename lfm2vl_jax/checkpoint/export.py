@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, Lfm2VlConfig, floating_dtype
 from ..nn.params import Params
-from .files import ExportError, check_writer_arguments, staging_directory, write_side_files
+from .files import ExportError, check_writer_arguments, planned_names, staging_directory, write_side_files
 from .hf import iter_hf_tensors, leaf_at, tensor_map
 from .safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
 
@@ -205,6 +205,7 @@ def save_hf_checkpoint(
     generation_config: dict[str, Any] | None = None,
     processor: Any = None,
     progress: bool = True,
+    keep_other_files: bool = False,
 ) -> Path:
     """Writes a transformers checkpoint directory that `Lfm2VlForConditionalGeneration.from_pretrained` of
     transformers (and ours) loads.
@@ -215,14 +216,17 @@ def save_hf_checkpoint(
         generation config, ...) are copied over.
     generation_config: written as generation_config.json (replacing a copied one) when non-empty.
     processor: an object with `save_pretrained(directory)` (e.g. `Lfm2VlProcessor`), saved in too.
+    overwrite: replace the checkpoint files of an existing directory (stale shards dropped).
+    keep_other_files: write into a directory holding other files (which are kept); refused otherwise.
     """
     max_shard_bytes = parse_size(max_shard_size)
     dtype = as_weight_dtype(dtype)
-    check_writer_arguments(overwrite, processor)
+    check_writer_arguments(overwrite, processor, keep_other_files)
     layout = _hf_layout(config, params, dtype)
     config_dtype = max({d for _, d, _ in layout}, key=lambda d: d.itemsize)  # "auto" loads lose nothing
     target = Path(out_dir)
-    with staging_directory(target, overwrite, source_dir) as staging:
+    planned = planned_names(source_dir, processor)
+    with staging_directory(target, overwrite, source_dir, keep_other_files, planned) as staging:
         write_side_files(staging, config, config_dtype, source_dir, generation_config, processor)
         _write_weights(staging, config, params, dtype, layout, max_shard_bytes, progress)
     return target

@@ -65,10 +65,65 @@ def _overlap(target: Path, source: Path) -> str | None:
     return None
 
 
-def check_target(target: Path, overwrite: bool, source: str | Path | None = None) -> None:
-    """Refuses an existing target (an empty directory aside) unless `overwrite`, and, whatever
-    `overwrite` says, a target overlapping `source` (the directory being converted or copied from): a
-    write must never destroy its own input."""
+# What a checkpoint directory holds: with `overwrite`, these are replaced (stale shards of an earlier save
+# dropped); any other entry is a user's, which no write deletes (`keep_other_files` writes beside them).
+CHECKPOINT_FILE_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "params",  # an orbax checkpoint's arrays
+)
+PROCESSOR_FILE_NAMES = (
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+OTHER_FILES_HINT = "keep_other_files=True (--keep-other-files)"
+
+
+def _owned(name: str, written: set[str]) -> bool:
+    return name in written or any(fnmatch.fnmatchcase(name, p) for p in CHECKPOINT_FILE_PATTERNS)
+
+
+def planned_names(source: str | Path | None, processor: Any) -> set[str]:
+    """The names a write will put in its directory beyond `CHECKPOINT_FILE_PATTERNS`, known before it
+    starts: the source's carried-over files and a processor's."""
+    names = set(PROCESSOR_FILE_NAMES) if processor is not None else set()
+    if source is not None and Path(source).is_dir():
+        names.update(path.name for path in Path(source).iterdir() if _is_carried_over(path))
+    return names
+
+
+def _other_files(target: Path, written: set[str]) -> list[str]:
+    return sorted(entry.name for entry in target.iterdir() if not _owned(entry.name, written))
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def check_target(
+    target: Path,
+    overwrite: bool,
+    source: str | Path | None = None,
+    keep_other_files: bool = False,
+    written: set[str] | None = None,
+) -> None:
+    """Refuses, before anything is written:
+    - whatever `overwrite` says, a target overlapping `source` (the directory being converted or copied
+      from): a write must never destroy its own input;
+    - a target that is not a directory (a file, a link, a device): never replaced;
+    - a directory holding a checkpoint's files, unless `overwrite`;
+    - a directory holding other files (the user's: names neither in `CHECKPOINT_FILE_PATTERNS` nor in
+      `written`, what this write puts there), unless `keep_other_files`, which keeps them beside the new
+      checkpoint."""
     if source is not None:
         if not Path(source).is_dir():
             raise ExportError(f"source directory {source} does not exist or is not a directory")
@@ -78,8 +133,40 @@ def check_target(target: Path, overwrite: bool, source: str | Path | None = None
                 f"refusing to write {target}: it {relation} the source checkpoint {source}, and a write must "
                 "not replace or alter its own input; choose another destination"
             )
-    if _exists(target) and not _is_empty_dir(target) and not overwrite:
+    if not _exists(target):
+        return
+    if target.is_symlink() or not target.is_dir():
+        kind = "a symbolic link" if target.is_symlink() else "a file, not a directory"
+        raise ExportError(
+            f"{target} is {kind}; refusing to replace it with a checkpoint directory: remove it or choose "
+            "another destination"
+        )
+    written = written or set()
+    others = _other_files(target, written)
+    ours = any(_owned(entry.name, written) for entry in target.iterdir())
+    if ours and not overwrite:
         raise ExportError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
+    if others and not keep_other_files:
+        raise ExportError(
+            f"{target} holds files that are not part of a checkpoint ({_listing(others)}); a write replaces "
+            f"only checkpoint files, never these: choose another directory, move them away, or pass "
+            f"{OTHER_FILES_HINT} to write the checkpoint beside them"
+        )
+
+
+def _link_tree(path: Path, destination: Path) -> None:
+    """Hard links of `path`'s files at `destination` (directories recreated, symbolic links copied): the
+    new checkpoint directory keeps a user's files without copying them, and the old one holds them until
+    the new one is in place."""
+    if path.is_symlink():
+        os.symlink(os.readlink(path), destination)
+    elif path.is_dir():
+        destination.mkdir()
+        for entry in path.iterdir():
+            _link_tree(entry, destination / entry.name)
+        _fsync(destination)
+    else:
+        os.link(path, destination)
 
 
 def _fsync(path: Path) -> None:
@@ -144,8 +231,16 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _move_into_place(staging: Path, target: Path, overwrite: bool, source: str | Path | None) -> None:
-    check_target(target, overwrite, source)  # again: something may have appeared there while we wrote
+def _move_into_place(
+    staging: Path, target: Path, overwrite: bool, source: str | Path | None, keep_other_files: bool
+) -> None:
+    written = {entry.name for entry in staging.iterdir()}
+    # Again, knowing exactly what was written: something may have appeared there while we wrote.
+    check_target(target, overwrite, source, keep_other_files, written)
+    if _exists(target):
+        for name in _other_files(target, written):  # kept: the user's files move with the directory
+            _link_tree(target / name, staging / name)
+        _fsync(staging)
     if _is_empty_dir(target):
         target.rmdir()
     if not _exists(target):
@@ -182,15 +277,20 @@ def _write_error(error: OSError, target: Path, staging: Path) -> WriteError:
 
 @contextlib.contextmanager
 def staging_directory(
-    target: str | Path, overwrite: bool = False, source: str | Path | None = None
+    target: str | Path,
+    overwrite: bool = False,
+    source: str | Path | None = None,
+    keep_other_files: bool = False,
+    planned: set[str] | None = None,
 ) -> Iterator[Path]:
     """A fresh directory beside `target` (same filesystem) to write into: fsynced and renamed onto `target`
     if the block completes, deleted if it raises. `source`: the directory the content comes from, which
-    `target` must not overlap (see `check_target`). Staging directories abandoned by killed writes to the
-    same target are removed first, moved-aside ones after the new target is in place. File-system errors
-    name `target`."""
+    `target` must not overlap; `planned`: the names the block will write (see `check_target`). With
+    `keep_other_files`, the target's files that are not the checkpoint's are hard-linked into the new
+    directory before the swap. Staging directories abandoned by killed writes to the same target are
+    removed first, moved-aside ones after the new target is in place. File-system errors name `target`."""
     target = Path(os.path.abspath(target))  # a name to put the staging directory beside, even for "."
-    check_target(target, overwrite, source)
+    check_target(target, overwrite, source, keep_other_files, planned)
     staging = _hidden_sibling(target, "partial")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -203,7 +303,7 @@ def staging_directory(
         try:
             yield staging
             _fsync_tree(staging)
-            _move_into_place(staging, target, overwrite, source)
+            _move_into_place(staging, target, overwrite, source, keep_other_files)
         except OSError as err:
             raise _write_error(err, target, staging) from err
         remove_abandoned(target, "old")
@@ -213,10 +313,11 @@ def staging_directory(
         os.close(lock)
 
 
-def check_writer_arguments(overwrite: Any, processor: Any) -> None:
+def check_writer_arguments(overwrite: Any, processor: Any, keep_other_files: Any = False) -> None:
     """Arguments of the checkpoint writers that would otherwise be misread silently or fail midway."""
-    if not isinstance(overwrite, (bool, np.bool_)):
-        raise ExportError(f"overwrite must be True or False, got {overwrite!r}")
+    for name, value in (("overwrite", overwrite), ("keep_other_files", keep_other_files)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise ExportError(f"{name} must be True or False, got {value!r}")
     if processor is not None and not callable(getattr(processor, "save_pretrained", None)):
         raise ExportError(f"processor {type(processor).__name__} has no save_pretrained(directory) method")
 

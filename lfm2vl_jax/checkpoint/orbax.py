@@ -24,7 +24,14 @@ from ..nn.params import Params, abstract_params
 from ..parallel.sharding import param_shardings
 from .canonical import from_canonical, to_canonical
 from .export import DEFAULT_MAX_SHARD_SIZE, as_weight_dtype, parse_size, save_hf_checkpoint
-from .files import ExportError, check_target, check_writer_arguments, staging_directory, write_side_files
+from .files import (
+    ExportError,
+    check_target,
+    check_writer_arguments,
+    planned_names,
+    staging_directory,
+    write_side_files,
+)
 from .hf import CheckpointReader, load_hf_checkpoint
 from .hub import resolve_checkpoint_dir
 
@@ -64,6 +71,18 @@ def _drop_abandoned_read_reports() -> None:
 
     hook.drops_abandoned_reads = True
     sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def quiet_orbax_reads() -> Iterator[None]:
+    """Around an orbax restore that may fail on damaged or mismatched data: no orbax warnings, and if it
+    fails, no "Event loop is closed" reports from its abandoned reads (the caller's error says it all)."""
+    try:
+        with _without_orbax_warnings():
+            yield
+    except Exception:
+        _drop_abandoned_read_reports()
+        raise
 
 
 def _unreadable(where: Path, problem: str, error: BaseException | None = None) -> ExportError:
@@ -136,16 +155,18 @@ def save_orbax_checkpoint(
     source_dir: str | Path | None = None,
     generation_config: dict[str, Any] | None = None,
     processor: Any = None,
+    keep_other_files: bool = False,
 ) -> Path:
     """Writes the params (in `config`'s layout) with orbax to `out_dir/params` in the canonical layout
     (restorable with `ocp.StandardCheckpointer` too), beside config.json and the carried-over files
     (arguments as `save_hf_checkpoint`); the stored tree, shapes and dtypes are checked before the
     rename."""
-    check_writer_arguments(overwrite, processor)
+    check_writer_arguments(overwrite, processor, keep_other_files)
     dtypes = {np.dtype(x.dtype) for x in jax.tree.leaves(params)}
     canonical = to_canonical(params, config)
     target = Path(out_dir)
-    with staging_directory(target, overwrite, source_dir) as staging:
+    planned = planned_names(source_dir, processor)
+    with staging_directory(target, overwrite, source_dir, keep_other_files, planned) as staging:
         write_side_files(
             staging, config, max(dtypes, key=lambda d: d.itemsize), source_dir, generation_config, processor
         )
@@ -211,18 +232,29 @@ def _stored_dtype(directory: Path) -> np.dtype:
 
 
 def hf_to_orbax(
-    src: str | Path, dst: str | Path, dtype: Any = None, overwrite: bool = False, progress: bool = True
+    src: str | Path,
+    dst: str | Path,
+    dtype: Any = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    keep_other_files: bool = False,
 ) -> Path:
     """A transformers checkpoint (directory or hub id) -> an orbax checkpoint directory, in `dtype` (default:
-    the checkpoint's own), streaming tensor by tensor."""
+    the checkpoint's own), streaming tensor by tensor. `overwrite`, `keep_other_files`: as
+    `save_hf_checkpoint`'s."""
     dtype = as_weight_dtype(dtype)
-    check_target(Path(dst), overwrite, src if Path(src).is_dir() else None)  # before the long part
+    check_writer_arguments(overwrite, None, keep_other_files)
+    local = src if Path(src).is_dir() else None
+    # Before the long part.
+    check_target(Path(dst), overwrite, local, keep_other_files, planned_names(local, None))
     source = resolve_checkpoint_dir(src)
-    check_target(Path(dst), overwrite, source)
+    check_target(Path(dst), overwrite, source, keep_other_files, planned_names(source, None))
     dtype = dtype or _stored_dtype(source)
     runtime = RuntimeConfig(dtypes=DTypePolicy.uniform(dtype), scan_layers=False)  # no restacking
     config, params = load_hf_checkpoint(source, runtime=runtime, progress=progress)
-    return save_orbax_checkpoint(dst, config, params, overwrite=overwrite, source_dir=source)
+    return save_orbax_checkpoint(
+        dst, config, params, overwrite=overwrite, source_dir=source, keep_other_files=keep_other_files
+    )
 
 
 def orbax_to_hf(
@@ -232,12 +264,14 @@ def orbax_to_hf(
     overwrite: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     progress: bool = True,
+    keep_other_files: bool = False,
 ) -> Path:
     """An orbax checkpoint directory -> a transformers checkpoint directory, in `dtype` (default: as
-    stored)."""
+    stored). `overwrite`, `keep_other_files`: as `save_hf_checkpoint`'s."""
     as_weight_dtype(dtype)
     parse_size(max_shard_size)
-    check_target(Path(dst), overwrite, src)
+    check_writer_arguments(overwrite, None, keep_other_files)
+    check_target(Path(dst), overwrite, src, keep_other_files, planned_names(src, None))
     config, params = load_orbax_checkpoint(src, as_numpy=True)
     return save_hf_checkpoint(
         dst,
@@ -248,4 +282,5 @@ def orbax_to_hf(
         max_shard_size=max_shard_size,
         source_dir=src,
         progress=progress,
+        keep_other_files=keep_other_files,
     )

@@ -14,7 +14,11 @@ Output, one line per finished request, in the order they finish:
      "completion_tokens"[, "error"]}
 
 Each line is written whole by a single `write` on a file opened for appending, so a killed run leaves at
-most a torn last line, which `ResultWriter(resume=True)` cuts off before appending.
+most a torn last line, which `ResultWriter(resume=True)` cuts off before appending (after checking that
+every line of the file is a result line: another file is refused unchanged).
+
+A bad input line (not UTF-8, not JSON, nested over `MAX_NESTING` levels, over `max_line_bytes` long,
+wrong fields or types) becomes an error result for that line; the others still run.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import Lfm2VlError
 
@@ -39,6 +43,13 @@ SAMPLING_FIELDS = (
 )
 REQUEST_FIELDS = ("id", "messages", "max_new_tokens", "seed", *SAMPLING_FIELDS)
 _IMAGE_KEYS = ("image", "path", "url")
+FINISH_REASONS = ("stop", "length", "error")
+RESULT_LINE_START = b'{"id": '  # how `ResultWriter.write` starts every line
+# A request line is held whole while parsed; longer ones are refused unread (images can be inline data
+# URLs, hence megabytes).
+MAX_LINE_BYTES = 64 * 2**20
+MAX_NESTING = 100  # chat messages nest a few levels; tool-call arguments a few more
+READ_BLOCK = 2**20
 _NOT_PATHS = ("http://", "https://", "data:")
 
 
@@ -144,24 +155,104 @@ def resolve_image_paths(messages: list, base_dir: Path) -> list:
     return resolved
 
 
+def chars_per_token_bound(tokenizer: Any) -> int:
+    """An upper bound on the characters one token stands for (a `tokenizers.Tokenizer`'s longest
+    vocabulary entry; byte-level entries count bytes, at least the characters), times 4 for normalizers
+    that merge characters: a text of more than `max_length` times this cannot fit, and is refused
+    without tokenizing it."""
+    return 4 * max(map(len, tokenizer.get_vocab(with_added_tokens=True)), default=1)
+
+
+def text_chars(messages: Any) -> int:
+    """Characters of text in chat messages (string contents and text blocks; images not counted)."""
+    total = 0
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, str):
+            total += len(content)
+        for block in content if isinstance(content, list) else ():
+            text = block.get("text") if isinstance(block, Mapping) else None
+            total += len(text) if isinstance(text, str) else 0
+    return total
+
+
 def line_id(line_number: int) -> str:
     """The id given to a line whose own id cannot be read (so that --resume skips it too)."""
     return f"<line {line_number}>"
 
 
-def read_requests(path: Path) -> Iterator[tuple[int, BatchRequest | BatchResult]]:
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (iterative: no recursion to exhaust)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _parse_line(raw: bytes, number: int) -> Any:
+    """A line's JSON value; `BatchRequestError` naming the problem (encoding, syntax, nesting)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        hint = ""
+        if number == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            hint = "; the file starts with a UTF-16 byte-order mark: save it as UTF-8"
+        byte = raw[error.start]
+        raise BatchRequestError(f"not UTF-8: byte {byte:#04x} at offset {error.start}{hint}") from None
+    if number == 1:
+        text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise BatchRequestError(f"invalid JSON: {error}") from None
+    except RecursionError:
+        raise BatchRequestError(f"JSON nested more than {MAX_NESTING} levels deep") from None
+    if _depth(data) > MAX_NESTING:
+        raise BatchRequestError(f"JSON nested more than {MAX_NESTING} levels deep")
+    return data
+
+
+def _lines(file: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes) per line, or (line number, None) for a line over `max_line_bytes`, which is
+    skipped in bounded reads rather than held in memory."""
+    number = 0
+    while True:
+        line = file.readline(max_line_bytes + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) > max_line_bytes and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):  # the rest of the line, a bounded read at a time
+                line = file.readline(READ_BLOCK)
+            yield number, None
+        else:
+            yield number, line
+
+
+def read_requests(
+    path: Path, max_line_bytes: int = MAX_LINE_BYTES
+) -> Iterator[tuple[int, BatchRequest | BatchResult]]:
     """(line number, request) for each non-blank line, or (line number, error result) for a line that is
-    not a valid request. Lazy: a file of millions of lines is never held in memory."""
+    not a valid request (not UTF-8, not JSON, nested too deeply, longer than `max_line_bytes`, wrong
+    fields): one bad line never stops the others. Lazy: a file of millions of lines is never held in
+    memory, nor is an over-long line."""
     path = Path(path)
     base_dir = path.resolve().parent
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
+    with open(path, "rb") as file:
+        for number, raw in _lines(file, max_line_bytes):
+            if raw is None:
+                error = f"line {number}: longer than {max_line_bytes} bytes (--max-line-bytes); not read"
+                yield number, BatchResult.failure(line_id(number), error)
+                continue
+            if not raw.strip():
                 continue
             try:
-                data = json.loads(line)
-            except json.JSONDecodeError as error:
-                yield number, BatchResult.failure(line_id(number), f"line {number}: invalid JSON: {error}")
+                data = _parse_line(raw, number)
+            except BatchRequestError as error:
+                yield number, BatchResult.failure(line_id(number), f"line {number}: {error}")
                 continue
             try:
                 yield number, BatchRequest.from_dict(data, base_dir)
@@ -172,52 +263,86 @@ def read_requests(path: Path) -> Iterator[tuple[int, BatchRequest | BatchResult]
 
 
 def count_lines(path: Path) -> int:
-    """Non-blank lines of a file (the progress bar's total), read in binary blocks."""
-    count = 0
+    """Non-blank lines of a file (the progress bar's total), read in fixed-size blocks: memory does not
+    grow with the length of a line."""
+    count, blank = 0, True  # blank: the current line holds only whitespace so far
     with open(path, "rb") as f:
-        for line in f:
-            count += bool(line.strip())
-    return count
+        while block := f.read(READ_BLOCK):
+            for i, part in enumerate(block.split(b"\n")):
+                if i:  # a line ended
+                    count += not blank
+                    blank = True
+                blank = blank and not part.strip()
+    return count + (not blank)
+
+
+def _is_result_line(line: bytes) -> bool:
+    try:
+        data = json.loads(line)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return False
+    return isinstance(data, dict) and "id" in data and data.get("finish_reason") in FINISH_REASONS
 
 
 class ResultWriter:
     """Appends results to a JSONL file, one whole line per `write` call.
 
-    resume: keep the existing file (cutting off a torn last line left by a killed run) and report the ids
-    it already holds in `done_ids`; otherwise an existing file is refused unless `overwrite`.
+    Constructing it only reads and checks (nothing is written until `open`, so a run can check all else
+    before touching its output). resume: keep the existing file, which must hold result lines only (a
+    torn last line left by a killed run is cut off at `open`), and report the ids it holds in
+    `done_ids`; otherwise an existing file is refused unless `overwrite` (which empties it at `open`).
     """
 
     def __init__(self, path: Path, resume: bool = False, overwrite: bool = False):
         self.path = Path(path)
+        self.resume = resume
         self.done_ids: set = set()
+        self._fd = -1
+        self._keep: int | None = None  # resume: the bytes of complete lines, where a torn line is cut
+        if resume and overwrite:
+            raise OutputFileError("--resume continues the output and --overwrite replaces it: pass one")
         exists = self.path.exists()
+        if exists and not self.path.is_file() and self.path != Path(os.devnull):
+            raise OutputFileError(f"{self.path} is not a regular file")
         if exists and not (resume or overwrite) and self.path.stat().st_size:
             raise OutputFileError(
                 f"{self.path} exists; pass --resume to continue it (skipping the ids it holds) or "
                 "--overwrite to replace it"
             )
-        if exists and resume:
-            self.done_ids = self._repair_and_read()
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if not resume else 0)
-        self._fd = os.open(self.path, flags, 0o644)
+        if exists and resume and self.path.is_file():
+            self.done_ids = self._read_results()
 
-    def _repair_and_read(self) -> set:
+    def _read_results(self) -> set:
+        """The ids of an existing results file, every line checked first: nothing is changed in a file
+        that is not one (a torn last line must look like the start of a result line)."""
         data = self.path.read_bytes()
         complete = data.rfind(b"\n") + 1
-        if complete < len(data):  # a torn line: the run was killed in the middle of writing it
-            with open(self.path, "r+b") as f:
-                f.truncate(complete)
+        torn = data[complete:]
         ids = set()
         for number, line in enumerate(data[:complete].splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                ids.add(json.loads(line)["id"])
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
+            if line.strip() and not _is_result_line(line):
                 raise OutputFileError(
-                    f"{self.path}, line {number}: not a result line ({error}); is this the right file?"
-                ) from error
+                    f"--resume: {self.path}, line {number} is not a result line of lfm2vl batch; is this the "
+                    "right file? (left unchanged)"
+                )
+            if line.strip():
+                ids.add(json.loads(line)["id"])
+        if torn and not RESULT_LINE_START.startswith(torn[: len(RESULT_LINE_START)]):
+            raise OutputFileError(
+                f"--resume: {self.path} ends in a line that is not a result line of lfm2vl batch; is this "
+                "the right file? (left unchanged)"
+            )
+        self._keep = complete if torn else None
         return ids
+
+    def open(self) -> ResultWriter:
+        """Starts writing: cuts a torn last line (resume) or empties the file (overwrite), then appends."""
+        if self._keep is not None:  # a torn line: the run was killed in the middle of writing it
+            with open(self.path, "r+b") as f:
+                f.truncate(self._keep)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if not self.resume else 0)
+        self._fd = os.open(self.path, flags, 0o644)
+        return self
 
     def write(self, result: BatchResult) -> None:
         data = (json.dumps(result.to_dict(), ensure_ascii=False) + "\n").encode("utf-8")
@@ -226,12 +351,13 @@ class ResultWriter:
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.fsync(self._fd)
+            if self.path.is_file():
+                os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
 
     def __enter__(self) -> ResultWriter:
-        return self
+        return self.open() if self._fd < 0 else self
 
     def __exit__(self, *exc: object) -> None:
         self.close()

@@ -47,7 +47,7 @@ from ..nn.model import embed_with_features, image_features
 from ..nn.params import Params
 from ..nn.text import embed_tokens, lm_logits, text_forward
 from ..parallel.sharding import batch_sharding, cache_shardings
-from .batch_io import BatchRequest, BatchRequestError, BatchResult
+from .batch_io import BatchRequest, BatchRequestError, BatchResult, chars_per_token_bound, text_chars
 from .cache import Cache, append, cache_layout, init_cache, is_layout
 from .engine import bucket, prepare_batch, prompt_pass
 from .sampling import SEED_RANGE, SamplingParams, next_token_rows, seed_key
@@ -452,6 +452,9 @@ class BatchEngine:
         self.options = dict(options)
         self.top_k, self.pad_id = sampling.top_k, pad_id
         self.prefill_batch = max(1, min(slots, prefill_batch or slots // 4))
+        self.max_text_chars = (
+            None if processor is None else max_length * chars_per_token_bound(processor.tokenizer)
+        )
         # One core left to the device's host threads (on a CPU backend, the device itself).
         self.workers = workers or max(1, min(4, (os.cpu_count() or 2) - 1))
         self.chunk = chunk
@@ -523,6 +526,12 @@ class BatchEngine:
         if request.messages is not None:
             if self.processor is None:
                 raise BatchRequestError("a request with 'messages' needs an engine with a processor")
+            chars = text_chars(request.messages)
+            if chars > self.max_text_chars:  # refused before tokenizing megabytes
+                raise BatchRequestError(
+                    f"the messages hold {chars} characters of text, more than max_length={self.max_length} "
+                    "tokens can cover; shorten them or raise max_length"
+                )
             inputs = self.processor.apply_chat_template(
                 request.messages, add_generation_prompt=True, tokenize=True, return_dict=True
             )

@@ -16,12 +16,17 @@ Frozen weights are not stored: a resume reloads them from the base model.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from ..checkpoint.orbax import quiet_orbax_reads
+from .config import TrainingError
 
 STATE, DATA = "state", "data"
 
@@ -51,6 +56,7 @@ class _RestoredIteratorState:
 
 class Checkpoints:
     def __init__(self, directory: Path, save_every: int, keep: int):
+        self.directory = directory
         self.save_every = save_every  # decided here: orbax's own interval also saves the first step
         self.manager = ocp.CheckpointManager(
             directory.absolute(),
@@ -98,6 +104,36 @@ class Checkpoints:
             ),
         )
         return restored[STATE], data.state
+
+    def restore_latest_good(
+        self, abstract_state: Any, warn: Callable[[str], None]
+    ) -> tuple[int, Any, dict[str, Any]]:
+        """(step, state, data-iterator state) of the latest checkpoint that restores. A damaged one (a
+        truncated or corrupt file) is moved aside to `broken-STEP` with a warning naming its step, and
+        the previous one is tried; if none restores (another model's, other shapes), one error says why."""
+        failures = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                with quiet_orbax_reads():
+                    state, data = self.restore(step, abstract_state)
+            except (ValueError, OSError, TypeError, KeyError) as err:
+                failures.append((step, (str(err).strip().splitlines() or [type(err).__name__])[0]))
+                continue
+            for broken, reason in failures:
+                aside = self.directory / f"broken-{broken}"
+                os.rename(self.directory / str(broken), aside)
+                warn(
+                    f"the checkpoint of step {broken} does not restore ({reason}); moved to "
+                    f"{aside}, resuming from step {step}"
+                )
+            if failures:
+                self.manager.reload()
+            return step, state, data
+        step, reason = failures[0]
+        raise TrainingError(
+            f"--resume: no checkpoint in {self.directory} restores into this run (step {step}: {reason}); "
+            "was it written for another model or other settings?"
+        )
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,11 +20,13 @@ class TrainingError(Lfm2VlError):
     """A fine-tuning run that cannot start or continue as asked (options, output directory, resources)."""
 
 
-def _names(value: str | Sequence[str] | None) -> tuple[str, ...]:
+def _names(value: str | Sequence[str] | None, flag: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
         value = value.split(",")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TrainingError(f"{flag} must be comma-separated names or a list of names, got {value!r}")
     return tuple(v.strip() for v in value if v.strip())
 
 
@@ -34,7 +37,7 @@ def _multipliers(value: str | Mapping[str, float] | None) -> dict[str, float]:
         items = value.items()
     else:
         items = []
-        for part in _names(value):
+        for part in _names(value, "--lr-multiplier"):
             name, sep, number = part.partition("=")
             if not sep:
                 raise TrainingError(f"--lr-multiplier {value!r}: expected component=factor pairs")
@@ -45,7 +48,18 @@ def _multipliers(value: str | Mapping[str, float] | None) -> dict[str, float]:
             out[name] = float(number)
         except (TypeError, ValueError):
             raise TrainingError(f"--lr-multiplier: {name}={number!r} is not a number") from None
+        if isinstance(number, bool) or not math.isfinite(out[name]) or out[name] < 0:
+            raise TrainingError(f"--lr-multiplier: {name}={number!r} must be a finite number >= 0")
     return out
+
+
+def _check_number(name: str, value: Any, low: float | None, strict: bool = False) -> None:
+    """A finite real number (not a bool), at least `low` (above it if `strict`), named by its flag."""
+    flag = f"--{name.replace('_', '-')}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TrainingError(f"{flag} must be a finite number, got {value!r}")
+    if low is not None and (value <= low if strict else value < low):
+        raise TrainingError(f"{flag} must be {'>' if strict else '>='} {low:g}, got {value!r}")
 
 
 @dataclasses.dataclass
@@ -62,6 +76,10 @@ class SFTConfig:
     freeze: components that do not train (vision, projector, language); lr_multiplier: per-component
     factors on the learning rate. lora_rank > 0: train LoRA adapters (see `training.lora`) instead of
     the weights of the components that are not frozen.
+    coordinator_timeout: seconds a multi-process run waits for its processes to connect.
+    keep_other_files: train into an existing --output directory that holds other files (they are kept).
+    skip_nonfinite: skip an update whose loss or gradient norm is not finite (counted in the metrics)
+        instead of stopping the run.
     """
 
     model: str
@@ -99,13 +117,26 @@ class SFTConfig:
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    coordinator_timeout: int = 300  # seconds to wait for every process to reach the coordinator
+    keep_other_files: bool = False  # write the run into an --output holding other files (kept)
+    skip_nonfinite: bool = False  # skip (not apply) an update whose loss or gradient is NaN or inf
 
     def __post_init__(self):
-        self.freeze = _names(self.freeze)
-        self.lora_targets = _names(self.lora_targets)
+        self.freeze = _names(self.freeze, "--freeze")
+        self.lora_targets = _names(self.lora_targets, "--lora-targets")
         self.lr_multiplier = _multipliers(self.lr_multiplier)
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "bool" and not isinstance(value, bool):
+                raise TrainingError(f"--{field.name.replace('_', '-')} must be true or false, got {value!r}")
+        # Numbers that would otherwise train to NaN, or not train at all, without a word.
+        for name, low in (("learning_rate", 0.0), ("weight_decay", 0.0), ("max_grad_norm", 0.0)):
+            _check_number(name, getattr(self, name), low)
+        _check_number("lora_alpha", self.lora_alpha, None)
+        if self.peak_tflops is not None:
+            _check_number("peak_tflops", self.peak_tflops, 0.0, strict=True)
         positive = ("steps", "batch_size", "grad_accum", "save_every", "keep", "max_length")
-        for name in (*positive, "loss_chunk_tokens", "data_threads"):
+        for name in (*positive, "loss_chunk_tokens", "data_threads", "coordinator_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise TrainingError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")

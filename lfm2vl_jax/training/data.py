@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import Lfm2VlError
+from ..inference.batch_io import chars_per_token_bound, text_chars
 from ..processing.image_processor import ProcessorError, check_regular_file
 from ..processing.processor import Lfm2VlProcessor
 
@@ -223,6 +224,9 @@ def _tokenize(
 def _example(processor: Lfm2VlProcessor, record: Any, base: Path, source: str, max_length: int) -> Example:
     if not isinstance(record, dict) or "messages" not in record:
         raise DataError("each line must be a JSON object with a 'messages' list")
+    chars = text_chars(record["messages"])
+    if chars > max_length * chars_per_token_bound(processor.tokenizer):  # refused before tokenizing
+        raise DataError(f"{chars} characters of text, more than --max-length {max_length} tokens can cover")
     messages, paths = _resolve_images(record["messages"], base)
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
         raise DataError("no assistant turn (nothing to learn from)")
@@ -266,11 +270,9 @@ def read_conversations(
     listed in `Dataset.skipped`."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_bytes().splitlines()
     except FileNotFoundError:
         raise DataError(f"data file {path} not found") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text ({err})") from None
     examples, skipped = [], []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -278,9 +280,13 @@ def read_conversations(
         source = f"{path}:{number}"
         try:
             try:
-                record = json.loads(line)
+                record = json.loads(line.decode("utf-8").removeprefix("\ufeff"))
+            except UnicodeDecodeError as err:
+                raise DataError(f"not UTF-8 text ({err})") from None
             except json.JSONDecodeError as err:
                 raise DataError(f"not valid JSON ({err})") from None
+            except RecursionError:
+                raise DataError("JSON nested too deeply") from None
             examples.append(_example(processor, record, path.parent, source, max_length))
         except DataError as err:
             if not skip_bad:

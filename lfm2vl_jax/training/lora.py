@@ -118,6 +118,16 @@ def adapted_weights(config: Lfm2VlConfig, lora: LoraConfig, components: tuple[st
         found[path_name(keys)] = AdaptedWeight(keys, spec.shape, spec.axes, stacked, inputs)
     if not found:
         raise LoraError(f"no weights to adapt: targets {lora.targets} in components {components}")
+    # A @ B has rank at most min(inputs, outputs): a larger rank only allocates more (checked before any is).
+    name, narrowest = min(
+        found.items(), key=lambda item: min(np.prod(item[1].input_shape), np.prod(item[1].output_shape))
+    )
+    width = int(min(np.prod(narrowest.input_shape), np.prod(narrowest.output_shape)))
+    if lora.rank > width:
+        raise LoraError(
+            f"LoRA rank {lora.rank} is larger than the adapted weight {name}'s width {width} "
+            f"({narrowest.input_shape} -> {narrowest.output_shape}); use --lora-rank {width} or less"
+        )
     return found
 
 

@@ -154,9 +154,12 @@ def make_train_step(
     schedule: optax.Schedule,
     shardings: Any,
     chunk_tokens: int,
+    skip_nonfinite: bool = False,
 ) -> Callable[[TrainState, Params, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """`step(state, frozen, batch) -> (state, metrics)`, jitted with the state donated. metrics: loss,
-    grad_norm (before clipping), tokens (loss tokens), learning_rate (of this update)."""
+    grad_norm (before clipping), tokens (loss tokens), learning_rate (of this update). skip_nonfinite: an
+    update whose loss or gradient norm is not finite leaves params and optimizer state as they were (the
+    update count still advances, as the data does); metrics["skipped"] says whether it was skipped."""
 
     def train_step(state: TrainState, frozen: Params, batch: Batch) -> tuple[TrainState, dict]:
         tokens = loss_token_count(batch)
@@ -183,7 +186,16 @@ def make_train_step(
             "tokens": tokens,
             "learning_rate": schedule(state.step),
         }
-        return state.apply_gradients(grads), metrics
+        updated = state.apply_gradients(grads)
+        if skip_nonfinite:
+            finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            updated = updated.replace(
+                params=jax.tree.map(keep, updated.params, state.params),
+                opt_state=jax.tree.map(keep, updated.opt_state, state.opt_state),
+            )
+            metrics["skipped"] = ~finite
+        return updated, metrics
 
     return jax.jit(train_step, donate_argnums=(0,), out_shardings=(shardings, None))
 

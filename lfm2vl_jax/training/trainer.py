@@ -19,7 +19,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +35,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from ..checkpoint.export import save_hf_checkpoint
+from ..checkpoint.files import check_target, planned_names
 from ..checkpoint.hf import load_hf_checkpoint
 from ..checkpoint.hub import resolve_checkpoint_dir
 from ..config import DTypePolicy, Lfm2VlConfig, RuntimeConfig, default_dtype_name, load_config
@@ -55,12 +59,72 @@ from .step import (
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
+# Everything a run writes into its directory; anything else there is a user's.
+RUN_NAMES = (RUN_FILE, METRICS_FILE, "checkpoints", "final", "tensorboard", "loss.png")
+FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 64, 2**16
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """A SHA-256 over config.json and the weight files (their size, first MiB, with the safetensors
+    header, and 64 blocks spread over the rest): tells another model of the same shapes apart in
+    milliseconds, without reading gigabytes."""
+    digest = hashlib.sha256()
+    for path in [model_dir / "config.json", *sorted(model_dir.glob("*.safetensors"))]:
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}:".encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(2**20))
+            for i in range(FINGERPRINT_BLOCKS):
+                f.seek(size * i // FINGERPRINT_BLOCKS)
+                digest.update(f.read(FINGERPRINT_BLOCK))
+    return digest.hexdigest()
+
+
+def read_run_file(path: Path) -> dict[str, Any]:
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise TrainingError(f"--resume: {path} is unreadable or corrupt ({err})") from None
+    if not isinstance(previous, dict):
+        raise TrainingError(f"--resume: {path} is corrupt (not a JSON object)")
+    return previous
 
 
 def initialize_distributed(config: SFTConfig) -> None:
-    """`jax.distributed.initialize` for a multi-process launch (before anything touches a device)."""
-    if config.coordinator_address or (config.num_processes or 1) > 1:
-        jax.distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
+    """`jax.distributed.initialize` for a multi-process launch (before anything touches a device and
+    before anything is written). XLA aborts the process when its own deadline passes, so a watchdog
+    ends it first, after `coordinator_timeout` seconds, with one error line naming the address (exit
+    status 2)."""
+    if not (config.coordinator_address or (config.num_processes or 1) > 1):
+        return
+    where = (
+        f"--coordinator-address {config.coordinator_address}: process {config.process_id} of "
+        f"{config.num_processes}"
+    )
+
+    def give_up() -> None:
+        sys.stderr.write(
+            f"lfm2vl train: error: {where}: not every process joined the run within --coordinator-timeout "
+            f"{config.coordinator_timeout} s (is the address reachable, and are all processes started?)\n"
+        )
+        sys.stderr.flush()
+        os._exit(2)
+
+    watchdog = threading.Timer(config.coordinator_timeout, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(
+            config.coordinator_address,
+            config.num_processes,
+            config.process_id,
+            initialization_timeout=config.coordinator_timeout + 60,  # ours fires first
+        )
+    except (RuntimeError, ValueError) as err:  # a bad address, an id out of range
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise TrainingError(f"{where} could not join the run ({detail})") from None
+    finally:
+        watchdog.cancel()
 
 
 def global_batch(
@@ -157,23 +221,49 @@ class SFTTrainer:
         if self.config.progress and self.primary:
             tqdm.write(message, file=sys.stderr)
 
+    def warn(self, message: str) -> None:
+        """Printed even with --quiet: something the user must know was skipped."""
+        if self.primary:
+            tqdm.write(f"lfm2vl train: warning: {message}", file=sys.stderr)
+
     # -- setup ---------------------------------------------------------------------------------------------
 
-    def _check_output(self) -> dict[str, Any]:
-        """Refuses to overwrite a run, or to continue one started with other settings; returns this run's
+    def _check_output(self, model_dir: Path) -> dict[str, Any]:
+        """Refuses to overwrite a run, to continue one started with other settings or another model, or
+        to write into a directory holding a user's files (unless `keep_other_files`); returns this run's
         settings (written to run.json once every check has passed)."""
         settings = {**self.config.run_settings(), "data_sha256": _file_digest(self.config.data)}
+        settings |= {"model": str(model_dir.absolute()), "model_fingerprint": model_fingerprint(model_dir)}
         run_file = self.output / RUN_FILE
-        names = (RUN_FILE, METRICS_FILE, "checkpoints", "final")
-        existing = [name for name in names if (self.output / name).exists()]
+        if (self.output.exists() or self.output.is_symlink()) and not self.output.is_dir():
+            raise TrainingError(f"--output {self.output} is a file, not a directory; choose another --output")
+        existing = [name for name in RUN_NAMES if (self.output / name).exists()]
         if existing and not self.config.resume:
             raise TrainingError(
                 f"{self.output} already holds a run ({', '.join(existing)}); pass --resume to continue it or "
                 "choose another --output"
             )
+        others = []
+        if self.output.is_dir():
+            others = sorted(p.name for p in self.output.iterdir() if p.name not in RUN_NAMES)
+        if others and not self.config.keep_other_files:
+            raise TrainingError(
+                f"--output {self.output} holds files that are not a training run's "
+                f"({', '.join(others[:5])}); choose another --output, or pass --keep-other-files to write "
+                "the run beside them"
+            )
+        final_files = planned_names(model_dir, None)
+        check_target(self.output / "final", True, None, self.config.keep_other_files, final_files)
         if self.config.resume and run_file.exists():
-            previous = json.loads(run_file.read_text())
-            differ = sorted(k for k in settings if previous.get(k) != settings[k])
+            previous = read_run_file(run_file)
+            # Runs recorded before the model was: nothing to compare.
+            compared = [k for k in settings if k != "model" and (k in previous or k != "model_fingerprint")]
+            differ = sorted(k for k in compared if previous.get(k) != settings[k])
+            if "model_fingerprint" in differ:
+                raise TrainingError(
+                    f"--resume: the run in {self.output} trains the model {previous.get('model')}, but "
+                    f"--model {self.config.model} is another one (its config and weights differ)"
+                )
             if differ:
                 changes = ", ".join(f"{k}: {previous.get(k)!r} -> {settings[k]!r}" for k in differ)
                 raise TrainingError(
@@ -300,7 +390,7 @@ class SFTTrainer:
         for dataset, name in ((train_data, c.data), (eval_data, c.eval_data)):
             if dataset is not None and dataset.skipped:
                 self.log(f"{name}: skipped {len(dataset.skipped)} bad lines, e.g. {dataset.skipped[0]}")
-        settings = self._check_output()
+        settings = self._check_output(model_dir)
 
         mesh = self._mesh()
         runtime = self._runtime(mesh)
@@ -321,14 +411,16 @@ class SFTTrainer:
         del params
 
         checkpoints = Checkpoints(self.output / "checkpoints", c.save_every, c.keep)
-        start = checkpoints.latest_step() if c.resume else None
-        data_state = None
-        if start is None:
-            start, state = 0, self._initial_state(trainable, trained, tx, shardings)
-        elif start > c.steps:
-            raise TrainingError(f"--steps {c.steps}: the run in {self.output} is already at step {start}")
+        restored = None
+        if c.resume and checkpoints.latest_step() is not None:
+            abstract_placed = abstract_with_shardings(abstract, shardings)
+            restored = checkpoints.restore_latest_good(abstract_placed, self.warn)
+        if restored is None:
+            start, state, data_state = 0, self._initial_state(trainable, trained, tx, shardings), None
         else:
-            state, data_state = checkpoints.restore(start, abstract_with_shardings(abstract, shardings))
+            start, state, data_state = restored
+            if start > c.steps:
+                raise TrainingError(f"--steps {c.steps}: the run in {self.output} is already at step {start}")
             self.log(f"resuming from the checkpoint of step {start}")
         del trained
 
@@ -364,7 +456,9 @@ class SFTTrainer:
             trainable=trainable,
             state=state,
             frozen=frozen,
-            train_step=make_train_step(trainable, schedule, shardings, c.loss_chunk_tokens),
+            train_step=make_train_step(
+                trainable, schedule, shardings, c.loss_chunk_tokens, skip_nonfinite=c.skip_nonfinite
+            ),
             loader=BatchLoader(train_data, plan, processor, rows, c.max_length, c.data_threads),
             data_state=data_state,
             evaluator=evaluator,
@@ -398,6 +492,7 @@ class SFTTrainer:
             total=c.steps, initial=run.start, desc="training", disable=not (c.progress and self.primary)
         )
         last: dict[str, Any] = {}
+        skipped: list[int] = []  # steps whose update was not applied (skip_nonfinite)
         clock = time.perf_counter()
 
         def write(line: dict[str, Any]) -> None:
@@ -414,6 +509,22 @@ class SFTTrainer:
             elapsed, clock = now - clock, now
             tokens = int(counts["row_lengths"].sum()) * jax.process_count()
             flops = step_flops(config, counts, trains, full_weights)
+            if "skipped" in values and bool(values["skipped"]):
+                skipped.append(step)
+                loss, norm = float(values["loss"]), float(values["grad_norm"])
+                self.warn(
+                    f"step {step}: loss {loss}, gradient norm {norm}; update skipped (--skip-nonfinite)"
+                )
+            elif not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+                good = run.checkpoints.latest_step()
+                kept = (
+                    f"the last good checkpoint (step {good}) is kept" if good else "no checkpoint was saved"
+                )
+                raise TrainingError(
+                    f"step {step}: the loss is {float(values['loss'])} and the gradient norm "
+                    f"{float(values['grad_norm'])}; the run stopped there and {kept}. Lower "
+                    "--learning-rate, check the data, or pass --skip-nonfinite to skip such updates"
+                )
             line = {
                 "step": step,
                 "loss": float(values["loss"]),
@@ -425,6 +536,8 @@ class SFTTrainer:
                 "tokens_per_s": tokens / elapsed,
                 "mfu": None if peak is None else flops / (elapsed * peak * jax.local_device_count()),
             }
+            if c.skip_nonfinite:
+                line["skipped_updates"] = len(skipped)
             write(line)
             bar.update(1)
             mfu = "n/a" if line["mfu"] is None else f"{line['mfu']:.1%}"
@@ -445,7 +558,8 @@ class SFTTrainer:
                 eval_now = run.evaluator is not None and (
                     done or (c.eval_every and (step + 1) % c.eval_every == 0)
                 )
-                if done or eval_now:
+                save_now = done or (step + 1) % c.save_every == 0
+                if done or eval_now or save_now:  # a state is saved only once its step is known finite
                     record(*pending)
                     pending = None
                 run.checkpoints.save(step + 1, run.state, data_state, force=done)
@@ -492,6 +606,7 @@ class SFTTrainer:
                 overwrite=True,
                 source_dir=run.model_dir,
                 progress=self.config.progress,
+                keep_other_files=self.config.keep_other_files,
             )
             self.log(f"trained model: {final}")
         if jax.process_count() > 1:

@@ -284,15 +284,20 @@ def test_existing_target_is_refused_unless_overwrite(fp32_source, tmp_path, caps
     target = tmp_path / "target"
     target.mkdir()
     (target / "keep.txt").write_text("precious")
-    with pytest.raises(ExportError, match="target already exists.*overwrite"):
-        save_hf_checkpoint(target, config, params, progress=False)
+    for overwrite in (False, True):  # a user's file is never replaced
+        with pytest.raises(ExportError, match="target holds files that are not part of a checkpoint"):
+            save_hf_checkpoint(target, config, params, overwrite=overwrite, progress=False)
     assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
     assert orbax_to_hf.main([str(directory), str(target), "--quiet"]) == 2  # refused before reading SRC
     assert hf_to_orbax.main([str(directory), str(target), "--quiet"]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "--keep-other-files" in capsys.readouterr().err
 
-    save_hf_checkpoint(target, config, params, overwrite=True, progress=False)
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    save_hf_checkpoint(target, config, params, keep_other_files=True, progress=False)
+    with pytest.raises(ExportError, match="target already exists.*overwrite"):
+        save_hf_checkpoint(target, config, params, keep_other_files=True, progress=False)
+    save_hf_checkpoint(target, config, params, overwrite=True, keep_other_files=True, progress=False)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "keep.txt", "model.safetensors"]
+    assert (target / "keep.txt").read_text() == "precious"
     (tmp_path / "empty").mkdir()
     save_hf_checkpoint(tmp_path / "empty", config, params, progress=False)  # an empty directory is fine
     assert leftovers(tmp_path) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 
 import numpy as np
@@ -120,3 +121,120 @@ def test_batch_writes_a_line_per_request_and_resumes_after_a_kill(
     )
     assert main([*argv, "--resume"]) == 0  # nothing left to do, nothing failed this time
     assert "0 done" in capsys.readouterr().err and len(read_lines(output)) == len(results)
+
+
+# Nothing of the user's is touched before every check has passed (issue 25) --------------------------------
+
+
+def batch_argv(checkpoint, requests, output, *extra) -> list[str]:
+    argv = ["batch", "--model", str(checkpoint), "--input", str(requests), "--output", str(output)]
+    return [*argv, "--slots", "2", "--max-new-tokens", "3", "--max-length", "128", "--quiet", *extra]
+
+
+def one_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ": error: " in err and "Traceback" not in err, err
+    return err
+
+
+def test_output_that_is_the_input_is_refused_untouched(checkpoint, requests_file, tmp_path, capsys):
+    before = requests_file.read_bytes()
+    (tmp_path / "link.jsonl").symlink_to(requests_file)
+    os.link(requests_file, tmp_path / "hard.jsonl")
+    for output in (requests_file, tmp_path / "link.jsonl", tmp_path / "hard.jsonl"):
+        for mode in ("--overwrite", "--resume"):
+            assert main(batch_argv(checkpoint, requests_file, output, mode)) == 2
+            assert f"--output {output} is the --input file" in one_error(capsys)
+    assert requests_file.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--model": "/nonexistent/model"}, "/nonexistent/model"),
+        ({"--slots": "0"}, "--slots must be a positive integer, got 0"),
+        ({"--workers": "-1"}, "--workers must be a positive integer, got -1"),
+        ({"--prefill-batch": "0"}, "--prefill-batch must be"),
+        ({"--max-line-bytes": "0"}, "--max-line-bytes must be"),
+        ({"--resume": None}, "--resume continues --output and --overwrite replaces it"),
+        ({"--input": "/nonexistent.jsonl"}, "--input /nonexistent.jsonl: no such file"),
+        ({"--input": "/"}, "--input /: not a regular file"),
+        ({"--mesh": "data=x"}, "data=x"),
+    ],
+)
+def test_overwrite_empties_nothing_before_every_check_passed(
+    checkpoint, requests_file, tmp_path, capsys, change, message
+):
+    output = tmp_path / "results.jsonl"
+    output.write_text('{"id": "earlier", "finish_reason": "stop"}\n')
+    argv = batch_argv(checkpoint, requests_file, output, "--overwrite")
+    for flag, value in change.items():
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag] if value is None else [flag, value]
+    assert main(argv) == 2
+    assert message in one_error(capsys)
+    assert output.read_text() == '{"id": "earlier", "finish_reason": "stop"}\n'
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"id": "q1", "messages": []}\n{"not": "a result"}\n',  # lines of another JSONL file
+        b'{"id": 1, "finish_reason": "stop"}\nplain text, no newline at the end',  # a foreign last line
+        b"\x00\x01binary",
+    ],
+    ids=["other-jsonl", "foreign-tail", "binary"],
+)
+def test_resume_refuses_a_file_that_is_not_a_results_file_unchanged(
+    checkpoint, requests_file, tmp_path, capsys, content
+):
+    output = tmp_path / "notes.jsonl"
+    output.write_bytes(content)
+    assert main(batch_argv(checkpoint, requests_file, output, "--resume")) == 2
+    assert "is not a result line of lfm2vl batch" in one_error(capsys)
+    assert output.read_bytes() == content
+
+
+def test_bad_lines_are_error_records_and_the_rest_runs(checkpoint, tmp_path, capsys):
+    good = {"id": "good", "messages": user("Hello.")}
+    nested = '{"id": "deep", "messages": ' + "[" * 1500 + "]" * 1500 + "}"  # beyond json's recursion
+    deep = "text"
+    for _ in range(150):  # parses, but deeper than any request
+        deep = [deep]
+    lines = [
+        json.dumps({"id": "latin1", "messages": user("caf")}).encode()[:-4] + b'\xe9"}]}]}',
+        nested.encode(),
+        json.dumps({"id": "huge", "messages": user("x" * 300_000)}).encode(),  # over --max-line-bytes
+        json.dumps({"id": "long", "messages": user("word " * 100_000)}).encode()[:400],  # cut: bad JSON
+        json.dumps({"id": ["list"], "messages": "text"}).encode(),
+        json.dumps({"id": "types", "messages": [{"role": 5, "content": 7}]}).encode(),
+        json.dumps({"id": "verbose", "messages": user("word " * 30_000)}).encode(),  # over max_length's text
+        json.dumps({"id": "nested", "messages": [{"role": "user", "content": deep}]}).encode(),
+        json.dumps(good).encode(),
+    ]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(b"\n".join(lines) + b"\n")
+    output = tmp_path / "out.jsonl"
+    assert main(batch_argv(checkpoint, requests, output, "--max-line-bytes", "200000")) == 1
+    results = {r["id"]: r for r in read_lines(output)}
+    assert results.pop("good")["finish_reason"] in ("stop", "length")
+    errors = {key: r["error"] for key, r in results.items()}
+    assert all(r["finish_reason"] == "error" for r in results.values())
+    assert "line 1: not UTF-8: byte 0xe9" in errors["<line 1>"]
+    assert "line 2: JSON nested more than 100 levels deep" in errors["<line 2>"]
+    assert "line 3: longer than 200000 bytes (--max-line-bytes)" in errors["<line 3>"]
+    assert "line 4: invalid JSON" in errors["<line 4>"]
+    assert "line 5: 'id' must be a string or an integer" in errors["<line 5>"]
+    assert "characters of text, more than max_length=128" in errors["verbose"]
+    assert "JSON nested more than 100 levels deep" in errors["<line 8>"]
+    assert "types" in errors and len(errors) == 8
+
+    utf16 = tmp_path / "utf16.jsonl"
+    utf16.write_text(json.dumps(good) + "\n", encoding="utf-16")
+    assert main(batch_argv(checkpoint, utf16, tmp_path / "out16.jsonl")) == 1
+    first, *rest = read_lines(tmp_path / "out16.jsonl")  # "\n" is two bytes in UTF-16: a NUL line after
+    assert "line 1: not UTF-8" in first["error"]
+    assert "UTF-16 byte-order mark: save it as UTF-8" in first["error"]
+    assert all(r["finish_reason"] == "error" for r in rest)

@@ -218,3 +218,13 @@ def test_generation_config_lengths_are_the_engines_defaults(model):
         ]
         results = engine(configured, max_length=64).generate(requests)
         assert [len(r.token_ids) for r in results] == expected
+
+
+@pytest.mark.parametrize(
+    "option, value", [("workers", -1), ("workers", 0.5), ("prefill_batch", 0), ("prefill_batch", True)]
+)
+def test_engine_sizes_are_positive_integers_named(model, option, value):
+    from lfm2vl_jax.errors import Lfm2VlError
+
+    with pytest.raises(Lfm2VlError, match=f"{option} must be a positive integer, got {value!r}"):
+        engine(model, **{option: value})

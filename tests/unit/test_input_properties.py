@@ -8,6 +8,7 @@ Examples are bounded so that the file runs in about half a minute; the values th
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 
 import numpy as np
@@ -225,3 +226,141 @@ def test_generate_takes_any_inputs_or_names_the_problem(model, inputs):
         return
     assert tokens.shape[0] == len(inputs["input_ids"]) and 1 <= tokens.shape[1] <= 3
     assert tokens.min() >= 0 and tokens.max() < VOCAB
+
+
+# JSONL request lines, results files and command-line options (issue 25) -----------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**20), 10**20) | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=12,
+)
+request_objects = st.fixed_dictionaries(
+    {"id": st.text(max_size=4) | st.integers(0, 9) | json_values, "messages": json_values},
+    optional={"max_new_tokens": json_values, "seed": json_values, "temperature": json_values},
+)
+request_lines = st.one_of(
+    st.binary(max_size=40),  # any bytes: not UTF-8, not JSON, NUL, BOMs
+    json_values.map(lambda v: json.dumps(v).encode()),
+    request_objects.map(lambda v: json.dumps(v, ensure_ascii=False).encode()),
+    st.integers(50, 300).map(lambda depth: b"[" * depth + b"]" * depth),
+)
+
+
+@settings(SETTINGS, max_examples=200)
+@given(lines=st.lists(request_lines, max_size=6))
+def test_any_jsonl_line_is_a_request_or_an_error_record_for_it_alone(tmp_path_factory, lines):
+    from lfm2vl_jax.inference.batch_io import BatchRequest, BatchResult, count_lines, read_requests
+
+    path = tmp_path_factory.mktemp("lines") / "requests.jsonl"
+    path.write_bytes(b"\n".join(line.replace(b"\n", b" ") for line in lines) + b"\n")
+    items = list(read_requests(path, max_line_bytes=64))
+    numbers = [number for number, _ in items]
+    expected = [n for n, line in enumerate(path.read_bytes().split(b"\n")[:-1], 1) if line.strip()]
+    assert numbers == expected and len(items) == count_lines(path)  # one item per non-blank line
+    for number, item in items:
+        assert isinstance(item, (BatchRequest, BatchResult))
+        if isinstance(item, BatchResult):
+            assert item.finish_reason == "error" and item.error.startswith(f"line {number}: ")
+
+
+result_lines = st.fixed_dictionaries(
+    {"id": st.text(max_size=4) | st.integers(0, 9), "text": st.text(max_size=5)},
+    optional={"finish_reason": st.sampled_from(["stop", "length", "error", "done"])},
+).map(lambda v: json.dumps(v, ensure_ascii=False).encode())
+
+
+@settings(SETTINGS, max_examples=150)
+@given(
+    content=st.lists(result_lines | request_lines, max_size=4).map(b"\n".join),
+    torn=st.sampled_from([b"", b"\n", b'{"id": "x', b'{"id', b"garbage"]),
+)
+def test_resume_accepts_only_its_own_results_and_changes_nothing_before_opening(
+    tmp_path_factory, content, torn
+):
+    from lfm2vl_jax.inference.batch_io import OutputFileError, ResultWriter
+
+    path = tmp_path_factory.mktemp("results") / "results.jsonl"
+    path.write_bytes(content + torn)
+    try:
+        writer = ResultWriter(path, resume=True)
+    except OutputFileError:
+        assert path.read_bytes() == content + torn
+        return
+    assert path.read_bytes() == content + torn
+    data = content + torn
+    complete = [line for line in data[: data.rfind(b"\n") + 1].splitlines() if line.strip()]
+    for line in complete:
+        assert json.loads(line)["finish_reason"] in ("stop", "length", "error")
+    assert writer.done_ids == {json.loads(line)["id"] for line in complete}
+
+
+batch_flags = st.fixed_dictionaries(
+    {},
+    optional={
+        flag: st.integers(-(2**40), 2**40).map(str) | st.sampled_from(["0", "-1", "1", "2"])
+        for flag in ("--slots", "--workers", "--prefill-batch", "--max-new-tokens", "--max-length",
+                     "--max-line-bytes")
+    },
+)  # fmt: skip
+
+
+@settings(SETTINGS, max_examples=60)
+@given(
+    flags=batch_flags,
+    modes=st.sets(st.sampled_from(["--resume", "--overwrite"])),
+    output=st.sampled_from(["new", "results", "input", "link", "other"]),
+)
+def test_batch_options_never_touch_a_file_before_every_check(tmp_path_factory, flags, modes, output):
+    """With a model that does not exist, every run is refused (exit 2, one line) and no file changes,
+    whatever the options, modes and output."""
+    import io
+
+    from lfm2vl_jax.cli import main
+
+    directory = tmp_path_factory.mktemp("batch")
+    requests = directory / "requests.jsonl"
+    requests.write_text('{"id": 1, "messages": [{"role": "user", "content": "hi"}]}\n')
+    (directory / "results").write_text('{"id": 0, "text": "", "finish_reason": "stop"}\n')
+    (directory / "other").write_text("a user's notes\n")
+    (directory / "link").symlink_to(requests)
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    target = requests if output == "input" else directory / output
+    argv = [
+        "batch",
+        "--model",
+        str(directory / "no-model"),
+        "--input",
+        str(requests),
+        "--output",
+        str(target),
+    ]
+    argv += [*modes, "--quiet", *(part for item in flags.items() for part in item)]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(argv) == 2
+    assert err.getvalue().count("\n") == 1 and ": error: " in err.getvalue(), err.getvalue()
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+
+
+@settings(SETTINGS, max_examples=150)
+@given(
+    options=st.dictionaries(
+        st.sampled_from(["learning_rate", "weight_decay", "max_grad_norm", "lora_alpha", "peak_tflops",
+                         "lr_multiplier", "resume", "skip_bad", "coordinator_timeout", "lora_rank"]),
+        anything | st.sampled_from([math.nan, -math.inf, "vision=nan", "language=1e400", {"vision": 1e999}]),
+        max_size=3,
+    )
+)  # fmt: skip
+def test_training_options_are_finite_and_typed_or_refused(options):
+    from lfm2vl_jax.training.config import SFTConfig
+
+    try:
+        config = SFTConfig(model="m", data="d", output="o", **options)
+    except Lfm2VlError:
+        return
+    for name in ("learning_rate", "weight_decay", "max_grad_norm", "lora_alpha"):
+        value = getattr(config, name)
+        assert not isinstance(value, bool) and math.isfinite(value), (name, value)
+    assert all(math.isfinite(v) and v >= 0 for v in config.lr_multiplier.values())
+    assert all(isinstance(config.__dict__[k], bool) for k in ("resume", "skip_bad"))
