@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,7 @@ from .checkpoint.hf import load_hf_checkpoint
 from .checkpoint.hub import resolve_checkpoint_dir
 from .config import ConfigError, DTypePolicy, Lfm2VlConfig, RuntimeConfig, read_json_object
 from .inference import engine
+from .inference.batching import BatchEngine
 from .inference.sampling import SEED_RANGE, SamplingParams
 from .inputs import (
     INT32_MAX,
@@ -42,9 +43,6 @@ from .nn.model import (
 )
 from .nn.params import Params
 from .parallel.sharding import batch_sharding
-
-if TYPE_CHECKING:
-    from .inference.batching import BatchEngine
 
 # The plain forward pass, jitted here, at its entry point (the config is static: it picks the program).
 _forward = jax.jit(forward, static_argnames=("config", "any_mask"))
@@ -379,8 +377,6 @@ class Lfm2VlForConditionalGeneration:
         max_length: prompt + new tokens per request. Other arguments are the requests' defaults (options as
         `generate`); `prefill_batch`, `workers` and `chunk` tune the engine (see `BatchEngine`).
         """
-        from .inference.batching import BatchEngine
-
         return BatchEngine(
             self,
             processor,

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import Call, register
+from .registry import Call, register
 
 # (query block, key block) per backend. On the CPU a block's (heads x 256 x 256) float32 scores stay in
 # cache, and 256 measured fastest among 128-512 at the text and vision towers' shapes (see

@@ -17,7 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import Call, KernelUnavailableError, register
+from .registry import Call, KernelUnavailableError, register
 
 CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 CUDNN_MAX_HEAD_DIM = 128  # 256 on Hopper and later; 128 everywhere
