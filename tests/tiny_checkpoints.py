@@ -3,13 +3,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 from pathlib import Path
 
 import jax
 import numpy as np
+from processor_fixtures import make_checkpoint_dir
+from tiny_model import tiny_config as tiny_model_config
+from tiny_model import tiny_params
 
+from lfm2vl_jax import Lfm2VlForConditionalGeneration
 from lfm2vl_jax.checkpoint.export import save_hf_checkpoint
 from lfm2vl_jax.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
 from lfm2vl_jax.config import ATTENTION, CONV, Lfm2VlConfig, TextConfig, VisionConfig
@@ -53,6 +58,24 @@ def numpy_params(config: Lfm2VlConfig, seed: int = 0) -> dict:
 def write_tiny_checkpoint(directory: Path, config: Lfm2VlConfig | None = None, seed: int = 0) -> Path:
     config = tiny_config() if config is None else config
     return save_hf_checkpoint(directory, config, numpy_params(config, seed), progress=False)
+
+
+def write_chat_checkpoint(directory: Path, seed: int = 4) -> Path:
+    """The released 450M processor files (stand-in tokenizer) and a tiny model (`tiny_model.tiny_config`)
+    with the real vocabulary and patch size, eos 7: a checkpoint `lfm2vl batch` and `serve` load whole."""
+    make_checkpoint_dir(directory, "lfm2-vl-450m")
+    config = tiny_model_config()
+    config = dataclasses.replace(
+        config,
+        text=dataclasses.replace(config.text, vocab_size=65536),
+        vision=dataclasses.replace(config.vision, patch_size=16, num_patches=256),
+    )
+    model = Lfm2VlForConditionalGeneration(config, tiny_params(config, seed=seed), {"eos_token_id": 7})
+    saved = model.save_pretrained(directory / "weights", progress=False)
+    for path in saved.iterdir():
+        shutil.move(path, directory / path.name)
+    saved.rmdir()
+    return directory
 
 
 def copy_checkpoint(source: Path, directory: Path) -> Path:
