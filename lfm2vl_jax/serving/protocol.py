@@ -110,13 +110,19 @@ class ChatCompletionRequest(_Strict):
 
 
 def _param(loc: tuple) -> str | None:
-    """A pydantic error location as OpenAI names parameters: messages[0].content."""
-    name = ""
-    for part in loc:
+    """A pydantic error location as OpenAI names parameters: messages[0].content[1].image_url.url.
+    pydantic puts in which member of a union was tried (`str`, `list[...]`) and, in a list of tagged
+    union members, the member's tag after its index: neither is a parameter."""
+    name, skip_tag_at = "", None
+    for position, part in enumerate(loc):
+        if part == "str" or "[" in str(part):
+            if "tagged-union[" in str(part):
+                skip_tag_at = position + 2  # the index, then the tag
+            continue
+        if position == skip_tag_at:
+            continue
         if isinstance(part, int):
             name += f"[{part}]"
-        elif part in ("str", "list[tagged-union[TextPart,ImagePart]]") or "[" in str(part):
-            continue  # which member of a union was tried: not a parameter
         else:
             name += f".{part}" if name else str(part)
     return name or None
@@ -148,7 +154,8 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     try:
         request = ChatCompletionRequest.model_validate_json(body)
     except pydantic.ValidationError as error:
-        first = error.errors(include_url=False)[0]
+        # The most specific error: in a union, the member that got furthest.
+        first = max(error.errors(include_url=False), key=lambda e: len(e["loc"]))
         if first["type"] == "json_invalid":
             raise RequestError(f"the body is not valid JSON: {first['msg']}") from None
         if first["type"] == "model_type":

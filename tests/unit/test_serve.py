@@ -298,6 +298,11 @@ def text_request(**fields) -> dict:
     return {"model": MODEL, "messages": [user("hi")], "max_completion_tokens": 2, **fields}
 
 
+def image_part_request(image_url: dict | None, part_type: str = "image_url") -> dict:
+    part = {"type": part_type, **({} if image_url is None else {"image_url": image_url})}
+    return text_request(messages=[{"role": "user", "content": [part]}])
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param", "says"),
     [
@@ -310,6 +315,8 @@ def text_request(**fields) -> dict:
         (text_request(messages=[]), 400, "messages", "at least one"),
         (text_request(messages=[{"role": "user"}]), 400, "messages[0].content", "needs content"),
         (text_request(messages=[{"role": "robot", "content": "hi"}]), 400, "messages[0].role", "role"),
+        (image_part_request({"detail": "auto"}), 400, "messages[0].content[0].image_url.url", "required"),
+        (image_part_request(None, "input_audio"), 400, "messages[0].content[0]", "'input_audio'"),
         (text_request(n=0), 400, "n", "greater than or equal to 1"),
         (text_request(n=1000), 400, "n", "less than or equal to 16"),
         (text_request(max_completion_tokens=0), 400, "max_completion_tokens", "greater than"),
