@@ -6,17 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import itertools
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ..errors import Lfm2VlError
 from ..inference.batch_io import BatchRequest
 from ..inference.batching import MAX_STOP_TOKENS
+from ..processing.image_processor import Lfm2VlImageProcessor, ProcessorError
 from .driver import EngineDriver
 from .media import load_image_url
 from .metrics import ServerMetrics
@@ -28,6 +33,7 @@ if TYPE_CHECKING:
     from ..processing.processor import Lfm2VlProcessor
 
 GREEDY_TEMPERATURE = 1e-5  # at or below: greedy decoding (vLLM's threshold)
+MAX_IMAGE_BUDGETS = 16  # processors kept for per-request image settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +79,8 @@ class ChatService:
         self.metrics, self.settings = metrics, settings
         self.accepted = 0  # choices admitted and not finished (being prepared, waiting or running)
         self._tags = itertools.count()
+        self._processors: dict[tuple, Lfm2VlProcessor] = {}  # per image budget
+        self._processors_lock = threading.Lock()
 
     # -- admission -----------------------------------------------------------------------------------
 
@@ -112,13 +120,83 @@ class ChatService:
                     blocks.append({"type": "text", "text": part.text})
                     continue
                 param = f"messages[{index}].content[{j}].image_url"
-                if part.image_url.detail == "low":
-                    raise RequestError("image_url.detail 'low' is not supported yet; use 'auto'", param=param)
                 image = load_image_url(part.image_url.url, self.settings.allowed_local_media_path, param)
                 blocks.append({"type": "image", "image": image})
             content = blocks
         # OpenAI's `developer` role is the system prompt of older models.
         return {"role": "system" if message.role == "developer" else message.role, "content": content}
+
+    def _image_budget(self, request: ChatCompletionRequest) -> dict[str, Any]:
+        """The request's image settings that differ from the checkpoint's: `detail: "low"` is one tile of
+        at most the checkpoint's minimum image tokens; `min_image_tokens`, `max_image_tokens` and
+        `do_image_splitting` may only lower what the checkpoint allows (more would exceed what the model
+        was trained on, and the padded patch rows every request shares)."""
+        details = {
+            part.image_url.detail or "auto"
+            for message in request.messages
+            if isinstance(message.content, list)
+            for part in message.content
+            if part.type == "image_url"
+        }
+        if len(details) > 1:
+            raise RequestError(f"images of one request must share one detail, got {sorted(details)}")
+        ours = self.processor.image_processor
+        budget = {}
+        if details == {"low"}:  # never upscaled: a minimum equal to the maximum would overshoot it
+            budget = {
+                "do_image_splitting": False,
+                "min_image_tokens": 1,
+                "max_image_tokens": ours.min_image_tokens,
+            }
+        for name, value in (
+            ("min_image_tokens", request.min_image_tokens),
+            ("max_image_tokens", request.max_image_tokens),
+        ):
+            if value is not None:
+                if value > ours.max_image_tokens:
+                    raise RequestError(
+                        f"{name}={value}: over the checkpoint's max_image_tokens ({ours.max_image_tokens})",
+                        param=name,
+                    )
+                budget[name] = value
+        if request.do_image_splitting is not None:
+            if request.do_image_splitting and not ours.do_image_splitting:
+                raise RequestError(
+                    "do_image_splitting: the checkpoint does not split images", param="do_image_splitting"
+                )
+            budget["do_image_splitting"] = request.do_image_splitting
+        return budget
+
+    def _processor(self, budget: dict[str, Any]) -> Lfm2VlProcessor:
+        """The processor with the image settings of `budget` (one per distinct budget, kept)."""
+        key = tuple(sorted(budget.items()))
+        with self._processors_lock:
+            if key not in self._processors:
+                if len(self._processors) >= MAX_IMAGE_BUDGETS:
+                    self._processors.pop(next(iter(self._processors)))
+                settings = {**self.processor.image_processor.to_dict(), **budget}
+                variant = copy.copy(self.processor)
+                try:
+                    variant.image_processor = Lfm2VlImageProcessor(**settings)
+                except ProcessorError as error:  # e.g. min_image_tokens over max_image_tokens
+                    message = str(error).replace("image processor config: ", "")
+                    raise RequestError(f"image budget: {message}") from None
+                self._processors[key] = variant
+            return self._processors[key]
+
+    def _pad_patches(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Images preprocessed at a smaller budget padded to the checkpoint's patch rows: the engine
+        prefills several requests' images together, in one array."""
+        pixels = inputs.get("pixel_values")
+        width = self.processor.image_processor.max_num_patches
+        if pixels is None or pixels.shape[1] == width:
+            return inputs
+        pad = width - pixels.shape[1]
+        return {
+            **inputs,
+            "pixel_values": np.pad(pixels, ((0, 0), (0, pad), (0, 0))),
+            "pixel_attention_mask": np.pad(inputs["pixel_attention_mask"], ((0, 0), (0, pad))),
+        }
 
     def decoding_options(self, request: ChatCompletionRequest) -> dict[str, Any]:
         """generate()'s options for the request; unset ones come from the checkpoint's generation config,
@@ -153,10 +231,13 @@ class ChatService:
         """The prompt (chat template, images decoded and preprocessed), the token budget and the
         options, every problem a `RequestError`. Runs on a worker thread."""
         try:
+            budget = self._image_budget(request)
+            processor = self._processor(budget) if budget else self.processor
             messages = [self._message(i, message) for i, message in enumerate(request.messages)]
-            inputs = self.processor.apply_chat_template(
+            inputs = processor.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=True, return_dict=True
             )
+            inputs = self._pad_patches(inputs)
             options = self.decoding_options(request)
         except RequestError:
             raise

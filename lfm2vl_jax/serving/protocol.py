@@ -101,6 +101,10 @@ class ChatCompletionRequest(_Strict):
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     stop_token_ids: list[int] | None = None
     return_token_ids: bool = False
+    # Per-request image budget (vLLM's `mm_processor_kwargs` names), within the checkpoint's limits.
+    min_image_tokens: int | None = Field(None, ge=1)
+    max_image_tokens: int | None = Field(None, ge=1)
+    do_image_splitting: bool | None = None
 
     def completion_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

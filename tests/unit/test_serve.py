@@ -175,6 +175,17 @@ def test_a_client_that_disconnects_frees_its_slot(server):
         assert engine.stats.decode_steps - steps < LONG // 2, stream
 
 
+def ask_greedy(server: Server, messages: list[dict], max_tokens: int):
+    """A greedy completion through the openai client, with each choice's token ids (vLLM's extra)."""
+    return server.client().chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_completion_tokens=max_tokens,
+        temperature=0,
+        extra_body={"return_token_ids": True},
+    )
+
+
 def test_greedy_answers_equal_generate_token_for_token(server):
     messages = [
         {"role": "system", "content": "You are a helpful assistant."},
@@ -183,13 +194,7 @@ def test_greedy_answers_equal_generate_token_for_token(server):
         user("Describe the first one."),
     ]
     expected = generate_alone(server, messages, 12)
-    response = server.client().chat.completions.create(
-        model=MODEL,
-        messages=messages,
-        max_completion_tokens=12,
-        temperature=0,
-        extra_body={"return_token_ids": True},
-    )
+    response = ask_greedy(server, messages, 12)
     (choice,) = response.choices
     assert choice.model_extra["token_ids"] == expected
     assert choice.message.content == server.processor.decode(expected, skip_special_tokens=True)
@@ -208,6 +213,42 @@ def test_greedy_answers_equal_generate_token_for_token(server):
     )
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.usage.completion_tokens == expected.index(stop_id) + 1
+
+
+def test_image_budget_per_request(server):
+    """`detail: "low"` is one tile of at most the checkpoint's minimum image tokens: the answer is
+    `generate`'s with a processor set so; budgets above the checkpoint's are refused."""
+    messages = [user(server.media / "a.png", "What is it?")]
+    for part in messages[0]["content"][:1]:
+        part["image_url"]["detail"] = "low"
+    ours = server.processor.image_processor
+    low = Lfm2VlProcessor.from_pretrained(
+        server.model.source_dir,
+        do_image_splitting=False,
+        min_image_tokens=1,
+        max_image_tokens=ours.min_image_tokens,
+    )
+    inputs = low.apply_chat_template(
+        as_processor_messages(messages), add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    expected = server.model.generate(**inputs, max_new_tokens=6)[0].tolist()
+    response = ask_greedy(server, messages, 6)
+    assert response.choices[0].model_extra["token_ids"] == expected
+    assert response.usage.prompt_tokens == inputs["input_ids"].shape[1]
+    same = server.client().chat.completions.create(
+        model=MODEL,
+        messages=[user(server.media / "a.png", "What is it?")],
+        max_completion_tokens=6,
+        temperature=0,
+        extra_body={
+            "do_image_splitting": False,
+            "min_image_tokens": 1,
+            "max_image_tokens": ours.min_image_tokens,
+        },
+    )
+    assert same.choices[0].message.content == response.choices[0].message.content
+    error = error_of(server.post(text_request(max_image_tokens=ours.max_image_tokens + 1)), 400)
+    assert error["param"] == "max_image_tokens" and "checkpoint" in error["message"]
 
 
 def test_streaming_chunks_are_openai_s_and_equal_the_answer(server):
