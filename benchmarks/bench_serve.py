@@ -5,8 +5,9 @@ output lengths of VQA answers, captions and long descriptions), greedy with benc
 penalty, each limited to its target length (at most --max-new-tokens; random weights almost never stop on
 their own).
 
-- served: `lfm2vl serve` in a subprocess (uvicorn, one engine thread), `--clients` concurrent streaming
-  clients (the `openai` async client, in this process) taking the requests in turn; images sent inline as
+- served: `lfm2vl serve` in a subprocess (or with `--in-process` its app on a thread of this process;
+  uvicorn, one engine thread), `--clients` concurrent streaming
+  clients (httpx, in this process) taking the requests in turn; images sent inline as
   base64 PNG data: URLs. Time to first token (request sent -> first text delta), inter-token latency (gaps
   between text deltas: an event carries every token decoded since the engine's last look, up to
   `--decode-chunk`), output tokens/s over the whole run.
@@ -36,7 +37,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import openai
 from bench_batch import PENALTY, build_model, workload
 from machine import machine_description
 from PIL import Image
@@ -74,41 +74,46 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def served_run(url: str, requests: list[dict], clients: int) -> dict:
-    """Every request through `clients` concurrent streaming clients: timings and each one's token ids."""
+    """Every request through `clients` concurrent streaming clients: timings and each one's token ids.
+    The clients read the server-sent events with plain httpx (as vLLM's serving benchmark uses aiohttp):
+    the `openai` client's per-chunk objects would take CPU from the server on a small machine."""
     queue: asyncio.Queue = asyncio.Queue()
     for request in requests:
         queue.put_nowait(request)
     first_token, gaps, outputs = [], [], {}
 
-    async def client_loop(client: openai.AsyncOpenAI) -> None:
+    async def client_loop(client: httpx.AsyncClient) -> None:
         while not queue.empty():
             request = queue.get_nowait()
+            body = {
+                "model": MODEL,
+                "messages": request["openai_messages"],
+                "max_completion_tokens": request["target"],
+                "temperature": 0,
+                "stream": True,
+                "repetition_penalty": PENALTY,
+                "return_token_ids": True,
+            }
             sent = time.perf_counter()
             last = None
-            stream = await client.chat.completions.create(
-                model=MODEL,
-                messages=request["openai_messages"],
-                max_completion_tokens=request["target"],
-                temperature=0,
-                stream=True,
-                extra_body={"repetition_penalty": PENALTY, "return_token_ids": True},
-            )
-            async for chunk in stream:
-                now = time.perf_counter()
-                if not chunk.choices:
-                    continue
-                choice = chunk.choices[0]
-                if choice.delta.content:
-                    if last is None:
-                        first_token.append(now - sent)
-                    else:
-                        gaps.append(now - last)
-                    last = now
-                if choice.finish_reason is not None:
-                    outputs[request["id"]] = choice.model_extra["token_ids"]
+            async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    now = time.perf_counter()
+                    if not line.startswith("data: {"):
+                        continue
+                    choice = json.loads(line[len("data: ") :])["choices"][0]
+                    if choice["delta"].get("content"):
+                        if last is None:
+                            first_token.append(now - sent)
+                        else:
+                            gaps.append(now - last)
+                        last = now
+                    if choice["finish_reason"] is not None:
+                        outputs[request["id"]] = choice["token_ids"]
 
     start = time.perf_counter()
-    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600) as client:
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients)) as client:
         await asyncio.gather(*(client_loop(client) for _ in range(clients)))
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "first_token": first_token, "gaps": gaps, "outputs": outputs}
@@ -140,6 +145,31 @@ def start_server(directory: Path, args: argparse.Namespace) -> tuple[subprocess.
         time.sleep(0.5)
 
 
+def start_server_thread(model, processor, args: argparse.Namespace):
+    """`--in-process`: the server's app on a uvicorn thread of this process."""
+    import threading
+
+    import uvicorn
+
+    from lfm2vl_jax.serving.app import create_app
+    from lfm2vl_jax.serving.chat import ServerSettings
+
+    settings = ServerSettings(
+        model_name=MODEL,
+        slots=args.slots,
+        max_model_len=args.max_model_len,
+        decode_chunk=args.decode_chunk,
+        max_queue=args.requests,
+    )
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(model, processor, settings), log_level="warning"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    while not server.started:
+        time.sleep(0.1)
+    return server, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
 def offline_run(model, processor, requests: list[dict], slots: int, max_model_len: int) -> dict:
     engine = model.batch_engine(processor, slots=slots, max_length=max_model_len)
     start = time.perf_counter()
@@ -169,6 +199,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--decode-chunk", type=int, default=8)
+    parser.add_argument(
+        "--in-process", action="store_true", help="the server on a thread of this process, not a subprocess"
+    )
     args = parser.parse_args()
 
     requests = workload(args.requests, max(args.max_new_tokens, 128), tiled=0.0)  # its bands reach 128
@@ -181,16 +214,22 @@ def main() -> None:
         for path in (directory / "weights").iterdir():
             path.rename(directory / path.name)
 
-        server, url = start_server(directory, args)
+        model = Lfm2VlForConditionalGeneration.from_pretrained(directory, progress=False)
+        processor = Lfm2VlProcessor.from_pretrained(directory)
+        if args.in_process:
+            server, url = start_server_thread(model, processor, args)
+        else:
+            server, url = start_server(directory, args)
         try:
             asyncio.run(served_run(url, requests, args.clients))  # compiles
             served = asyncio.run(served_run(url, requests, args.clients))
         finally:
-            server.terminate()
-            server.wait(60)
+            if args.in_process:
+                server.should_exit = True
+            else:
+                server.terminate()
+                server.wait(60)
 
-        model = Lfm2VlForConditionalGeneration.from_pretrained(directory, progress=False)
-        processor = Lfm2VlProcessor.from_pretrained(directory)
         offline_run(model, processor, requests, args.slots, args.max_model_len)  # compiles
         offline = offline_run(model, processor, requests, args.slots, args.max_model_len)
 
@@ -204,6 +243,7 @@ def main() -> None:
         "slots": args.slots,
         "clients": args.clients,
         "decode_chunk": args.decode_chunk,
+        "server": "in-process" if args.in_process else "subprocess",
         "output_tokens": tokens,
         "served_s": round(served["seconds"], 2),
         "offline_s": round(offline["seconds"], 2),

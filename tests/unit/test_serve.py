@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tiny_checkpoints import write_chat_checkpoint
 
 from lfm2vl_jax import Lfm2VlForConditionalGeneration, Lfm2VlProcessor
+from lfm2vl_jax.cli import build_parser, main
 from lfm2vl_jax.serving.app import create_app
 from lfm2vl_jax.serving.chat import ServerSettings
 
@@ -472,3 +473,23 @@ def test_health_and_metrics(server):
     assert samples["lfm2vl_time_to_first_token_seconds_count"] >= 1
     assert samples["lfm2vl_inter_token_latency_seconds_count"] >= 1
     assert families["lfm2vl_e2e_request_latency_seconds"].type == "histogram"
+
+
+def test_a_bug_is_a_500_with_its_message_and_the_server_goes_on(server, monkeypatch):
+    def broken(request):
+        raise ZeroDivisionError("a bug")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(server.service, "decoding_options", broken)
+        error = error_of(server.post(text_request()), 500)
+    assert "ZeroDivisionError: a bug" in error["message"] and error["type"] == "server_error"
+    assert server.post(text_request()).status_code == 200
+
+
+def test_cli_serve_defaults_and_flag_errors(capsys):
+    args = build_parser().parse_args(["serve", "--model", "some/model"])
+    assert args.host == "127.0.0.1" and args.api_key is None and args.allowed_local_media_path is None
+    assert main(["serve", "--model", "some/model", "--slots", "0"]) == 2
+    assert "--slots must be >= 1" in capsys.readouterr().err
+    assert main(["serve", "--model", "some/model", "--allowed-local-media-path", "/no/such/dir"]) == 2
+    assert "not a directory" in capsys.readouterr().err
