@@ -218,7 +218,8 @@ def main() -> None:
         processor = Lfm2VlProcessor.from_pretrained(directory)
         if args.in_process:
             server, url = start_server_thread(model, processor, args)
-        else:
+        else:  # on an accelerator, two processes share its memory: neither takes most of it up front
+            os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
             server, url = start_server(directory, args)
         try:
             asyncio.run(served_run(url, requests, args.clients))  # compiles
