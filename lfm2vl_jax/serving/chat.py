@@ -298,6 +298,8 @@ class Generation:
             return service.processor.decode(tokens, skip_special_tokens=True)
 
         stops = request.stop_strings()
+        # Text as tokens arrive only where it is needed: to stream it, or to find a stop string.
+        self.incremental = request.stream or bool(stops)
         self.choices = [Choice((number, i), CompletionText(decode, stops)) for i in range(request.n)]
         for i, choice in enumerate(self.choices):
 
@@ -368,6 +370,8 @@ class Generation:
                 raise RequestError(payload.error or "the engine refused the request")
             tokens = payload if kind == "tokens" else payload.token_ids
             self._tokens(choice, tokens, when)
+            if kind == "tokens" and not self.incremental:
+                continue
             text = choice.text.update(tokens, final=kind == "done")
             if choice.text.stopped:
                 choice.finish_reason = "stop"
