@@ -410,6 +410,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="threads decoding and preprocessing images")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $LFM2VL_API_KEY)")
     p.add_argument("--allowed-local-media-path", type=Path, help="serve file:// images under this directory")
+    p.add_argument(
+        "--allow-remote-media", action="store_true", help="fetch http(s) image URLs (default: refused)"
+    )
+    p.add_argument(
+        "--media-fetch-timeout", type=float, default=10, help="seconds per image fetch (default 10)"
+    )
     p.add_argument("--max-body-mb", type=float, default=32, help="largest request body (default 32 MB)")
     p.add_argument("--request-timeout", type=float, help="seconds before a request is given up (504)")
     p.add_argument(
@@ -441,8 +447,10 @@ def run_serve(args: argparse.Namespace) -> int:
     for name in ("slots", "max_model_len", "decode_chunk", "workers"):
         if getattr(args, name) < 1:
             raise Lfm2VlError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_queue < 0 or args.max_body_mb <= 0 or (args.top_k is not None and args.top_k < 0):
-        raise Lfm2VlError("--max-queue and --top-k must be >= 0, --max-body-mb > 0")
+    if args.max_queue < 0 or (args.top_k is not None and args.top_k < 0):
+        raise Lfm2VlError("--max-queue and --top-k must be >= 0")
+    if args.max_body_mb <= 0 or args.media_fetch_timeout <= 0:
+        raise Lfm2VlError("--max-body-mb and --media-fetch-timeout must be > 0")
     if args.allowed_local_media_path is not None and not args.allowed_local_media_path.is_dir():
         raise Lfm2VlError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
     mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
@@ -466,6 +474,8 @@ def run_serve(args: argparse.Namespace) -> int:
         allowed_local_media_path=args.allowed_local_media_path,
         max_body_bytes=int(args.max_body_mb * 2**20),
         request_timeout=args.request_timeout,
+        allow_remote_media=args.allow_remote_media,
+        media_fetch_timeout=args.media_fetch_timeout,
     )
     uvicorn.run(
         create_app(model, processor, settings), host=args.host, port=args.port, log_level=args.log_level

@@ -23,7 +23,7 @@ from ..inference.batch_io import BatchRequest
 from ..inference.batching import MAX_STOP_TOKENS
 from ..processing.image_processor import Lfm2VlImageProcessor, ProcessorError
 from .driver import EngineDriver
-from .media import load_image_url
+from .media import MediaPolicy, load_image_url
 from .metrics import ServerMetrics
 from .protocol import INT64, ChatCompletionRequest, Message, RequestError
 from .text import CompletionText
@@ -51,6 +51,16 @@ class ServerSettings:
     allowed_local_media_path: Path | None = None
     max_body_bytes: int = 32 * 2**20
     request_timeout: float | None = None
+    allow_remote_media: bool = False
+    media_fetch_timeout: float = 10.0
+
+    def media_policy(self) -> MediaPolicy:
+        return MediaPolicy(
+            self.allowed_local_media_path,
+            self.allow_remote_media,
+            self.media_fetch_timeout,
+            self.max_body_bytes,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +130,7 @@ class ChatService:
                     blocks.append({"type": "text", "text": part.text})
                     continue
                 param = f"messages[{index}].content[{j}].image_url"
-                image = load_image_url(part.image_url.url, self.settings.allowed_local_media_path, param)
+                image = load_image_url(part.image_url.url, self.settings.media_policy(), param)
                 blocks.append({"type": "image", "image": image})
             content = blocks
         # OpenAI's `developer` role is the system prompt of older models.

@@ -2,7 +2,8 @@
 
 - `data:` URLs (base64) are decoded; the processor's pixel limit (PIL's decompression-bomb guard) applies.
 - `file://` URLs only under `--allowed-local-media-path` (after resolving links, so none leads out).
-- `http(s)://` URLs are refused: this server fetches nothing.
+- `http(s)://` URLs are refused unless the server was started with `--allow-remote-media`; then they are
+  fetched with a time-out and a size cap, following at most a few redirects, to http(s) only.
 Runs on the server's preprocessing threads, never on the event loop or the engine thread.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import urllib.parse
 from pathlib import Path
@@ -49,17 +51,50 @@ def _local_file(url: str, allowed: Path | None, param: str) -> Path:
     return path
 
 
-def load_image_url(url: str, allowed_local: Path | None, param: str) -> np.ndarray:
+def _remote(url: str, timeout: float, max_bytes: int, param: str) -> io.BytesIO:
+    import httpx  # only a server that fetches needs it
+
+    try:
+        with (
+            httpx.Client(follow_redirects=True, max_redirects=3, timeout=timeout) as client,
+            client.stream("GET", url) as response,
+        ):
+            if response.status_code != 200:
+                raise RequestError(f"fetching the image gave HTTP {response.status_code}", param=param)
+            data = bytearray()
+            for piece in response.iter_bytes():
+                data += piece
+                if len(data) > max_bytes:
+                    raise RequestError(f"the image at the URL is over {max_bytes} bytes", param=param)
+    except httpx.HTTPError as error:  # time-out, refused connection, a redirect to another scheme
+        raise RequestError(f"cannot fetch the image: {type(error).__name__}: {error}", param=param) from None
+    return io.BytesIO(bytes(data))
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaPolicy:
+    """Where images may come from (`lfm2vl serve`'s flags)."""
+
+    allowed_local: Path | None = None  # --allowed-local-media-path
+    remote: bool = False  # --allow-remote-media
+    fetch_timeout: float = 10.0
+    max_bytes: int = 32 * 2**20
+
+
+def load_image_url(url: str, policy: MediaPolicy, param: str) -> np.ndarray:
     """The image of an `image_url` part as an (H, W, 3) uint8 array, or a `RequestError` naming `param`."""
     if url.startswith("data:"):
         source: io.BytesIO | Path = _data_url(url, param)
     elif url.startswith("file://"):
-        source = _local_file(url, allowed_local, param)
+        source = _local_file(url, policy.allowed_local, param)
     elif url.startswith(("http://", "https://")):
-        raise RequestError(
-            "http(s) image URLs are not fetched by this server; send the image inline as a base64 data: URL",
-            param=param,
-        )
+        if not policy.remote:
+            raise RequestError(
+                "http(s) image URLs are not fetched by this server (--allow-remote-media); send the image "
+                "inline as a base64 data: URL",
+                param=param,
+            )
+        source = _remote(url, policy.fetch_timeout, policy.max_bytes, param)
     else:
         scheme = url.split(":", 1)[0] if ":" in url else url[:20]
         raise RequestError(f"unsupported image URL scheme {scheme!r}; use a base64 data: URL", param=param)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import functools
+import http.server
 import io
 import json
 import socket
@@ -409,6 +411,34 @@ def test_images_are_refused_unless_inline_or_under_the_allowed_path(server, tmp_
     assert "placeholder" in error["message"]
     answer = server.post(image_request(f"file://{server.media / 'a.png'}"))
     assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]
+
+
+class _QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_remote_images_only_with_the_flag(server):
+    """http(s) image URLs: refused by default; with --allow-remote-media fetched (the answer equals the
+    one for the same image inline), a failed fetch is a 400 naming the part."""
+    handler = functools.partial(_QuietFiles, directory=str(server.media))
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{files.server_address[1]}"
+    service, settings = server.service, server.service.settings
+    try:
+        error = error_of(server.post(image_request(f"{url}/a.png")), 400)
+        assert "--allow-remote-media" in error["message"]
+        service.settings = dataclasses.replace(settings, allow_remote_media=True)
+        fetched = server.post(image_request(f"{url}/a.png"))
+        inline = server.post(image_request(data_url(server.media / "a.png")))
+        assert fetched.status_code == 200 and fetched.json()["choices"] == inline.json()["choices"]
+        error = error_of(server.post(image_request(f"{url}/missing.png")), 400)
+        assert "HTTP 404" in error["message"] and error["param"] == "messages[0].content[1].image_url"
+    finally:
+        service.settings = settings
+        files.shutdown()
+        files.server_close()
 
 
 def test_api_key_body_size_queue_and_routes(server):
