@@ -430,8 +430,8 @@ def test_remote_images_only_with_the_flag(server):
         error = error_of(server.post(image_request(f"{url}/a.png")), 400)
         assert "--allow-remote-media" in error["message"]
         service.settings = dataclasses.replace(settings, allow_remote_media=True)
-        fetched = server.post(image_request(f"{url}/a.png"))
-        inline = server.post(image_request(data_url(server.media / "a.png")))
+        fetched = server.post({**image_request(f"{url}/a.png"), "temperature": 0})
+        inline = server.post({**image_request(data_url(server.media / "a.png")), "temperature": 0})
         assert fetched.status_code == 200 and fetched.json()["choices"] == inline.json()["choices"]
         error = error_of(server.post(image_request(f"{url}/missing.png")), 400)
         assert "HTTP 404" in error["message"] and error["param"] == "messages[0].content[1].image_url"
