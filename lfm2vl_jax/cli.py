@@ -495,6 +495,103 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve the model over HTTP with OpenAI's chat completion API (continuous batching)",
+        description="An OpenAI-compatible server (POST /v1/chat/completions, GET /v1/models, /health, "
+        "/metrics) on the continuous-batching engine; see docs/serve.md. Needs the 'serve' extra.",
+    )
+    add_debug_argument(p)
+    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face Hub id")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", help="the model name clients send (default: --model)")
+    p.add_argument("--slots", type=int, default=16, help="requests decoded together (default 16)")
+    p.add_argument(
+        "--max-model-len", type=int, default=4096, help="most prompt + new tokens per request (default 4096)"
+    )
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 429s")
+    p.add_argument("--top-k", type=int, help="top-k of sampling requests (a static shape; default: off)")
+    p.add_argument("--decode-chunk", type=int, default=8, help="decode steps between looks at the slots")
+    p.add_argument("--workers", type=int, default=2, help="threads decoding and preprocessing images")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $LFM2VL_API_KEY)")
+    p.add_argument("--allowed-local-media-path", type=Path, help="serve file:// images under this directory")
+    p.add_argument(
+        "--allow-remote-media", action="store_true", help="fetch http(s) image URLs (default: refused)"
+    )
+    p.add_argument(
+        "--media-fetch-timeout", type=float, default=10, help="seconds per image fetch (default 10)"
+    )
+    p.add_argument("--max-body-mb", type=float, default=32, help="largest request body (default 32 MB)")
+    p.add_argument("--request-timeout", type=float, help="seconds before a request is given up (504)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        help="default: float32 on CPU (faster there), bfloat16 elsewhere",
+    )
+    p.add_argument("--mesh", help="shard over devices, e.g. data=2,tensor=4 (slots over data)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """`lfm2vl serve`: loads the model, then serves until interrupted."""
+    import os
+
+    try:
+        import uvicorn
+
+        from .serving.app import create_app
+        from .serving.chat import ServerSettings
+    except ImportError as err:
+        message = f"lfm2vl serve needs the 'serve' extra (pip install 'lfm2vl-jax[serve]'): {err}"
+        raise Lfm2VlError(message) from None
+    from .api import Lfm2VlForConditionalGeneration
+    from .parallel.mesh import make_mesh, parse_mesh
+    from .processing.processor import Lfm2VlProcessor
+
+    for name in ("slots", "max_model_len", "decode_chunk", "workers"):
+        if getattr(args, name) < 1:
+            raise Lfm2VlError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_queue < 0 or (args.top_k is not None and args.top_k < 0):
+        raise Lfm2VlError("--max-queue and --top-k must be >= 0")
+    if args.max_body_mb <= 0 or args.media_fetch_timeout <= 0:
+        raise Lfm2VlError("--max-body-mb and --media-fetch-timeout must be > 0")
+    if args.allowed_local_media_path is not None and not args.allowed_local_media_path.is_dir():
+        raise Lfm2VlError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a directory")
+    mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
+    processor = Lfm2VlProcessor.from_pretrained(args.model)
+    model = Lfm2VlForConditionalGeneration.from_pretrained(
+        args.model,
+        dtype=DTYPES[args.dtype or default_dtype_name()],
+        mesh=mesh,
+        progress=sys.stderr.isatty(),
+    )
+    top_k = args.top_k if args.top_k is not None else model.generation_config.get("top_k", 0)
+    settings = ServerSettings(
+        model_name=args.served_model_name or args.model,
+        max_model_len=args.max_model_len,
+        slots=args.slots,
+        max_queue=args.max_queue,
+        top_k=top_k,
+        decode_chunk=args.decode_chunk,
+        workers=args.workers,
+        api_key=args.api_key or os.environ.get("LFM2VL_API_KEY") or None,
+        allowed_local_media_path=args.allowed_local_media_path,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        request_timeout=args.request_timeout,
+        allow_remote_media=args.allow_remote_media,
+        media_fetch_timeout=args.media_fetch_timeout,
+    )
+    uvicorn.run(
+        create_app(model, processor, settings), host=args.host, port=args.port, log_level=args.log_level
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lfm2vl", description="LFM2-VL vision-language models in JAX")
     add_debug_argument(parser, top_level=True)
@@ -503,6 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     _batch_parser(sub)
     _convert_parser(sub)
     _train_parser(sub)
+    _serve_parser(sub)
     return parser
 
 

@@ -3,13 +3,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 from pathlib import Path
 
 import jax
 import numpy as np
+from processor_fixtures import make_checkpoint_dir
+from tiny_model import tiny_config as tiny_model_config
+from tiny_model import tiny_params
 
+from lfm2vl_jax import Lfm2VlForConditionalGeneration
 from lfm2vl_jax.checkpoint.export import save_hf_checkpoint
 from lfm2vl_jax.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
 from lfm2vl_jax.config import ATTENTION, CONV, Lfm2VlConfig, TextConfig, VisionConfig
@@ -61,6 +66,24 @@ def write_cli_checkpoint(directory: Path, processor_files: Path) -> Path:
     write_tiny_checkpoint(directory, tiny_config(vocab_size=65536, max_position_embeddings=128_000))
     for path in processor_files.iterdir():
         shutil.copyfile(path, directory / path.name)
+    return directory
+
+
+def write_chat_checkpoint(directory: Path, seed: int = 4) -> Path:
+    """The released 450M processor files (stand-in tokenizer) and a tiny model (`tiny_model.tiny_config`)
+    with the real vocabulary and patch size, eos 7: a checkpoint `lfm2vl batch` and `serve` load whole."""
+    make_checkpoint_dir(directory, "lfm2-vl-450m")
+    config = tiny_model_config()
+    config = dataclasses.replace(
+        config,
+        text=dataclasses.replace(config.text, vocab_size=65536),
+        vision=dataclasses.replace(config.vision, patch_size=16, num_patches=256),
+    )
+    model = Lfm2VlForConditionalGeneration(config, tiny_params(config, seed=seed), {"eos_token_id": 7})
+    saved = model.save_pretrained(directory / "weights", progress=False)
+    for path in saved.iterdir():
+        shutil.move(path, directory / path.name)
+    saved.rmdir()
     return directory
 
 

@@ -31,8 +31,9 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import flax.struct
@@ -260,6 +261,12 @@ def insert_rows(
     return _constrain(config, state)
 
 
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
+def release_slots(config: Lfm2VlConfig, state: SlotState, released: jax.Array) -> SlotState:
+    """Slots where `released` (S,) is true stop decoding and count as free (cancelled requests)."""
+    return _constrain(config, state.replace(done=state.done | released))
+
+
 def _slot_step(params: Params, config: Lfm2VlConfig, state: SlotState) -> tuple[SlotState, jax.Array]:
     """One token for every busy slot (`engine._decode` per slot); free slots compute and discard one."""
     num_slots = state.last.shape[0]
@@ -360,6 +367,74 @@ class _Turn:
     pending: set = dataclasses.field(default_factory=set)  # futures of requests being prepared
     ready: collections.deque = dataclasses.field(default_factory=collections.deque)  # (tag, _Ready)
     exhausted: bool = False  # the request source is used up
+    withdrawn: set = dataclasses.field(default_factory=set)  # cancelled tags, possibly still being prepared
+    on_tokens: Callable[[Any, list[int]], None] | None = None  # progress of running requests (`serve`)
+
+
+NOTHING_YET = object()  # what a live request source yields when no request is waiting (`RequestInbox`)
+
+
+class RequestInbox:
+    """Requests handed to an engine that is running (`BatchEngine.serve`), from other threads.
+
+    Other threads `put` (tag, request) pairs and `cancel` tags; the engine thread takes what has arrived
+    between decode steps, frees the slots of cancelled requests, and sleeps here when it has nothing to
+    do. `close` ends `serve` once the requests put before it have finished.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._queue: collections.deque = collections.deque()  # (tag, request) not yet taken
+        self._cancelled: set = set()  # tags taken by the engine, then cancelled
+        self._closed = False
+
+    def put(self, tag: Any, request: BatchRequest | Mapping[str, Any]) -> None:
+        with self._changed:
+            if self._closed:
+                raise Lfm2VlError("the engine is shut down; no more requests")
+            self._queue.append((tag, request))
+            self._changed.notify()
+
+    def cancel(self, tag: Any) -> None:
+        """Withdraws a request: dropped if not yet taken, else its slot is freed at the engine's next look
+        (its result is then never yielded)."""
+        with self._changed:
+            kept = [item for item in self._queue if item[0] != tag]
+            if len(kept) == len(self._queue):
+                self._cancelled.add(tag)
+            self._queue = collections.deque(kept)
+            self._changed.notify()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+
+    # The engine's side.
+
+    def arrivals(self) -> Iterator[Any]:
+        """(tag, request) pairs as they arrive, NOTHING_YET when none is waiting; ends once closed and
+        drained."""
+        while True:
+            with self._changed:
+                if self._queue:
+                    item = self._queue.popleft()
+                elif self._closed:
+                    return
+                else:
+                    item = NOTHING_YET
+            yield item
+
+    def take_cancelled(self) -> set:
+        with self._changed:
+            cancelled, self._cancelled = self._cancelled, set()
+        return cancelled
+
+    def wait(self) -> None:
+        """Blocks until a request, a cancellation or the close arrives (the engine is idle)."""
+        with self._changed:
+            while not (self._queue or self._cancelled or self._closed):
+                self._changed.wait()
 
 
 @dataclasses.dataclass
@@ -491,6 +566,17 @@ class BatchEngine:
 
         for _, result in self._run(source()):
             yield result
+
+    def serve(
+        self, inbox: RequestInbox, on_tokens: Callable[[Any, list[int]], None] | None = None
+    ) -> Iterator[tuple[Any, BatchResult]]:
+        """(tag, result) for the requests other threads put into `inbox` while this runs (on one thread,
+        the engine's), as they finish, until the inbox is closed and every request has finished.
+        Requests join free slots between decode steps; a cancelled one leaves its slot at the next look of
+        the host and yields nothing (unless it had finished already). `on_tokens(tag, tokens)` is called
+        on this thread with each running request's tokens so far whenever new ones have been decoded
+        (for streaming)."""
+        return self._run(inbox.arrivals(), inbox, on_tokens)
 
     @property
     def busy_slots(self) -> int:
@@ -660,19 +746,28 @@ class BatchEngine:
 
     # -- the loop ------------------------------------------------------------------------------------------
 
-    def _run(self, source: Iterator[tuple[Any, Any]]) -> Iterator[tuple[Any, BatchResult]]:
+    def _run(
+        self,
+        source: Iterator[Any],
+        inbox: RequestInbox | None = None,
+        on_tokens: Callable[[Any, list[int]], None] | None = None,
+    ) -> Iterator[tuple[Any, BatchResult]]:
         """(tag, result) for each (tag, request) of `source`, as requests finish.
 
         Each turn: collect what the workers have prepared, prefill ready requests into free slots,
         dispatch a decode program, and only then hand the previous turn's finished results to the caller,
-        so that the device decodes while the caller writes them out.
+        so that the device decodes while the caller writes them out. With an `inbox` (a live source that
+        yields NOTHING_YET when empty), cancelled requests are dropped first, and an idle loop sleeps
+        until something arrives.
         """
         start = time.perf_counter()
-        turn = _Turn(free=list(range(self.slots)))
+        turn = _Turn(free=list(range(self.slots)), on_tokens=on_tokens)
         finished: list[tuple[Any, BatchResult]] = []
         with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="lfm2vl-prep") as pool:
             try:
                 while True:
+                    if inbox is not None:
+                        self._withdraw(turn, inbox.take_cancelled())
                     yield from self._collect_prepared(turn, source, pool)
                     self._refill(turn)
                     self._busy = len(turn.running)
@@ -685,6 +780,8 @@ class BatchEngine:
                         return
                     elif turn.pending:  # nothing to decode: wait for the workers
                         concurrent.futures.wait(turn.pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                    elif inbox is not None and not turn.ready:  # idle: sleep until something arrives
+                        inbox.wait()
             finally:
                 for future in turn.pending:
                     future.cancel()
@@ -698,6 +795,8 @@ class BatchEngine:
         lookahead = 2 * self.prefill_batch + self.workers
         while not turn.exhausted and len(turn.pending) + len(turn.ready) < lookahead:
             item = next(source, None)
+            if item is NOTHING_YET:
+                break
             if item is None:
                 turn.exhausted = True
             else:
@@ -705,11 +804,30 @@ class BatchEngine:
         for future in [f for f in turn.pending if f.done()]:
             turn.pending.remove(future)
             tag, prepared = future.result()
-            if isinstance(prepared, BatchResult):
+            if tag in turn.withdrawn:
+                turn.withdrawn.discard(tag)
+            elif isinstance(prepared, BatchResult):
                 self._count(prepared)
                 yield tag, prepared
             else:
                 turn.ready.append((tag, prepared))
+
+    def _withdraw(self, turn: _Turn, tags: set) -> None:
+        """Drops cancelled requests: out of the ready queue, out of their slots (freed on the device
+        too); the ones still being prepared are dropped when they come back."""
+        turn.withdrawn |= tags
+        if not turn.withdrawn:
+            return
+        turn.ready = collections.deque(item for item in turn.ready if item[0] not in turn.withdrawn)
+        released = np.zeros((self.slots,), bool)
+        for slot in [slot for slot, item in turn.running.items() if item.tag in turn.withdrawn]:
+            del turn.running[slot]
+            turn.free.append(slot)
+            released[slot] = True
+        if released.any():
+            self._state = release_slots(self.config, self._state, released)
+        if not turn.pending:  # the others had finished already
+            turn.withdrawn.clear()
 
     def _refill(self, turn: _Turn) -> None:
         """Prefills ready requests into free slots: the oldest with up to `prefill_batch - 1` others whose
@@ -762,6 +880,8 @@ class BatchEngine:
                 item.first = None
             produced = tokens[slot, :steps]
             item.tokens.extend(produced[produced >= 0].tolist())
+            if turn.on_tokens is not None:
+                turn.on_tokens(item.tag, list(item.tokens))
             if done[slot]:
                 del turn.running[slot]
                 turn.free.append(slot)

@@ -3,16 +3,13 @@ lines for bad requests, totals, exit status, --resume after a run killed in the 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
-from processor_fixtures import make_checkpoint_dir
-from tiny_model import tiny_config, tiny_params
+from tiny_checkpoints import write_chat_checkpoint
 
 from lfm2vl_jax import Lfm2VlForConditionalGeneration, Lfm2VlProcessor
 from lfm2vl_jax.cli import main
@@ -21,18 +18,7 @@ from lfm2vl_jax.cli import main
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """The released 450M processor files and a tiny model with the real vocabulary and patch size."""
-    directory = make_checkpoint_dir(tmp_path_factory.mktemp("batch-cli"), "lfm2-vl-450m")
-    config = tiny_config()
-    config = dataclasses.replace(
-        config,
-        text=dataclasses.replace(config.text, vocab_size=65536),
-        vision=dataclasses.replace(config.vision, patch_size=16, num_patches=256),
-    )
-    model = Lfm2VlForConditionalGeneration(config, tiny_params(config, seed=4), {"eos_token_id": 7})
-    saved = model.save_pretrained(directory / "weights", progress=False)
-    for path in saved.iterdir():
-        shutil.move(path, directory / path.name)
-    return directory
+    return write_chat_checkpoint(tmp_path_factory.mktemp("batch-cli"))
 
 
 def user(*content) -> list:

@@ -9,6 +9,8 @@ extra stop token; the expected tokens then come from `generate` alone with that 
 
 from __future__ import annotations
 
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +21,7 @@ from tiny_model import prompt_inputs, tiny_config, tiny_params
 from lfm2vl_jax import Lfm2VlForConditionalGeneration
 from lfm2vl_jax.errors import Lfm2VlError
 from lfm2vl_jax.inference.batch_io import BatchRequest
+from lfm2vl_jax.inference.batching import RequestInbox
 from lfm2vl_jax.inference.sampling import SamplingParams, next_token, next_token_rows
 
 EOS = 7
@@ -228,3 +231,46 @@ def test_engine_sizes_are_positive_integers_named(model, option, value):
 
     with pytest.raises(Lfm2VlError, match=f"{option} must be a positive integer, got {value!r}"):
         engine(model, **{option: value})
+
+
+def test_serve_takes_requests_while_running_and_a_cancelled_one_leaves_its_slot(model):
+    """`serve`: requests put from another thread while the engine runs get exactly their tokens alone; a
+    request cancelled as its first tokens arrive yields nothing and frees its slot for the others;
+    closing the inbox ends the run once the rest have finished."""
+    batch = engine(model, max_length=64)
+    requests = workload(model, seed=3)[:5]
+    endless = {
+        "id": "endless",
+        "inputs": prompt_inputs(model.config, [6]),
+        "max_new_tokens": 50,
+        "eos_token_id": [],
+    }
+    inbox = RequestInbox()
+    progress: dict = {}
+
+    def on_tokens(tag, tokens):  # on the engine thread
+        progress.setdefault(tag, []).append(len(tokens))
+        if tag == "endless":
+            inbox.cancel(tag)
+
+    results = {}
+
+    def run():
+        for tag, result in batch.serve(inbox, on_tokens):
+            results[tag] = result
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    inbox.put("endless", endless)
+    for request in requests:
+        inbox.put(request["id"], request)
+    inbox.close()
+    thread.join(120)
+    assert not thread.is_alive()
+    assert "endless" not in results and len(progress["endless"]) == 1  # cancelled at its first progress
+    assert progress["endless"][0] < 50
+    for request in requests:
+        assert results[request["id"]].token_ids == generate_alone(model, request), request["id"]
+        lengths = progress.get(request["id"], [])
+        assert lengths == sorted(lengths) and all(n <= len(results[request["id"]].token_ids) for n in lengths)
+    assert batch.busy_slots == 0
