@@ -4,7 +4,8 @@ lives here; library modules take plain arguments.
 
 Errors the user can fix (a missing model, an unreadable image, a bad flag value, a refused target) print
 one `error:` line and exit with status 2; anything else is a bug in this package: one line saying so, exit
-status 1, and `--debug` shows its traceback.
+status 1, and `--debug` shows its traceback. `lfm2vl batch` exits with status 3 when it ran to the end but
+some requests failed (their error records are in the output).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .inference.batch_io import MAX_LINE_BYTES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5.x's default
+EXIT_SOME_REQUESTS_FAILED = 3  # `batch` ran to the end, with error records; 1 is a bug, 2 a user error
 
 
 def add_debug_argument(p: argparse.ArgumentParser, top_level: bool = False) -> None:
@@ -317,7 +319,7 @@ def run_batch(args: argparse.Namespace) -> int:
         f"tokens/s), slot occupancy {engine.stats.occupancy:.0%}",
         file=sys.stderr,
     )
-    return 1 if totals["error"] else 0
+    return EXIT_SOME_REQUESTS_FAILED if totals["error"] else 0
 
 
 def _conversion_arguments(p: argparse.ArgumentParser, src_help: str, dst_help: str, to_hf: bool) -> None:

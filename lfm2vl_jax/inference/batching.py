@@ -665,13 +665,15 @@ class BatchEngine:
         )
 
     def _prepare_or_fail(self, tag: Any, request: BatchRequest | Mapping[str, Any]) -> tuple[Any, Any]:
-        """(tag, `_Ready`) or (tag, error result): a bad request must not stop the run."""
+        """(tag, `_Ready`) or (tag, error result): a bad request must not stop the run. Only the errors
+        validation raises about a request (`Lfm2VlError`s) become its error record; anything else is a bug
+        of ours and propagates, ending the run (the results already written stay)."""
         request_id = request.id if isinstance(request, BatchRequest) else None
         if isinstance(request, Mapping):
             request_id = request.get("id")
         try:
             return tag, self._prepare(self._as_request(request))
-        except (Lfm2VlError, ValueError, TypeError, OSError, OverflowError) as error:
+        except Lfm2VlError as error:
             return tag, BatchResult.failure(request_id, str(error))
 
     # -- device --------------------------------------------------------------------------------------------

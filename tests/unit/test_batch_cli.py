@@ -59,7 +59,7 @@ def test_batch_writes_a_line_per_request_and_resumes_after_a_kill(
     output = tmp_path / "results.jsonl"
     argv = ["batch", "--model", str(checkpoint), "--input", str(requests_file), "--output", str(output)]
     argv += ["--slots", "2", "--max-new-tokens", "4", "--max-length", "128", "--quiet"]
-    assert main(argv) == 1  # some requests failed
+    assert main(argv) == 3  # some requests failed
     totals = capsys.readouterr().err
     assert "3 done" in totals and "5 failed" in totals, totals  # text, image, 7
 
@@ -99,7 +99,7 @@ def test_batch_writes_a_line_per_request_and_resumes_after_a_kill(
     output.write_bytes(b"".join(lines[:2]) + lines[2][:15])
     assert main(argv) == 2  # an existing output is not overwritten without --resume or --overwrite
     assert "--resume" in capsys.readouterr().err
-    assert main([*argv, "--resume"]) == 1
+    assert main([*argv, "--resume"]) == 3
     assert "2 skipped" in capsys.readouterr().err
     resumed = read_lines(output)
     assert sorted(json.dumps(r, sort_keys=True) for r in resumed) == sorted(
@@ -203,7 +203,7 @@ def test_bad_lines_are_error_records_and_the_rest_runs(checkpoint, tmp_path, cap
     requests = tmp_path / "requests.jsonl"
     requests.write_bytes(b"\n".join(lines) + b"\n")
     output = tmp_path / "out.jsonl"
-    assert main(batch_argv(checkpoint, requests, output, "--max-line-bytes", "200000")) == 1
+    assert main(batch_argv(checkpoint, requests, output, "--max-line-bytes", "200000")) == 3
     results = {r["id"]: r for r in read_lines(output)}
     assert results.pop("good")["finish_reason"] in ("stop", "length")
     errors = {key: r["error"] for key, r in results.items()}
@@ -219,8 +219,37 @@ def test_bad_lines_are_error_records_and_the_rest_runs(checkpoint, tmp_path, cap
 
     utf16 = tmp_path / "utf16.jsonl"
     utf16.write_text(json.dumps(good) + "\n", encoding="utf-16")
-    assert main(batch_argv(checkpoint, utf16, tmp_path / "out16.jsonl")) == 1
+    assert main(batch_argv(checkpoint, utf16, tmp_path / "out16.jsonl")) == 3
     first, *rest = read_lines(tmp_path / "out16.jsonl")  # "\n" is two bytes in UTF-16: a NUL line after
     assert "line 1: not UTF-8" in first["error"]
     assert "UTF-16 byte-order mark: save it as UTF-8" in first["error"]
     assert all(r["finish_reason"] == "error" for r in rest)
+
+
+def test_a_bug_in_request_preparation_stops_the_run_and_keeps_what_was_written(
+    checkpoint, tmp_path, monkeypatch, capsys
+):
+    """An exception of ours (not a request's fault) is not an error record: `run` raises it and `lfm2vl
+    batch` exits 1 naming it, with every line already written whole; a --resume then finishes the rest."""
+    from lfm2vl_jax.inference.batching import BatchEngine
+
+    requests = tmp_path / "requests.jsonl"
+    ids = [f"r{i}" for i in range(6)]
+    requests.write_text("".join(json.dumps({"id": i, "messages": user(f"Say {i}.")}) + "\n" for i in ids))
+    output = tmp_path / "out.jsonl"
+    prepare = BatchEngine._prepare
+
+    def broken(self, request):
+        if request.id == "r4":
+            raise RuntimeError("injected bug in _prepare")
+        return prepare(self, request)
+
+    monkeypatch.setattr(BatchEngine, "_prepare", broken)
+    assert main(batch_argv(checkpoint, requests, output)) == 1
+    err = capsys.readouterr().err
+    assert "bug" in err and "injected bug in _prepare" in err, err
+    written = read_lines(output) if output.read_text() else []
+    assert all(r["finish_reason"] != "error" for r in written)  # the bug became no one's error record
+    monkeypatch.setattr(BatchEngine, "_prepare", prepare)
+    assert main([*batch_argv(checkpoint, requests, output), "--resume"]) == 0
+    assert sorted(r["id"] for r in read_lines(output)) == ids
