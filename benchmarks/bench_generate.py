@@ -21,7 +21,7 @@ Prints one JSON line (machine, CPU model, XLA flags, every number), then a table
 transformers in the same run; absolute times depend on the machine and its load.
 
     python benchmarks/bench_generate.py [--models 450m 1.6b] [--dtype float32|bfloat16] [--batches 1 8 32]
-        [--layouts per-layer scan] [--contexts 1024 8192] [--ours-only]
+        [--layouts per-layer scan] [--contexts 1024 8192] [--attention auto|blockwise|xla|cudnn] [--ours-only]
 """
 
 from __future__ import annotations
@@ -178,9 +178,14 @@ def ours_workloads(pair: ModelPair, model: Lfm2VlForConditionalGeneration, args:
         result["decode"][batch] = {
             loop: ours_decode_tokens_per_s(model, inputs, args.new_tokens, loop) for loop in args.loops
         }
+    result["context_prefill_s"] = {}
     for context in args.contexts:
+        inputs = text_batch(1, context)
         result["contexts"][context] = ours_decode_tokens_per_s(
-            model, text_batch(1, context), args.context_new_tokens, "device"
+            model, inputs, args.context_new_tokens, "device"
+        )
+        result["context_prefill_s"][context] = timed(
+            lambda inputs=inputs: jax.block_until_ready(next(ours_run(model, inputs, 1)).tokens), 1
         )
     if not args.skip_end_to_end:
         result["end_to_end_s"] = ours_end_to_end_seconds(pair, model, 100)
@@ -254,6 +259,11 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=["per-layer"])
     parser.add_argument("--loops", nargs="+", choices=["device", "host"], default=["device", "host"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        help="RuntimeConfig.attention of ours (auto, blockwise, xla, cudnn, ...)",
+    )
     parser.add_argument("--ours-only", action="store_true", help="no transformers (torch is not imported)")
     parser.add_argument("--skip-end-to-end", action="store_true")
     args = parser.parse_args()
@@ -263,6 +273,7 @@ def main() -> None:
         "benchmark": "generate",
         **machine_description(),
         "dtype": args.dtype,
+        "attention": args.attention,
         "bandwidth": bandwidth,
         "models": {},
     }
@@ -273,6 +284,9 @@ def main() -> None:
             result: dict = {"layouts": {}}
             for layout in args.layouts:
                 model = pair.ours if (layout == "scan") == first else pair.with_layout(layout == "scan")
+                if args.attention != "auto":
+                    config = model.config.with_runtime(attention=args.attention)
+                    model = Lfm2VlForConditionalGeneration(config, model.params, model.generation_config)
                 result["layouts"][layout] = ours_workloads(pair, model, args)
             if not args.ours_only:
                 result["transformers"] = reference_workloads(pair, args)
@@ -336,6 +350,7 @@ def print_table(report: dict) -> None:
                 hf and hf["contexts"][context],
                 True,
             )
+            row(f"prefill {context} ctx (s)", [o["context_prefill_s"][context] for o in ours], None, False)
         if "end_to_end_s" in ours[0]:
             row(
                 "end-to-end 1024px+100 (s)",
