@@ -46,22 +46,23 @@ def datasheet_bandwidth(device: jax.Device) -> float | None:
     return next((rate for name, rate in DATASHEET_BANDWIDTH if name.lower() in kind), None)
 
 
-def best_seconds(fn, repeats: int) -> float:
-    """Fastest of `repeats` calls of `fn` (which blocks until its result is ready), after one warm-up."""
+def call_seconds(fn, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of `fn` (which blocks until its result is ready), after one
+    warm-up call (compilation, caches)."""
     fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
 
 
 def copy_bandwidth(nbytes: int = ACCELERATOR_COPY_BYTES, repeats: int = 5) -> float:
     """Bytes/s read + written by a jitted device-to-device copy of `nbytes` of bf16 (best of `repeats`)."""
     x = jnp.ones((nbytes // 2,), jnp.bfloat16)
     copy = jax.jit(jnp.copy)  # compiles to one `copy` of the whole buffer (no aliasing without donation)
-    seconds = best_seconds(lambda: jax.block_until_ready(copy(x)), repeats)
+    seconds = min(call_seconds(lambda: jax.block_until_ready(copy(x)), repeats))
     return 2 * nbytes / seconds
 
 
@@ -69,7 +70,7 @@ def read_bandwidth(nbytes: int = CPU_READ_BYTES, repeats: int = 5) -> float:
     """Bytes/s read by a jitted float32 sum over `nbytes` (best of `repeats`)."""
     x = jnp.ones((nbytes // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
-    seconds = best_seconds(lambda: jax.block_until_ready(total(x)), repeats)
+    seconds = min(call_seconds(lambda: jax.block_until_ready(total(x)), repeats))
     return nbytes / seconds
 
 

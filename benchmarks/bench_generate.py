@@ -38,7 +38,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bandwidth import fractions, roofline_bandwidth
+from bandwidth import call_seconds, fractions, roofline_bandwidth
 from machine import machine_description
 from pair import DTYPES, MODELS, ModelPair
 
@@ -57,13 +57,7 @@ LAYOUTS = ("per-layer", "scan")
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
     """Median seconds of `repeats` calls after one warm-up call (compilation, caches)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(call_seconds(fn, repeats))
 
 
 def ours_run(model: Lfm2VlForConditionalGeneration, inputs: dict, new_tokens: int, loop: str = "host"):

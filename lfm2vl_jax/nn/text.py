@@ -10,7 +10,8 @@ One function, `text_forward`, serves the plain forward pass (no cache), prefill 
 entries it returns fill a fresh cache), training, and cached decoding of one or more new tokens per row.
 
 Axis legend: B batch, T new positions, S cached positions, D width, N query heads, K kv heads,
-H head dim, F MLP width, R repeats of a motif (stacked layers).
+H head dim, F MLP width, R repeats of a motif (stacked layers), G query heads per KV head, C the fused
+gate/up pair.
 """
 
 from __future__ import annotations
@@ -40,9 +41,13 @@ class StepContext(NamedTuple):
     cached_lengths: jax.Array | None  # (B,) tokens already in the cache, or None without a cache
 
 
-def mlp(p: Params, x: jax.Array) -> jax.Array:
-    gate = jnp.einsum("btd,df->btf", x, p["gate"])
-    up = jnp.einsum("btd,df->btf", x, p["up"])
+def mlp(p: Params, x: jax.Array, fused: bool = False) -> jax.Array:
+    if fused:  # one product; C indexes (gate, up)
+        gate_up = jnp.einsum("btd,dcf->btcf", x, p["gate_up"])
+        gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
+    else:
+        gate = jnp.einsum("btd,df->btf", x, p["gate"])
+        up = jnp.einsum("btd,df->btf", x, p["up"])
     return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down"])
 
 
@@ -61,11 +66,22 @@ def attention_block(
     its natural order and transposed after (a small activation) rather than asking for head-major output
     from the einsum, which made XLA transpose the weight instead, at every decoding step.
     """
-    q = rms_norm(jnp.einsum("btd,dnh->btnh", x, p["q"]), p["q_norm"], cfg.norm_eps)
-    k = rms_norm(jnp.einsum("btd,dkh->btkh", x, p["k"]), p["k_norm"], cfg.norm_eps)
+    if runtime.fused_projections:  # one product; G+2 indexes a KV head's G query heads, its key, its value
+        qkv = jnp.einsum("btd,dkgh->btkgh", x, p["qkv"])
+        groups = qkv.shape[3] - 2
+        q, k, v = (
+            qkv[:, :, :, :groups].reshape(*x.shape[:2], -1, qkv.shape[-1]),
+            qkv[..., -2, :],
+            qkv[..., -1, :],
+        )
+    else:
+        q = jnp.einsum("btd,dnh->btnh", x, p["q"])
+        k = jnp.einsum("btd,dkh->btkh", x, p["k"])
+        v = jnp.einsum("btd,dkh->btkh", x, p["v"])
+    q, k = rms_norm(q, p["q_norm"], cfg.norm_eps), rms_norm(k, p["k_norm"], cfg.norm_eps)
     q = checkpoint_name(apply_rope(q, ctx.positions, cfg.rope_theta), "q")
     k = checkpoint_name(jnp.swapaxes(apply_rope(k, ctx.positions, cfg.rope_theta), 1, 2), "k")  # head-major
-    v = checkpoint_name(jnp.swapaxes(jnp.einsum("btd,dkh->btkh", x, p["v"]), 1, 2), "v")
+    v = checkpoint_name(jnp.swapaxes(v, 1, 2), "v")
     if cached is None:  # positions 0 .. T-1: the default, which lets kernels use a plain causal mask
         out = attention(q, k, v, kv_lengths=ctx.num_new, causal=True, implementation=runtime.attention)
     else:
@@ -99,7 +115,7 @@ def decoder_layer(
             y, entry = attention_block(p["attn"], x, ctx, cached, cfg, runtime)
     h = h + y
     with jax.named_scope("mlp"):
-        h = h + mlp(p["mlp"], rms_norm(h, p["ffn_norm"]["scale"], cfg.norm_eps))
+        h = h + mlp(p["mlp"], rms_norm(h, p["ffn_norm"]["scale"], cfg.norm_eps), runtime.fused_projections)
     return constrain(h, RESIDUAL_AXES, runtime), entry
 
 
