@@ -21,7 +21,8 @@ Prints one JSON line (machine, CPU model, XLA flags, every number), then a table
 transformers in the same run; absolute times depend on the machine and its load.
 
     python benchmarks/bench_generate.py [--models 450m 1.6b] [--dtype float32|bfloat16] [--batches 1 8 32]
-        [--layouts per-layer scan] [--contexts 1024 8192] [--attention auto|blockwise|xla|cudnn] [--ours-only]
+        [--layouts per-layer scan] [--contexts 1024 8192] [--attention auto|blockwise|xla|cudnn]
+        [--fused-projections] [--ours-only]
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from hlo_stats import step_stats  # noqa: E402
 from processor_fixtures import synthetic_image  # noqa: E402
 
 from lfm2vl_jax import Lfm2VlForConditionalGeneration  # noqa: E402
+from lfm2vl_jax.checkpoint.canonical import from_canonical, to_canonical  # noqa: E402
 from lfm2vl_jax.inference import engine  # noqa: E402
 from lfm2vl_jax.inference.cache import init_cache  # noqa: E402
 from lfm2vl_jax.inference.sampling import SamplingParams  # noqa: E402
@@ -258,6 +260,9 @@ def main() -> None:
         default="auto",
         help="RuntimeConfig.attention of ours (auto, blockwise, xla, cudnn, ...)",
     )
+    parser.add_argument(
+        "--fused-projections", action="store_true", help="ours with RuntimeConfig.fused_projections"
+    )
     parser.add_argument("--ours-only", action="store_true", help="no transformers (torch is not imported)")
     parser.add_argument("--skip-end-to-end", action="store_true")
     args = parser.parse_args()
@@ -268,6 +273,7 @@ def main() -> None:
         **machine_description(),
         "dtype": args.dtype,
         "attention": args.attention,
+        "fused_projections": args.fused_projections,
         "bandwidth": bandwidth,
         "models": {},
     }
@@ -278,9 +284,12 @@ def main() -> None:
             result: dict = {"layouts": {}}
             for layout in args.layouts:
                 model = pair.ours if (layout == "scan") == first else pair.with_layout(layout == "scan")
-                if args.attention != "auto":
-                    config = model.config.with_runtime(attention=args.attention)
-                    model = Lfm2VlForConditionalGeneration(config, model.params, model.generation_config)
+                if args.attention != "auto" or args.fused_projections:
+                    config = model.config.with_runtime(
+                        attention=args.attention, fused_projections=args.fused_projections
+                    )
+                    params = from_canonical(to_canonical(model.params, model.config), config)
+                    model = Lfm2VlForConditionalGeneration(config, params, model.generation_config)
                 result["layouts"][layout] = ours_workloads(pair, model, args)
             if not args.ours_only:
                 result["transformers"] = reference_workloads(pair, args)

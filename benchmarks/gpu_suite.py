@@ -15,7 +15,8 @@ Steps, in order, each a subprocess with its own time limit (the smaller of its o
   command type (`--xla_gpu_enable_command_buffer`); generate-1.6b is the default;
 - batch-64, batch-128: `bench_batch.py` 450M, 64 and 128 slots;
 - train-450m, train-1.6b: `bench_train.py` bf16 (ours: step time, tokens/s, MFU, peak memory).
-`--experiments` adds the decode-step round after them: per-layer vs scanned layers (batches 1 and 32), and an
+`--experiments` adds the decode-step round after them: per-layer vs scanned layers and fused vs separate
+projections (`RuntimeConfig.fused_projections`; batches 1 and 32), and an
 8k-token prompt with the blockwise kernel vs "auto" (on bf16 GPUs, `jax.nn.dot_product_attention`'s cuDNN
 kernel for the prefill; decoding from the cache stays on the reference in both).
 
@@ -132,6 +133,7 @@ def steps(smoke: bool, torch_gpu: bool, experiments: bool) -> list[Step]:
         result.append(Step(name, [*argv, "--ours-only"], 50 if name == "train-450m" else 60))
     if experiments:
         result.append(Step("exp-scan", bench(*variant, "--layouts", "scan"), 60))
+        result.append(Step("exp-fused", bench(*variant, "--fused-projections"), 45))
         context = ("--contexts", size["long_context"], "--context-new-tokens", 8, "--batches", 1)
         for attention in ("blockwise", "auto"):  # "auto": cuDNN's fused prefill where it runs (bf16 GPUs)
             argv = bench("bench_generate.py", "--models", big, "--skip-end-to-end", *common, *context)
