@@ -136,7 +136,7 @@ def workload(count: int, max_new_tokens: int, tiled: float, seed: int = 0) -> li
             content = [{"type": "image", "image": images[size]} for size in sizes[kind]]
             content.append({"type": "text", "text": str(rng.choice(PROMPTS))})
         band = rng.choice(3, p=[0.35, 0.45, 0.2])
-        low, high = [(2, 16), (24, 96), (128, max_new_tokens)][band]
+        low, high = (min(bound, max_new_tokens) for bound in [(2, 16), (24, 96), (128, max_new_tokens)][band])
         requests.append(
             {
                 "id": i,

@@ -13,15 +13,16 @@ transformers (eager) runs the same workloads once per model, unless `--ours-only
 imported and the weights come from our own initialiser).
 
 Roofline: a batch-1 decode step reads every text-tower weight once, so tokens/s <= bandwidth / weight
-bytes. The bandwidth is measured in the same run: a large reduction (bytes read / s) and a large copy
-(bytes read + written / s); the CPU roofline uses the first, accelerators the second (the closer to what
-their memory system streams).
+bytes. The bandwidth is measured in the same run (`bandwidth.py`: a >= 2 GiB bf16 device-to-device copy on
+accelerators, a large reduction on CPUs); fractions are also given against the datasheet bandwidth of known
+accelerators.
 
 Prints one JSON line (machine, CPU model, XLA flags, every number), then a table. Ratios compare ours and
 transformers in the same run; absolute times depend on the machine and its load.
 
     python benchmarks/bench_generate.py [--models 450m 1.6b] [--dtype float32|bfloat16] [--batches 1 8 32]
-        [--layouts per-layer scan] [--contexts 1024 8192] [--ours-only]
+        [--layouts per-layer scan] [--contexts 1024 8192] [--attention auto|blockwise|xla|cudnn]
+        [--fused-projections] [--ours-only]
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bandwidth import call_seconds, fractions, roofline_bandwidth
 from machine import machine_description
 from pair import DTYPES, MODELS, ModelPair
 
@@ -46,6 +48,7 @@ from hlo_stats import step_stats  # noqa: E402
 from processor_fixtures import synthetic_image  # noqa: E402
 
 from lfm2vl_jax import Lfm2VlForConditionalGeneration  # noqa: E402
+from lfm2vl_jax.checkpoint.canonical import from_canonical, to_canonical  # noqa: E402
 from lfm2vl_jax.inference import engine  # noqa: E402
 from lfm2vl_jax.inference.cache import init_cache  # noqa: E402
 from lfm2vl_jax.inference.sampling import SamplingParams  # noqa: E402
@@ -56,27 +59,7 @@ LAYOUTS = ("per-layer", "scan")
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
     """Median seconds of `repeats` calls after one warm-up call (compilation, caches)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def read_bandwidth() -> float:
-    """Bytes/s of a jitted sum over 400 MB: what a memory-bound decode step can at best stream."""
-    x = jnp.ones((100_000_000,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    return x.nbytes / timed(lambda: jax.block_until_ready(total(x)), 10)
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s read + written by a jitted elementwise pass over 400 MB."""
-    x = jnp.ones((100_000_000,), jnp.float32)
-    bump = jax.jit(lambda x: x + 1)
-    return 2 * x.nbytes / timed(lambda: jax.block_until_ready(bump(x)), 10)
+    return statistics.median(call_seconds(fn, repeats))
 
 
 def ours_run(model: Lfm2VlForConditionalGeneration, inputs: dict, new_tokens: int, loop: str = "host"):
@@ -191,9 +174,14 @@ def ours_workloads(pair: ModelPair, model: Lfm2VlForConditionalGeneration, args:
         result["decode"][batch] = {
             loop: ours_decode_tokens_per_s(model, inputs, args.new_tokens, loop) for loop in args.loops
         }
+    result["context_prefill_s"] = {}
     for context in args.contexts:
+        inputs = text_batch(1, context)
         result["contexts"][context] = ours_decode_tokens_per_s(
-            model, text_batch(1, context), args.context_new_tokens, "device"
+            model, inputs, args.context_new_tokens, "device"
+        )
+        result["context_prefill_s"][context] = timed(
+            lambda inputs=inputs: jax.block_until_ready(next(ours_run(model, inputs, 1)).tokens), 1
         )
     if not args.skip_end_to_end:
         result["end_to_end_s"] = ours_end_to_end_seconds(pair, model, 100)
@@ -267,19 +255,26 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=["per-layer"])
     parser.add_argument("--loops", nargs="+", choices=["device", "host"], default=["device", "host"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        help="RuntimeConfig.attention of ours (auto, blockwise, xla, cudnn, ...)",
+    )
+    parser.add_argument(
+        "--fused-projections", action="store_true", help="ours with RuntimeConfig.fused_projections"
+    )
     parser.add_argument("--ours-only", action="store_true", help="no transformers (torch is not imported)")
     parser.add_argument("--skip-end-to-end", action="store_true")
     args = parser.parse_args()
 
-    device = jax.devices()[0]
-    bandwidth = {"read_GB_s": read_bandwidth() / 1e9, "copy_GB_s": copy_bandwidth() / 1e9}
-    roofline_bandwidth = bandwidth["read_GB_s" if device.platform == "cpu" else "copy_GB_s"]
+    bandwidth = roofline_bandwidth()
     report = {
         "benchmark": "generate",
         **machine_description(),
         "dtype": args.dtype,
+        "attention": args.attention,
+        "fused_projections": args.fused_projections,
         "bandwidth": bandwidth,
-        "roofline_bandwidth": "read" if device.platform == "cpu" else "copy",
         "models": {},
     }
     for name in args.models:
@@ -289,27 +284,46 @@ def main() -> None:
             result: dict = {"layouts": {}}
             for layout in args.layouts:
                 model = pair.ours if (layout == "scan") == first else pair.with_layout(layout == "scan")
+                if args.attention != "auto" or args.fused_projections:
+                    config = model.config.with_runtime(
+                        attention=args.attention, fused_projections=args.fused_projections
+                    )
+                    params = from_canonical(to_canonical(model.params, model.config), config)
+                    model = Lfm2VlForConditionalGeneration(config, params, model.generation_config)
                 result["layouts"][layout] = ours_workloads(pair, model, args)
             if not args.ours_only:
                 result["transformers"] = reference_workloads(pair, args)
-            weight_gb = tree_bytes(pair.ours.params["text"]) / 1e9
-            batch1 = roofline_bandwidth / weight_gb
-            result["roofline"] = {"text_weight_GB": weight_gb, "batch1_tok_s": batch1}
-            for layout, r in result["layouts"].items():
-                for loop, tokens_per_s in r["decode"].get(1, {}).items():
-                    result["roofline"][f"{layout}_{loop}_loop_fraction"] = tokens_per_s / batch1
-            if "transformers" in result and 1 in result["transformers"]["decode"]:
-                result["roofline"]["transformers_fraction"] = result["transformers"]["decode"][1] / batch1
+            result["roofline"] = batch1_roofline(result, tree_bytes(pair.ours.params["text"]), bandwidth)
             report["models"][name] = result
             del pair
     print(json.dumps(report))
     print_table(report)
 
 
+def batch1_roofline(result: dict, weight_bytes: int, bandwidth: dict) -> dict:
+    """Batch-1 decode rates as fractions of the rooflines (measured bandwidth; datasheet, if known)."""
+    datasheet = bandwidth["datasheet_GB_s"]
+    roofline = {
+        "text_weight_GB": weight_bytes / 1e9,
+        "batch1_tok_s": bandwidth["GB_s"] * 1e9 / weight_bytes,
+        "batch1_tok_s_datasheet": datasheet and datasheet * 1e9 / weight_bytes,
+    }
+    rates = {
+        f"{layout}_{loop}_loop": tokens_per_s
+        for layout, r in result["layouts"].items()
+        for loop, tokens_per_s in r["decode"].get(1, {}).items()
+    }
+    if "transformers" in result and 1 in result["transformers"]["decode"]:
+        rates["transformers"] = result["transformers"]["decode"][1]
+    roofline["fractions"] = {name: fractions(rate, weight_bytes, bandwidth) for name, rate in rates.items()}
+    return roofline
+
+
 def print_table(report: dict) -> None:
     bw = report["bandwidth"]
     print(f"\n{report['device']} ({report['cpu']}), {report['dtype']}, XLA_FLAGS={report['xla_flags']!r}")
-    print(f"bandwidth: read {bw['read_GB_s']:.1f} GB/s, copy {bw['copy_GB_s']:.1f} GB/s")
+    datasheet = f", datasheet {bw['datasheet_GB_s']:.0f} GB/s" if bw["datasheet_GB_s"] else ""
+    print(f"bandwidth: {bw['probe']} probe {bw['GB_s']:.1f} GB/s{datasheet}")
     for name, r in report["models"].items():
         layouts = list(r["layouts"])
         hf = r.get("transformers")
@@ -339,6 +353,7 @@ def print_table(report: dict) -> None:
                 hf and hf["contexts"][context],
                 True,
             )
+            row(f"prefill {context} ctx (s)", [o["context_prefill_s"][context] for o in ours], None, False)
         if "end_to_end_s" in ours[0]:
             row(
                 "end-to-end 1024px+100 (s)",
@@ -354,13 +369,13 @@ def print_table(report: dict) -> None:
             True,
         )
         f = r["roofline"]
-        fractions = ", ".join(
-            f"{k.removesuffix('_fraction')} {v:.2f}" for k, v in f.items() if k.endswith("fraction")
+        shares = ", ".join(
+            f"{k} {v['measured']:.2f}" + (f" (datasheet {v['datasheet']:.2f})" if "datasheet" in v else "")
+            for k, v in f["fractions"].items()
         )
-        used = bw[f"{report['roofline_bandwidth']}_GB_s"]
         print(
             f"{name:<6}roofline b=1: {f['batch1_tok_s']:.1f} tok/s ({f['text_weight_GB']:.2f} GB at "
-            f"{used:.1f} GB/s, {report['roofline_bandwidth']}); {fractions}"
+            f"{bw['GB_s']:.1f} GB/s, {bw['probe']} probe); {shares}"
         )
     print("(ours/hf > 1: ours is faster; ours/hf uses the first layout and the first loop listed)")
 

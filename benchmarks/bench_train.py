@@ -23,7 +23,7 @@ Prints one JSON line, then a table. Ratios compare the two in the same run; abso
 machine and its load.
 
     python benchmarks/bench_train.py [--models 450m 1.6b] [--dtype float32|bfloat16] [--batch 1]
-        [--remat none|full] [--rounds 2] [--steps 3]
+        [--remat none|full] [--rounds 2] [--steps 3] [--ours-only]
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from pair import MODELS, raw_config  # noqa: E402
 from processor_fixtures import make_checkpoint_dir, synthetic_image  # noqa: E402
-from reference_models import REFERENCE_CONFIGS, randomize_weights  # noqa: E402
+from reference_models import randomize_weights  # noqa: E402
 
 from lfm2vl_jax.config import config_from_dict  # noqa: E402
 from lfm2vl_jax.nn.params import abstract_params, tree_bytes  # noqa: E402
@@ -54,7 +55,6 @@ from lfm2vl_jax.processing.processor import Lfm2VlProcessor  # noqa: E402
 from lfm2vl_jax.training.data import BatchLoader, BatchPlan, RowSlice, read_conversations  # noqa: E402
 from lfm2vl_jax.training.metrics import batch_counts, peak_flops, step_flops  # noqa: E402
 
-MODELS = {"450m": "lfm2-vl-450m", "1.6b": "lfm2-vl-1.6b"}
 LEARNING_RATE, MAX_GRAD_NORM = 1e-5, 1.0
 SENTENCE = "The photo shows a woman in a naval uniform standing in front of a blue wall. "
 ALL = {"vision": True, "projector": True, "text": True}
@@ -91,7 +91,7 @@ def write_material(name: str, directory: Path, batch: int, tokens: int) -> Path:
     from transformers import Lfm2VlForConditionalGeneration as HfModel
 
     make_checkpoint_dir(directory, MODELS[name])
-    raw = json.loads((REFERENCE_CONFIGS / MODELS[name] / "config.json").read_text())
+    raw = raw_config(name)
     torch.manual_seed(0)
     model = randomize_weights(
         HfModel(HfConfig(**{k: v for k, v in raw.items() if k != "model_type"})), seed=0
@@ -231,7 +231,7 @@ def run_block(side: str, directory: Path, args: argparse.Namespace, cache: Path)
         command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     env = {
         **os.environ,
-        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR", str(cache)),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     }
     out = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -244,11 +244,7 @@ def run_block(side: str, directory: Path, args: argparse.Namespace, cache: Path)
 
 
 def benchmark(name: str, args: argparse.Namespace, peak: float) -> dict:
-    need = 4 * tree_bytes(
-        abstract_params(
-            config_from_dict(json.loads((REFERENCE_CONFIGS / MODELS[name] / "config.json").read_text()))
-        )
-    )
+    need = 4 * tree_bytes(abstract_params(config_from_dict(raw_config(name))))
     if jax.default_backend() == "cpu" and need > available_bytes():
         return {
             "skipped": f"float32 params, gradients and AdamW state alone need {need / 1e9:.1f} GB; "
@@ -260,7 +256,7 @@ def benchmark(name: str, args: argparse.Namespace, peak: float) -> dict:
         config = config_from_dict(json.loads((directory / "config.json").read_text()))
         counts = batch_counts(local)
         flops = step_flops(config, counts, ALL, ALL)
-        blocks: dict[str, list] = {"ours": [], "transformers": []}
+        blocks: dict[str, list] = {"ours": []} if args.ours_only else {"ours": [], "transformers": []}
         for _ in range(args.rounds):
             for side in blocks:
                 blocks[side].append(run_block(side, directory, args, Path(tmp) / "cache"))
@@ -275,7 +271,8 @@ def benchmark(name: str, args: argparse.Namespace, peak: float) -> dict:
             "peak_gb": max(run["peak_gb"] for run in runs),
             "first_loss": runs[0]["losses"][0],
         }
-    result["speedup"] = result["transformers"]["step_s"] / result["ours"]["step_s"]
+    if "transformers" in result:
+        result["speedup"] = result["transformers"]["step_s"] / result["ours"]["step_s"]
     return result
 
 
@@ -291,6 +288,7 @@ def main() -> None:
     parser.add_argument("--remat", choices=("none", "full"), default="none")
     parser.add_argument("--rounds", type=int, default=2, help="blocks per side, alternating")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per block")
+    parser.add_argument("--ours-only", action="store_true", help="no transformers side")
     parser.add_argument("--worker", choices=("ours", "transformers"), help=argparse.SUPPRESS)
     parser.add_argument("--material", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -327,12 +325,13 @@ def print_table(report: dict) -> None:
         if "skipped" in r:
             print(f"{name:<6}skipped: {r['skipped']}")
             continue
-        for side in ("ours", "transformers"):
+        for side in ("ours", "transformers")[: 1 + ("transformers" in r)]:
             s = r[side]
             print(
                 f"{name:<6}{side:<14}{s['step_s']:>9.3f}{s['tokens_per_s']:>9.0f}{s['mfu']:>8.1%}{s['peak_gb']:>9.2f}"
             )
-        print(f"{name:<6}ours/transformers speed: {r['speedup']:.2f}x ({r['tokens']} tokens per step)")
+        if "speedup" in r:
+            print(f"{name:<6}ours/transformers speed: {r['speedup']:.2f}x ({r['tokens']} tokens per step)")
 
 
 if __name__ == "__main__":

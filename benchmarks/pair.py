@@ -1,9 +1,10 @@
 """Ours and transformers' LFM2-VL on the same random weights, for the benchmarks.
 
-The real LFM2-VL-450M shapes (released config) or 1.6B shapes (reconstructed config); processor files of
-the released checkpoints with the tests' stand-in tokenizer. Weights of realistic scale are drawn by
-transformers (`randomize_weights`), saved, and loaded by both; with `ours_only` no torch is imported:
-the weights come from our `init_params`.
+The real LFM2-VL-450M shapes (released config) or 1.6B shapes (reconstructed config), or "tiny" (the 450M's
+files and vocabulary around a 4-layer text tower of width 64 and a 2-layer vision tower: smoke runs);
+processor files of the released checkpoints with the tests' stand-in tokenizer. Weights of realistic scale
+are drawn by transformers (`randomize_weights`), saved, and loaded by both; with `ours_only` no torch is
+imported: the weights come from our `init_params`.
 """
 
 from __future__ import annotations
@@ -27,8 +28,36 @@ from lfm2vl_jax.checkpoint.canonical import from_canonical, to_canonical  # noqa
 from lfm2vl_jax.config import DTypePolicy, RuntimeConfig, config_from_dict  # noqa: E402
 from lfm2vl_jax.nn.params import init_params  # noqa: E402
 
-MODELS = {"450m": "lfm2-vl-450m", "1.6b": "lfm2-vl-1.6b"}
+MODELS = {"450m": "lfm2-vl-450m", "1.6b": "lfm2-vl-1.6b", "tiny": "lfm2-vl-450m"}
 DTYPES = ("float32", "bfloat16")
+TINY = {
+    "projector_hidden_size": 128,
+    "text_config": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "block_auto_adjust_ff_dim": False,
+        "num_attention_heads": 4,
+        "num_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 4,
+        "layer_types": ["conv", "full_attention", "conv", "full_attention"],
+    },
+    "vision_config": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+    },
+}
+
+
+def raw_config(name: str) -> dict:
+    """The checkpoint's config.json of model `name` (a key of MODELS)."""
+    raw = json.loads((REFERENCE_DIR / MODELS[name] / "config.json").read_text())
+    if name == "tiny":
+        for key, value in TINY.items():
+            raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+    return raw
 
 
 class ModelPair:
@@ -39,7 +68,7 @@ class ModelPair:
         self, name: str, directory: Path, dtype: str, scan_layers: bool = False, ours_only: bool = False
     ):
         make_checkpoint_dir(directory, MODELS[name])
-        raw = json.loads((REFERENCE_DIR / MODELS[name] / "config.json").read_text())
+        raw = raw_config(name)
         runtime = RuntimeConfig(dtypes=DTypePolicy.uniform(jnp.dtype(dtype)), scan_layers=scan_layers)
         self.reference = None
         self.device = "cpu"

@@ -6,6 +6,7 @@ meshes), `inference/` (cache, sampling, engine), `checkpoint/` (transformers and
 """
 
 from .api import CausalLMOutput, Lfm2VlForConditionalGeneration
+from .compile_cache import enable_compile_cache
 from .config import DTypePolicy, Lfm2VlConfig, RuntimeConfig, TextConfig, VisionConfig, load_config
 from .inference.sampling import SamplingParams
 from .parallel.mesh import make_mesh
@@ -29,6 +30,7 @@ __all__ = [
     "TextConfig",
     "ToolCallError",
     "VisionConfig",
+    "enable_compile_cache",
     "load_config",
     "make_mesh",
     "parse_tool_calls",

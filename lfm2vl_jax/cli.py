@@ -19,6 +19,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
+from .compile_cache import add_compile_cache_argument, setup_compile_cache
 from .config import REMAT_POLICIES, default_dtype_name
 from .errors import Lfm2VlError
 from .inference.batch_io import MAX_LINE_BYTES
@@ -74,6 +75,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="stacked, scanned text layers (default: one array per layer, faster decoding)",
     )
+    add_compile_cache_argument(p)
     p.set_defaults(run=run_generate)
 
 
@@ -197,6 +199,7 @@ def _batch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="skip the ids already in --output, append the rest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_compile_cache_argument(p)
     p.set_defaults(run=run_batch)
 
 
@@ -460,6 +463,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="skip an update whose loss or gradient is NaN/inf instead of stopping the run",
     )
+    add_compile_cache_argument(p)
     p.set_defaults(run=run_train, command="train")
 
 
@@ -478,7 +482,8 @@ def train_options(args: argparse.Namespace) -> dict:
         if not isinstance(loaded, dict):
             raise TrainingError(f"--config {args.config}: expected a mapping of options")
         values.update(loaded)
-    given = {k: v for k, v in vars(args).items() if k not in ("run", "command", "config", "quiet", "debug")}
+    cli_only = ("run", "command", "config", "quiet", "debug", "compile_cache")
+    given = {k: v for k, v in vars(args).items() if k not in cli_only}
     values.update(given)
     if getattr(args, "quiet", False):
         values["progress"] = False
@@ -632,6 +637,8 @@ def run_command(args: argparse.Namespace, prog: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if "compile_cache" in args:
+        setup_compile_cache(args.compile_cache)
     return run_command(args, f"lfm2vl {args.command}")
 
 

@@ -173,6 +173,11 @@ class RuntimeConfig:
     scan_layers: the text layers' layout, stacked per motif and run by `lax.scan`, or one array per layer
         run by a Python loop (see `nn.params`). The params pytree must be in this layout.
     attention: the implementation behind `nn.attention.attention` ("auto", "reference", or a kernel).
+    fused_projections: the text layers' q/k/v kernels held as one (D, K, G+2, H) array (per KV head: its G
+        query heads, its key, its value) and the MLP's gate and up kernels as one (D, 2, F): one matrix
+        product each instead of three and two. Fused once at load time; checkpoints and exports keep the
+        separate tensors (`nn.params`, `checkpoint.canonical`). A tensor-parallel mesh splits the fused
+        q/k/v by KV head, so their count must divide the tensor axis.
     remat: what the backward pass recomputes in the scanned layers and the vision tower
         (`nn.layers.REMAT_POLICIES`); only matters under `jax.grad`.
     mesh, rules: where arrays live; activations get sharding constraints when a mesh is set.
@@ -181,6 +186,7 @@ class RuntimeConfig:
     dtypes: DTypePolicy = dataclasses.field(default_factory=DTypePolicy)
     scan_layers: bool = True
     attention: str = "auto"
+    fused_projections: bool = False
     remat: str = "none"
     mesh: Mesh | None = None
     rules: ShardingRules = DEFAULT_RULES

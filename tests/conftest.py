@@ -9,6 +9,7 @@ on the same files. The builders live in `processor_fixtures.py` (benchmarks reus
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -27,6 +28,9 @@ from lfm2vl_jax import Lfm2VlForConditionalGeneration
 from lfm2vl_jax.processing.processor import Lfm2VlProcessor
 
 TIERS = ("unit", "parity", "multidevice")
+# The command line's persistent compilation cache stays off in tests (no files in the user's home, every
+# run compiles as before); tests/unit/test_compile_cache.py turns it on where it is the subject.
+os.environ.setdefault("LFM2VL_COMPILE_CACHE", "off")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

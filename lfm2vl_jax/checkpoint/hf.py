@@ -51,7 +51,9 @@ class CheckpointError(Lfm2VlError):
 class TensorMapping:
     hf_key: str
     path: tuple[str | int, ...]  # path of the leaf in our params pytree
-    index: int | None  # position on the leaf's stacked `layers` axis, None if not stacked
+    # Where in the leaf: its position on the stacked `layers` axis (an int), that and a part of a fused
+    # kernel (a tuple of indices), or None for the whole leaf.
+    index: int | tuple | None
     hf_shape: tuple[int, ...]
     to_jax: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
@@ -83,10 +85,12 @@ def tensor_map(config: Lfm2VlConfig) -> dict[str, TensorMapping]:
     """Every tensor of the model's 5.x state dict -> where and how it lives in our pytree (in the
     layout `config.runtime.scan_layers` selects, see `nn.params.param_specs`)."""
     v, t = config.vision, config.text
-    scan_layers = config.runtime.scan_layers
+    scan_layers, fused = config.runtime.scan_layers, config.runtime.fused_projections
     table: dict[str, TensorMapping] = {}
 
-    def add(hf_key: str, path: tuple, index: int | None, hf_shape: tuple, transforms: tuple | None = None):
+    def add(
+        hf_key: str, path: tuple, index: int | tuple | None, hf_shape: tuple, transforms: tuple | None = None
+    ):
         to_jax, to_hf = transforms or (_identity, _identity)
         table[hf_key] = TensorMapping(hf_key, path, index, tuple(hf_shape), to_jax, to_hf)
 
@@ -159,20 +163,15 @@ def tensor_map(config: Lfm2VlConfig) -> dict[str, TensorMapping]:
                     path, index = ("text", "blocks", s, pos, r), None
                 add(f"{hf}.operator_norm.weight", (*path, "operator_norm", "scale"), index, (d,))
                 add(f"{hf}.ffn_norm.weight", (*path, "ffn_norm", "scale"), index, (d,))
-                add(
-                    f"{hf}.feed_forward.w1.weight",
-                    (*path, "mlp", "gate"),
-                    index,
-                    (f, d),
-                    (_transpose, _transpose),
-                )
-                add(
-                    f"{hf}.feed_forward.w3.weight",
-                    (*path, "mlp", "up"),
-                    index,
-                    (f, d),
-                    (_transpose, _transpose),
-                )
+                # Fused kernels: each tensor is one part of the leaf (`nn.params`), after the layers index.
+                lead = () if index is None else (index,)
+                for part, (name, w) in enumerate((("gate", "w1"), ("up", "w3"))):
+                    where = (
+                        ((*path, "mlp", "gate_up"), (*lead, slice(None), part))
+                        if fused
+                        else ((*path, "mlp", name), index)
+                    )
+                    add(f"{hf}.feed_forward.{w}.weight", *where, (f, d), (_transpose, _transpose))
                 add(
                     f"{hf}.feed_forward.w2.weight",
                     (*path, "mlp", "down"),
@@ -216,27 +215,26 @@ def tensor_map(config: Lfm2VlConfig) -> dict[str, TensorMapping]:
                         add(f"{hf}.conv.out_proj.bias", (*conv, "out_proj_bias"), index, (d,))
                 else:
                     attn = (*path, "attn")
-                    add(
-                        f"{hf}.self_attn.q_proj.weight",
-                        (*attn, "q"),
-                        index,
-                        (n * h, d),
-                        _to_input_first(n, h),
-                    )
-                    add(
-                        f"{hf}.self_attn.k_proj.weight",
-                        (*attn, "k"),
-                        index,
-                        (k * h, d),
-                        _to_input_first(k, h),
-                    )
-                    add(
-                        f"{hf}.self_attn.v_proj.weight",
-                        (*attn, "v"),
-                        index,
-                        (k * h, d),
-                        _to_input_first(k, h),
-                    )
+                    g, everything = n // k, slice(None)
+                    projections = {  # name: (shape in our kernel, part of the fused kernel)
+                        "q": ((n, h), (everything, everything, slice(0, g))),
+                        "k": ((k, h), (everything, everything, g)),
+                        "v": ((k, h), (everything, everything, g + 1)),
+                    }
+                    for name, (shape, part) in projections.items():
+                        if fused:  # q lands as (K, G, H): query head n belongs to KV head n // G, as in GQA
+                            ours, where = (
+                                ((k, g, h) if name == "q" else shape),
+                                ((*attn, "qkv"), (*lead, *part)),
+                            )
+                        else:
+                            ours, where = shape, ((*attn, name), index)
+                        add(
+                            f"{hf}.self_attn.{name}_proj.weight",
+                            *where,
+                            (shape[0] * h, d),
+                            _to_input_first(*ours),
+                        )
                     add(
                         f"{hf}.self_attn.out_proj.weight",
                         (*attn, "o"),

@@ -142,8 +142,9 @@ def _check_stored_arrays(params_dir: Path, stored: Params, expected: Params, che
 
 
 def _per_layer(config: Lfm2VlConfig) -> Lfm2VlConfig:
-    """The config with unstacked text layers, whose params map one to one onto the canonical layout."""
-    return config.with_runtime(scan_layers=False)
+    """The config with unstacked, unfused text layers, whose params map one to one onto the canonical
+    layout."""
+    return config.with_runtime(scan_layers=False, fused_projections=False)
 
 
 def save_orbax_checkpoint(
@@ -219,7 +220,10 @@ def load_orbax_checkpoint(
             )
     except (OSError, ValueError) as err:  # tensorstore reports missing or cut data as ValueError
         raise _unreadable(directory, "the orbax checkpoint is truncated or corrupt", err) from None
-    return config, from_canonical(canonical, config)
+    params = from_canonical(canonical, config)
+    if runtime.mesh is not None and runtime.fused_projections:  # fused where the parts were: re-place them
+        params = jax.device_put(params, param_shardings(config))
+    return config, params
 
 
 # Conversions ----------------------------------------------------------------------------------------------

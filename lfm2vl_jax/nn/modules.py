@@ -121,8 +121,9 @@ class TextMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        p = declare(self, text_layer_specs(self.config.text, CONV)["mlp"])
-        return mlp(cast(p, self.config.runtime.dtypes.compute), x)
+        runtime = self.config.runtime
+        p = declare(self, text_layer_specs(self.config.text, CONV, runtime.fused_projections)["mlp"])
+        return mlp(cast(p, runtime.dtypes.compute), x, runtime.fused_projections)
 
 
 class ShortConv(nn.Module):
@@ -145,7 +146,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, ctx: StepContext, cached: Any = None) -> tuple[jax.Array, Any]:
         c = self.config
-        p = cast(declare(self, text_layer_specs(c.text, "full_attention")["attn"]), c.runtime.dtypes.compute)
+        specs = text_layer_specs(c.text, "full_attention", c.runtime.fused_projections)["attn"]
+        p = cast(declare(self, specs), c.runtime.dtypes.compute)
         return attention_block(p, x, ctx, cached, c.text, c.runtime)
 
 

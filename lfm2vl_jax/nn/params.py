@@ -16,6 +16,8 @@ Layout (nested dicts and lists of arrays; kernels are stored input-first, `x @ k
                               [+ biases]}, ffn_norm, mlp{gate (D, F), up (D, F), down (F, D)}
                   attention:  operator_norm, attn{q (D,N,H), k (D,K,H), v (D,K,H), o (N,H,D),
                               q_norm (H,), k_norm (H,)}, ffn_norm, mlp
+                With `RuntimeConfig.fused_projections`: attn{qkv (D,K,G+2,H), ...} (per KV head its G = N/K
+                query heads, then its key and its value) and mlp{gate_up (D,2,F), down}.
 
 The layout is a static fact of the config (`config.runtime.scan_layers`), never read off a pytree.
 Checkpoints store the canonical per-layer tree instead (`checkpoint.canonical`), which no layout choice
@@ -99,16 +101,19 @@ def vision_layer_specs(v: VisionConfig) -> dict[str, Any]:
     }
 
 
-def _mlp(t: TextConfig) -> dict[str, ParamSpec]:
+def _mlp(t: TextConfig, fused: bool) -> dict[str, ParamSpec]:
     d, f = t.hidden_size, t.intermediate_size
-    return {
-        "gate": _kernel((d, f), ("embed", "mlp"), d),
-        "up": _kernel((d, f), ("embed", "mlp"), d),
-        "down": _kernel((f, d), ("mlp", "embed"), f),
-    }
+    if fused:
+        projections = {"gate_up": _kernel((d, 2, f), ("embed", None, "mlp"), d)}
+    else:
+        projections = {
+            "gate": _kernel((d, f), ("embed", "mlp"), d),
+            "up": _kernel((d, f), ("embed", "mlp"), d),
+        }
+    return {**projections, "down": _kernel((f, d), ("mlp", "embed"), f)}
 
 
-def text_layer_specs(t: TextConfig, kind: str) -> dict[str, Any]:
+def text_layer_specs(t: TextConfig, kind: str, fused: bool = False) -> dict[str, Any]:
     d = t.hidden_size
     if kind == CONV:
         operator: dict[str, ParamSpec] = {
@@ -125,10 +130,16 @@ def text_layer_specs(t: TextConfig, kind: str) -> dict[str, Any]:
         operator_key = "conv"
     elif kind == ATTENTION:
         n, k, h = t.num_heads, t.num_kv_heads, t.head_dim
+        if fused:
+            projections = {"qkv": _kernel((d, k, n // k + 2, h), ("embed", "kv_heads", None, "head_dim"), d)}
+        else:
+            projections = {
+                "q": _kernel((d, n, h), ("embed", "heads", "head_dim"), d),
+                "k": _kernel((d, k, h), ("embed", "kv_heads", "head_dim"), d),
+                "v": _kernel((d, k, h), ("embed", "kv_heads", "head_dim"), d),
+            }
         operator = {
-            "q": _kernel((d, n, h), ("embed", "heads", "head_dim"), d),
-            "k": _kernel((d, k, h), ("embed", "kv_heads", "head_dim"), d),
-            "v": _kernel((d, k, h), ("embed", "kv_heads", "head_dim"), d),
+            **projections,
             "o": _kernel((n, h, d), ("heads", "head_dim", "embed"), n * h),
             "q_norm": ParamSpec((h,), ("head_dim",), "ones"),
             "k_norm": ParamSpec((h,), ("head_dim",), "ones"),
@@ -140,7 +151,7 @@ def text_layer_specs(t: TextConfig, kind: str) -> dict[str, Any]:
         "operator_norm": _norm(d, "embed"),
         operator_key: operator,
         "ffn_norm": _norm(d, "embed"),
-        "mlp": _mlp(t),
+        "mlp": _mlp(t, fused),
     }
 
 
@@ -152,7 +163,7 @@ def param_specs(config: Lfm2VlConfig) -> Params:
     """The whole model's parameter pytree, as `ParamSpec` leaves, in the layout of
     `config.runtime.scan_layers`."""
     v, t = config.vision, config.text
-    scan_layers = config.runtime.scan_layers
+    scan_layers, fused = config.runtime.scan_layers, config.runtime.fused_projections
     patch_dim = v.num_channels * v.patch_size**2
     grid = v.position_grid_size
     projector: dict[str, Any] = {}
@@ -171,9 +182,9 @@ def param_specs(config: Lfm2VlConfig) -> Params:
         "embed": ParamSpec((t.vocab_size, t.hidden_size), ("vocab", "embed"), "normal", 1.0),
         "blocks": [
             [
-                _stack(text_layer_specs(t, kind), seg.repeats)
+                _stack(text_layer_specs(t, kind, fused), seg.repeats)
                 if scan_layers
-                else [text_layer_specs(t, kind) for _ in range(seg.repeats)]
+                else [text_layer_specs(t, kind, fused) for _ in range(seg.repeats)]
                 for kind in seg.motif
             ]
             for seg in t.segments

@@ -10,7 +10,8 @@ One function, `text_forward`, serves the plain forward pass (no cache), prefill 
 entries it returns fill a fresh cache), training, and cached decoding of one or more new tokens per row.
 
 Axis legend: B batch, T new positions, S cached positions, D width, N query heads, K kv heads,
-H head dim, F MLP width, R repeats of a motif (stacked layers).
+H head dim, F MLP width, R repeats of a motif (stacked layers), G query heads per KV head, C the fused
+gate/up pair.
 """
 
 from __future__ import annotations
@@ -64,9 +65,13 @@ def any_mask_context(token_mask: jax.Array, positions: jax.Array) -> StepContext
     )
 
 
-def mlp(p: Params, x: jax.Array) -> jax.Array:
-    gate = jnp.einsum("btd,df->btf", x, p["gate"])
-    up = jnp.einsum("btd,df->btf", x, p["up"])
+def mlp(p: Params, x: jax.Array, fused: bool = False) -> jax.Array:
+    if fused:  # one product; C indexes (gate, up)
+        gate_up = jnp.einsum("btd,dcf->btcf", x, p["gate_up"])
+        gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
+    else:
+        gate = jnp.einsum("btd,df->btf", x, p["gate"])
+        up = jnp.einsum("btd,df->btf", x, p["up"])
     return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down"])
 
 
@@ -85,11 +90,22 @@ def attention_block(
     its natural order and transposed after (a small activation) rather than asking for head-major output
     from the einsum, which made XLA transpose the weight instead, at every decoding step.
     """
-    q = rms_norm(jnp.einsum("btd,dnh->btnh", x, p["q"]), p["q_norm"], cfg.norm_eps)
-    k = rms_norm(jnp.einsum("btd,dkh->btkh", x, p["k"]), p["k_norm"], cfg.norm_eps)
+    if runtime.fused_projections:  # one product; G+2 indexes a KV head's G query heads, its key, its value
+        qkv = jnp.einsum("btd,dkgh->btkgh", x, p["qkv"])
+        groups = qkv.shape[3] - 2
+        q, k, v = (
+            qkv[:, :, :, :groups].reshape(*x.shape[:2], -1, qkv.shape[-1]),
+            qkv[..., -2, :],
+            qkv[..., -1, :],
+        )
+    else:
+        q = jnp.einsum("btd,dnh->btnh", x, p["q"])
+        k = jnp.einsum("btd,dkh->btkh", x, p["k"])
+        v = jnp.einsum("btd,dkh->btkh", x, p["v"])
+    q, k = rms_norm(q, p["q_norm"], cfg.norm_eps), rms_norm(k, p["k_norm"], cfg.norm_eps)
     q = checkpoint_name(apply_rope(q, ctx.positions, cfg.rope_theta), "q")
     k = checkpoint_name(jnp.swapaxes(apply_rope(k, ctx.positions, cfg.rope_theta), 1, 2), "k")  # head-major
-    v = checkpoint_name(jnp.swapaxes(jnp.einsum("btd,dkh->btkh", x, p["v"]), 1, 2), "v")
+    v = checkpoint_name(jnp.swapaxes(v, 1, 2), "v")
     if ctx.key_order is not None:  # padding anywhere: valid keys first, each query sees a prefix of them
         order = ctx.key_order[:, None, :, None]
         k, v = jnp.take_along_axis(k, order, axis=2), jnp.take_along_axis(v, order, axis=2)
@@ -155,7 +171,7 @@ def decoder_layer(
 
     def feed_forward(x: jax.Array) -> jax.Array:
         with jax.named_scope("mlp"):
-            return mlp(p["mlp"], x)
+            return mlp(p["mlp"], x, runtime.fused_projections)
 
     h, entry = residual_layer(
         h,

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding
 
-from ..config import Lfm2VlConfig, RuntimeConfig
+from ..config import ConfigError, Lfm2VlConfig, RuntimeConfig
 
 
 def _mesh(config: Lfm2VlConfig) -> Any:
@@ -23,9 +23,26 @@ def param_shardings(config: Lfm2VlConfig) -> Any:
     from ..nn.params import is_spec, param_specs
 
     mesh, rules = _mesh(config), config.runtime.rules
+    if config.runtime.fused_projections:
+        _check_fused_split(config)
     return jax.tree.map(
         lambda s: rules.sharding(mesh, s.shape, s.axes, "param"), param_specs(config), is_leaf=is_spec
     )
+
+
+def _check_fused_split(config: Lfm2VlConfig) -> None:
+    """The fused q/k/v kernel is split by KV head (each shard: its KV heads' queries, keys and values); where
+    the KV heads do not divide the mesh axes, it would stay whole on every device, queries included."""
+    mesh, rules, kv_heads = config.runtime.mesh, config.runtime.rules, config.text.num_kv_heads
+    axes = tuple(a for a in rules.mesh_axes("kv_heads") if mesh.shape.get(a, 1) > 1)
+    ways = 1
+    for axis in axes:
+        ways *= mesh.shape[axis]
+    if kv_heads % ways:
+        raise ConfigError(
+            f"fused_projections: the fused q/k/v kernel is split by KV head over mesh axis {axes} "
+            f"({ways}-way), which its {kv_heads} KV heads do not divide; use fused_projections=False here"
+        )
 
 
 def cache_shardings(config: Lfm2VlConfig, batch: int, capacity: int) -> Any:
