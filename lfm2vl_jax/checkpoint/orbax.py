@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,14 +60,19 @@ def _without_orbax_warnings() -> Iterator[None]:
 
 def _drop_abandoned_read_reports() -> None:
     """After a failed orbax read: orbax closes its event loop at the first error, and the reads still in
-    flight then report "Event loop is closed" as unraisable exceptions (tracebacks on stderr) when they
-    finish, possibly after we return. Those reports, and only those, are dropped from then on."""
+    flight then report "Event loop is closed", or their own coroutine's failure, as unraisable exceptions
+    (tracebacks on stderr) when they finish or are collected, possibly after we return. Those reports, and
+    only those, are dropped from then on."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_abandoned_reads", False):
         return
 
     def hook(unraisable: Any) -> None:
-        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+        message = str(unraisable.exc_value)
+        closed_loop = unraisable.exc_type is RuntimeError and message == "Event loop is closed"
+        code = getattr(unraisable.object, "cr_code", None)  # a read coroutine closed before it finished
+        orbax_read = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+        if not (closed_loop or orbax_read):
             previous(unraisable)
 
     hook.drops_abandoned_reads = True

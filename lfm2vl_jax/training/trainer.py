@@ -17,6 +17,7 @@ tensorboard/ (with --tensorboard), loss.png (when matplotlib is installed).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -502,7 +503,14 @@ class SFTTrainer:
                 if tensorboard:
                     tensorboard.write(line)
 
-        def record(step: int, metrics: dict[str, jax.Array], counts: dict[str, Any]) -> None:
+        def record(
+            step: int,
+            metrics: dict[str, jax.Array],
+            counts: dict[str, Any],
+            before_write: Callable[[], Any] | None = None,
+        ) -> None:
+            """Reads a step's metrics (stopping the run if they are not finite), runs `before_write`,
+            then logs them."""
             nonlocal clock
             values = jax.device_get(metrics)  # waits for the step
             now = time.perf_counter()
@@ -538,6 +546,8 @@ class SFTTrainer:
             }
             if c.skip_nonfinite:
                 line["skipped_updates"] = len(skipped)
+            if before_write is not None:
+                before_write()
             write(line)
             bar.update(1)
             mfu = "n/a" if line["mfu"] is None else f"{line['mfu']:.1%}"
@@ -559,10 +569,14 @@ class SFTTrainer:
                     done or (c.eval_every and (step + 1) % c.eval_every == 0)
                 )
                 save_now = done or (step + 1) % c.save_every == 0
-                if done or eval_now or save_now:  # a state is saved only once its step is known finite
-                    record(*pending)
+                if done or eval_now or save_now:
+                    # A state is saved only once its step is known finite, and before its metrics line is
+                    # written: a logged step's checkpoint, when due, has been started.
+                    save = functools.partial(
+                        run.checkpoints.save, step + 1, run.state, data_state, force=done
+                    )
+                    record(*pending, before_write=save if save_now else None)
                     pending = None
-                run.checkpoints.save(step + 1, run.state, data_state, force=done)
                 if eval_now:
                     loss = run.evaluator(run.state.params, run.frozen)
                     write({"step": step + 1, "eval_loss": loss})
