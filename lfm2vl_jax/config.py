@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import AbstractMesh, Mesh
 
 from .errors import Lfm2VlError
 from .parallel.rules import DEFAULT_RULES, ShardingRules
@@ -199,7 +199,10 @@ class RuntimeConfig:
             "scan_layers": ((bool, np.bool_), "True or False"),
             "attention": (str, "an implementation name (e.g. 'auto', 'reference')"),
             "remat": (str, f"one of {REMAT_POLICIES}"),
-            "mesh": ((Mesh, type(None)), "a jax.sharding.Mesh or None (parallel.mesh.make_mesh(data=2))"),
+            "mesh": (
+                (Mesh, AbstractMesh, type(None)),
+                "a jax.sharding.Mesh (or AbstractMesh) or None (parallel.mesh.make_mesh(data=2))",
+            ),
             "rules": (ShardingRules, "a ShardingRules"),
         }
         for name, (expected, description) in types.items():

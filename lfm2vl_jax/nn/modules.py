@@ -346,7 +346,8 @@ class VisionAttention(nn.Module):
     config: Lfm2VlConfig
 
     @nn.compact
-    def __call__(self, y: jax.Array, num_patches: jax.Array) -> jax.Array:
+    def __call__(self, y: jax.Array, num_patches: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The output projection and its bias, apart (see `vision.vision_residual_layer`)."""
         c = self.config
         p = cast(declare(self, vision_layer_specs(c.vision)["attn"]), c.runtime.dtypes.compute)
         return vision_attention(p, y, num_patches, c.runtime)

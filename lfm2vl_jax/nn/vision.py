@@ -56,8 +56,11 @@ def resize_position_grid(grid: jax.Array, spatial_shapes: jax.Array, num_positio
     return resized.astype(grid.dtype)
 
 
-def vision_attention(p: Params, y: jax.Array, num_patches: jax.Array, runtime: RuntimeConfig) -> jax.Array:
-    """Bidirectional multi-head attention over each image's valid patches (a prefix of its slots)."""
+def vision_attention(
+    p: Params, y: jax.Array, num_patches: jax.Array, runtime: RuntimeConfig
+) -> tuple[jax.Array, jax.Array]:
+    """Bidirectional multi-head attention over each image's valid patches (a prefix of its slots): the
+    output projection and its bias, apart (see `vision_residual_layer`)."""
     # Projections in their natural order, keys and values transposed to head-major after: asking the
     # einsum for "inph" made XLA transpose both the activations and the weight (2x the time of "q").
     q, k, v = (
@@ -67,7 +70,7 @@ def vision_attention(p: Params, y: jax.Array, num_patches: jax.Array, runtime: R
     q, k, v = checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
     attn = attention(q, k, v, kv_lengths=num_patches, implementation=runtime.attention)
     o = p["o"]["kernel"].reshape(-1, p["o"]["kernel"].shape[-1])  # one contraction axis
-    return jnp.einsum("ipf,fe->ipe", attn.reshape(*attn.shape[:2], -1), o) + p["o"]["bias"]
+    return jnp.einsum("ipf,fe->ipe", attn.reshape(*attn.shape[:2], -1), o), p["o"]["bias"]
 
 
 def vision_mlp(p: Params, y: jax.Array, cfg: VisionConfig) -> jax.Array:
@@ -77,14 +80,17 @@ def vision_mlp(p: Params, y: jax.Array, cfg: VisionConfig) -> jax.Array:
 def vision_residual_layer(
     x: jax.Array,
     ln1: Callable[[jax.Array], jax.Array],
-    attend: Callable[[jax.Array], jax.Array],
+    attend: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
     ln2: Callable[[jax.Array], jax.Array],
     feed_forward: Callable[[jax.Array], jax.Array],
 ) -> jax.Array:
     """One pre-LN encoder layer around its attention and MLP (used by the functions here and by
-    `nn.modules.VisionEncoderLayer`)."""
+    `nn.modules.VisionEncoderLayer`). The attention's projection and bias join the residual one after the
+    other, in the order this tower has always summed them: float32 rounding on a 30-layer random stack
+    moves the parity tests' logit error from 9.4e-6 to 1.3e-5 in the other order, against a 1e-5 bound."""
     with jax.named_scope("attention"):
-        x = x + attend(ln1(x))
+        projected, bias = attend(ln1(x))
+        x = x + projected + bias
     with jax.named_scope("mlp"):
         return x + feed_forward(ln2(x))
 

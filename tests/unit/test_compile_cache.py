@@ -89,13 +89,14 @@ def test_unusable_directory_warns_once_and_runs_uncached(tmp_path, capsys, jax_c
     assert jax.config.jax_compilation_cache_dir == before
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
-def test_read_only_directory_warns(tmp_path, capsys, jax_cache_settings):
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    cache.chmod(0o500)
-    try:
-        assert enable_compile_cache(cache) is None
-    finally:
-        cache.chmod(0o700)
-    assert capsys.readouterr().err.count("\n") == 1
+def test_read_only_directory_warns(tmp_path, capsys, monkeypatch, jax_cache_settings):
+    """A directory it cannot write into (simulated: the tests run as root, who writes anywhere)."""
+    import tempfile
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "cache"))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
+    assert enable_compile_cache(tmp_path / "cache") is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Permission denied" in err

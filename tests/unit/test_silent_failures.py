@@ -197,7 +197,7 @@ def test_generation_config_lengths_are_honoured_when_the_caller_gives_none(model
     [
         ({"scan_layers": "no"}, "runtime option scan_layers must be True or False, got 'no'"),
         ({"scan_layers": 1}, "runtime option scan_layers must be True or False, got 1"),
-        ({"mesh": "data=2"}, "runtime option mesh must be a jax.sharding.Mesh or None .*got 'data=2'"),
+        ({"mesh": "data=2"}, "runtime option mesh must be a jax.sharding.Mesh .*got 'data=2'"),
         ({"runtime": "fast"}, "runtime must be a RuntimeConfig, got a str"),
         ({"progress": "no"}, "progress must be True or False, got 'no'"),
     ],
