@@ -78,6 +78,16 @@ def _drop_abandoned_read_reports() -> None:
     hook.drops_abandoned_reads = True
     sys.unraisablehook = hook
 
+    # tensorstore's threads hand finished reads to the closed loop too; the error they raise there is
+    # printed through sys.excepthook (a bare traceback, no "Exception ignored"), possibly at exit.
+    previous_excepthook = sys.excepthook
+
+    def excepthook(exc_type: type[BaseException], exc: BaseException, traceback: Any) -> None:
+        if not (exc_type is RuntimeError and str(exc) == "Event loop is closed"):
+            previous_excepthook(exc_type, exc, traceback)
+
+    sys.excepthook = excepthook
+
 
 @contextlib.contextmanager
 def quiet_orbax_reads() -> Iterator[None]:

@@ -93,6 +93,7 @@ class Checkpoints:
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """(state, data-iterator state) of checkpoint `step`, the arrays placed as `abstract_state`'s
         shardings say."""
+        self._check_shapes(step, abstract_state)
         data = _RestoredIteratorState()
         restored = self.manager.restore(
             step,
@@ -104,6 +105,22 @@ class Checkpoints:
             ),
         )
         return restored[STATE], data.state
+
+    def _check_shapes(self, step: int, abstract_state: Any) -> None:
+        """Compares the stored arrays' shapes with the run's from the checkpoint's metadata, before any
+        read: a mismatch found by orbax mid-read leaves reads in flight that report on stderr later."""
+        stored = self.manager.item_metadata(step)[STATE]
+        if stored is None:
+            return
+        expected = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+        held = {_names(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]}
+        for path, want in expected:
+            have = held.get(_names(path))
+            if have is not None and tuple(getattr(have, "shape", ())) != tuple(want.shape):
+                raise ValueError(
+                    f"{jax.tree_util.keystr(path)} is stored with shape {tuple(have.shape)}, "
+                    f"this run's is {tuple(want.shape)}"
+                )
 
     def restore_latest_good(
         self, abstract_state: Any, warn: Callable[[str], None]
@@ -140,6 +157,11 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _names(path: tuple) -> tuple[str, ...]:
+    """A tree path as plain names: orbax's metadata keys a named tuple's fields as a dict's."""
+    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
