@@ -223,12 +223,15 @@ class ChatService:
                 "(lfm2vl serve --top-k)",
                 param="top_k",
             )
-        options = {
-            "do_sample": not greedy,
-            "temperature": None if greedy else request.temperature,
+        sampling_only = {  # none of them for greedy requests (generate() would warn that it ignores them)
+            "temperature": request.temperature,
             "top_k": self.settings.top_k,
             "top_p": request.top_p,
             "min_p": request.min_p,
+        }
+        options = {
+            "do_sample": not greedy,
+            **{name: None if greedy else value for name, value in sampling_only.items()},
             "repetition_penalty": request.repetition_penalty,
             "stop_token_ids": request.stop_token_ids,
         }
