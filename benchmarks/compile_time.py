@@ -21,9 +21,8 @@ import jax.numpy as jnp
 from machine import machine_description
 
 from lfm2vl_jax.config import ATTENTION, CONV, DTypePolicy, Lfm2VlConfig, RuntimeConfig, TextConfig
-from lfm2vl_jax.inference.cache import init_cache
-from lfm2vl_jax.inference.engine import DecodeState, decode_step, prefill
 from lfm2vl_jax.inference.sampling import SamplingParams
+from lfm2vl_jax.inference.step import decode_step, empty_rows, prefill
 from lfm2vl_jax.nn.params import abstract_params
 
 C, A = CONV, ATTENTION
@@ -47,24 +46,19 @@ def compile_seconds(layer_types: tuple[str, ...], scan_layers: bool, dtype, prog
     runtime = RuntimeConfig(dtypes=DTypePolicy.uniform(dtype), scan_layers=scan_layers)
     config = Lfm2VlConfig(text=text, runtime=runtime)
     params = abstract_params(config)
-    stop = jnp.array([7])
     start = time.perf_counter()
     if program == "decode":
         batch, max_len = 8, 1024
         state = jax.eval_shape(
-            lambda: DecodeState(
-                cache=init_cache(config, batch, max_len),
-                tokens=jnp.zeros((batch, 128), jnp.int32),
-                num_generated=jnp.ones((), jnp.int32),
-                done=jnp.zeros((batch,), bool),
-                seen=None,
-                key=jax.random.key(0),
-            )
+            lambda: empty_rows(config, batch, max_len, SamplingParams(), (2,), per_row=False)
         )
-        decode_step.lower(params, config, state, SamplingParams(), stop, 0).compile()
+        decode_step.lower(params, config, state).compile()
     else:
         ids = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
-        done = jax.ShapeDtypeStruct((1,), jnp.bool_)
+        rows = jax.ShapeDtypeStruct((1,), jnp.int32)
+        key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+        stops = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+        padding = jax.ShapeDtypeStruct((1,), jnp.bool_)
         prefill.lower(
             params,
             config,
@@ -73,13 +67,13 @@ def compile_seconds(layer_types: tuple[str, ...], scan_layers: bool, dtype, prog
             None,
             None,
             None,
-            jax.random.key(0),
+            None,
+            key,
             SamplingParams(),
-            stop,
-            done,
-            max_len=1152,
-            max_new_tokens=128,
-            pad_id=0,
+            rows,
+            stops,
+            padding,
+            capacity=1152,
         ).compile()
     return time.perf_counter() - start
 

@@ -313,7 +313,7 @@ class Lfm2VlForConditionalGeneration:
         repetition_penalty, eos_token_id, pad_token_id; plus `stop_token_ids` (extra stop tokens), `seed`,
         `streamer` (called with each step's new tokens, shape (batch,)), `loop` ("device": one
         `lax.while_loop`, the default without a streamer; "host": jitted steps driven from Python, needed
-        for streaming; see `generate.py` for why). Unset options come from the
+        for streaming; see `inference/engine.py` for why). Unset options come from the
         checkpoint's generation_config.json, then transformers' defaults; so does an unset
         `max_new_tokens` (its max_new_tokens, else its max_length minus the longest prompt, else
         `default_max_new_tokens`, 128). Sampling options without `do_sample=True` are ignored, with a
@@ -350,10 +350,9 @@ class Lfm2VlForConditionalGeneration:
         row has emitted a stop token."""
         inputs = _named_inputs(input_ids, attention_mask, pixel_values, pixel_attention_mask, spatial_shapes)
         request = self.request(inputs, max_new_tokens, seed, options, inputs_embeds)
-        for state in engine.run(self.params, self.config, request, "host"):
-            yield engine.latest_tokens(state, request.batch.num_rows)
-            if np.asarray(state.done).all():
-                return
+        num_rows, pad_id = request.batch.num_rows, request.pad_id
+        for _, tokens in engine.run(self.params, self.config, request, "host"):
+            yield np.where(tokens[:num_rows, 0] < 0, pad_id, tokens[:num_rows, 0])
 
     def batch_engine(
         self,

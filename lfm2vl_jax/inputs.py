@@ -14,8 +14,9 @@ import numpy as np
 
 from .config import Lfm2VlConfig
 from .errors import Lfm2VlError
+from .inference.buckets import cache_capacity
 from .inference.cache import cache_layout, is_layout
-from .inference.engine import PreparedBatch, cache_capacity
+from .inference.engine import PreparedBatch
 from .inference.sampling import MIN_TEMPERATURE, SamplingParams
 from .memory import available_host_memory, gigabytes
 

@@ -1,27 +1,18 @@
 """Continuous batching: a fixed set of decode slots sharing one cache, each refilled with the next request
-as soon as its own finishes, while the others keep decoding (what vLLM and JetStream do).
+as soon as its own finishes, while the others keep decoding (what vLLM and JetStream do). This file is
+the scheduler; the device programs are the decoding core's (`step.py`), with per-row options.
 
-Device side, jitted programs over a `SlotState` (slots = rows of one cache):
-- `encode_images`, `embed_prompts`, `prefill_rows`: a bucketed group of queued prompts through the vision
-  tower (compiled per image-count bucket), the embeddings (a small program per combination) and the text
-  tower (per rows and prompt-length bucket), each row's first token sampled; returns the rows' cache
-  entries.
-- `insert_rows`: writes those entries (conv states, K/V) and the rows' decoding state into free slots of
-  the shared cache, in place (the state is donated). Compiled per bucket and cache capacity.
-- `decode_slots`: decode steps over every slot in a `lax.while_loop`, until enough slots are free to be
-  refilled or a step budget is spent; its shape is fixed by the slot count and capacity, so requests
-  coming and going never recompile it.
-Every slot carries its own decoding options (sampling parameters as arrays, stop tokens, limit) and its
-own PRNG stream, split exactly as `engine.run` splits a single request's key, so each request gets exactly
-the tokens `generate` gives it alone, whatever shares the batch and whenever it was inserted.
+`BatchEngine` (`model.batch_engine(...)`): requests are rendered and their images decoded and
+preprocessed on worker threads ahead of the device; each turn, the loop prefills a group of ready
+requests (of one prompt-length bucket) into free slots, dispatches decode steps until enough slots are
+free to be refilled, and yields each result as its request finishes. Every slot carries its own options
+and PRNG stream, split as `generate` splits a request's stream, so each request gets exactly the tokens
+`generate` gives it alone, whatever shares the batch and whenever it was inserted.
 
-Host side, `BatchEngine` (`model.batch_engine(...)`): requests are rendered and their images decoded and
-preprocessed on worker threads ahead of the device; the loop inserts ready requests into free slots, runs
-the decode program, and yields each result as its request finishes.
-
-The cache capacity (positions per slot) grows in buckets (`engine.bucket`) as requests need it, up to
+The cache capacity (positions per slot) grows in buckets (`buckets.bucket`) as requests need it, up to
 `max_length`: the attention reads every cached position, so a cache sized for the longest possible
-request would make every step pay for it.
+request would make every step pay for it. The table of seen tokens a repetition penalty needs exists
+only while a running request asks for a penalty (two decode programs at most).
 """
 
 from __future__ import annotations
@@ -29,38 +20,43 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import functools
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-import flax.struct
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from ..config import Lfm2VlConfig
 from ..errors import Lfm2VlError
 from ..inputs import MODEL_INPUTS, as_numpy_inputs, check_inputs, check_int, generation_length
-from ..nn.model import embed_with_features, image_features
-from ..nn.params import Params
-from ..nn.text import embed_tokens, lm_logits, text_forward
-from ..parallel.sharding import batch_sharding, cache_shardings
+from ..parallel.sharding import batch_sharding
 from .batch_io import BatchRequest, BatchRequestError, BatchResult, chars_per_token_bound, text_chars
-from .cache import Cache, append, cache_layout, init_cache, is_layout
-from .engine import bucket, prepare_batch, prompt_pass
-from .sampling import SEED_RANGE, SamplingParams, next_token_rows, seed_key
+from .buckets import MIN_STOP_WIDTH, bucket
+from .engine import prepare_batch
+from .sampling import SEED_RANGE, SamplingParams, seed_key
+from .step import (
+    Rows,
+    decode_steps,
+    embed_prompts,
+    encode_images,
+    grow_capacity,
+    init_rows,
+    insert_rows,
+    prefill_rows,
+    release_rows,
+    set_penalty_table,
+)
 
 if TYPE_CHECKING:
     from ..api import Lfm2VlForConditionalGeneration
     from ..processing.processor import Lfm2VlProcessor
 
-MAX_STOP_TOKENS = 8  # stop ids per request (eos and `stop_token_ids`)
+MAX_STOP_TOKENS = MIN_STOP_WIDTH  # stop ids per request (eos and `stop_token_ids`): one slot table width
 DEFAULT_MAX_NEW_TOKENS = 256  # when neither the request, the engine nor generation_config.json says
 POLL_STEPS = 4  # decode steps between looks at the workers while a slot waits for a request
-SAMPLING_FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty")
+SAMPLING_FLOATS = ("temperature", "top_p", "min_p")
 
 
 def _float(sampling: SamplingParams, name: str) -> float:
@@ -68,263 +64,6 @@ def _float(sampling: SamplingParams, name: str) -> float:
     which leaves every logit unchanged."""
     value = getattr(sampling, name)
     return 1.0 if value is None else value
-
-
-@flax.struct.dataclass
-class SlotState:
-    """Everything the decode program carries per slot (S slots, vocabulary V)."""
-
-    cache: Cache  # S rows of `cache.capacity` positions
-    last: jax.Array  # (S,) int32: the slot's latest token, fed to its next step
-    generated: jax.Array  # (S,) int32: tokens its request has produced
-    limit: jax.Array  # (S,) int32: its request's max_new_tokens
-    done: jax.Array  # (S,) bool: free, or its request has finished
-    seen: jax.Array  # (S, V) bool: prompt and generated tokens (repetition penalty)
-    keys: jax.Array  # (S, ...) uint32 key data: its request's PRNG stream
-    stop_ids: jax.Array  # (S, MAX_STOP_TOKENS) int32, -1 where unused
-    sampling: SamplingParams  # floats (S,); `top_k` (static) shared by every slot
-    do_sample: jax.Array  # (S,) bool
-
-
-@flax.struct.dataclass
-class PrefilledRows:
-    """A prefilled group of R prompt rows, ready to be inserted into slots."""
-
-    entries: list  # per-layer cache entries (conv states; K/V over the padded prompt length)
-    lengths: jax.Array  # (R,) prompt tokens
-    token: jax.Array  # (R,) first generated token
-    keys: jax.Array  # (R, ...) key data after the first draw
-    seen: jax.Array  # (R, V) bool
-
-
-def _split_rows(key_data: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Each row's key split as `engine.prefill`/`_decode` split a request's key: (next key data, subkeys)."""
-    keys = jax.vmap(jax.random.split)(jax.random.wrap_key_data(key_data))  # (B, 2) keys
-    return jax.random.key_data(keys[:, 0]), keys[:, 1]
-
-
-def _constrain(config: Lfm2VlConfig, state: SlotState) -> SlotState:
-    """Every slot array over the mesh's batch axes, the cache's heads over `tensor` (a no-op without a
-    mesh). Fixed shardings, so that a program's output state is a valid input of the next: the decode
-    program never recompiles for a new layout."""
-    if config.runtime.mesh is None:
-        return state
-    cache = state.cache
-    blocks = jax.lax.with_sharding_constraint(
-        cache.blocks, cache_shardings(config, cache.lengths.shape[0], cache.capacity)
-    )
-
-    def rows(x: jax.Array) -> jax.Array:
-        return jax.lax.with_sharding_constraint(x, batch_sharding(config, x.shape))
-
-    constrained = jax.tree.map(rows, state.replace(cache=None))
-    return constrained.replace(cache=cache.replace(blocks=blocks, lengths=rows(cache.lengths)))
-
-
-@functools.partial(jax.jit, static_argnames=("config", "slots", "capacity", "top_k", "key_shape"))
-def init_slots(config: Lfm2VlConfig, slots: int, capacity: int, top_k: int, key_shape: tuple) -> SlotState:
-    """Every slot free, a cache of `capacity` positions per slot."""
-    zeros = jnp.zeros((slots,), jnp.int32)
-    ones = jnp.ones((slots,), jnp.float32)
-    state = SlotState(
-        cache=init_cache(config, slots, capacity),
-        last=zeros,
-        generated=zeros,
-        limit=zeros,
-        done=jnp.ones((slots,), bool),
-        seen=jnp.zeros((slots, config.text.vocab_size), bool),
-        keys=jnp.zeros((slots, *key_shape), jnp.uint32),
-        stop_ids=jnp.full((slots, MAX_STOP_TOKENS), -1, jnp.int32),
-        sampling=SamplingParams(
-            do_sample=True, top_k=top_k, temperature=ones, top_p=ones, min_p=0 * ones, repetition_penalty=ones
-        ),
-        do_sample=jnp.zeros((slots,), bool),
-    )
-    return _constrain(config, state)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "capacity"))
-def grow_capacity(config: Lfm2VlConfig, state: SlotState, capacity: int) -> SlotState:
-    """The same slots with room for `capacity` positions each (K/V copied over; not donated: no buffer of
-    the old capacity fits the new one)."""
-    slots = state.last.shape[0]
-
-    def grow(spec: tuple, held: jax.Array, new: jax.Array) -> jax.Array:
-        if "cache_seq" not in spec[1]:
-            return held
-        return jax.lax.dynamic_update_slice(new, held, (0,) * held.ndim)
-
-    fresh = init_cache(config, slots, capacity)
-    layout = cache_layout(config, slots, capacity)
-    blocks = jax.tree.map(grow, layout, state.cache.blocks, fresh.blocks, is_leaf=is_layout)
-    cache = Cache(blocks=blocks, lengths=state.cache.lengths, capacity=capacity)
-    return _constrain(config, state.replace(cache=cache))
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def encode_images(
-    params: Params,
-    config: Lfm2VlConfig,
-    pixel_values: jax.Array,
-    pixel_attention_mask: jax.Array,
-    spatial_shapes: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """Vision tower + projector: each image's tokens (I, N, D) and which are real (I, N). A program per
-    image-count bucket, apart from the text tower's: prefill compiles per (rows, length) and per images,
-    not per combination of the three."""
-    return image_features(params, config, pixel_values, pixel_attention_mask, spatial_shapes)
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def embed_prompts(
-    params: Params,
-    config: Lfm2VlConfig,
-    input_ids: jax.Array,
-    features: jax.Array | None,
-    valid: jax.Array | None,
-) -> jax.Array:
-    """Token embeddings with the images' tokens at the `<image>` positions (`nn.model.embed_inputs`)."""
-    return embed_with_features(params, config, input_ids, features, valid)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "any_mask"))
-def prefill_rows(
-    params: Params,
-    config: Lfm2VlConfig,
-    input_ids: jax.Array,
-    attention_mask: jax.Array,
-    embeds: jax.Array,
-    keys: jax.Array,
-    sampling: SamplingParams,
-    do_sample: jax.Array,
-    any_mask: bool = False,
-) -> PrefilledRows:
-    """`engine.prefill` for rows with their own options: the text tower over prompts, each row's tokens
-    first (their embeddings from `embed_prompts`; `any_mask` as `engine.prompt_pass`), each row's first
-    token drawn from its own key."""
-    batch = input_ids.shape[0]
-    mask = attention_mask.astype(bool)
-    last, entries, lengths = prompt_pass(params, config, embeds, mask, any_mask)
-    logits = lm_logits(params["text"], last)
-    rows = jnp.arange(batch)[:, None]
-    seen = jnp.zeros((batch, config.text.vocab_size), bool).at[rows, input_ids].max(mask)
-    keys, subkeys = _split_rows(keys)
-    token = next_token_rows(logits, seen, subkeys, sampling, do_sample)
-    seen = seen.at[rows[:, 0], token].set(True)
-    return PrefilledRows(entries=entries, lengths=lengths, token=token, keys=keys, seen=seen)
-
-
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
-def insert_rows(
-    config: Lfm2VlConfig,
-    state: SlotState,
-    rows: PrefilledRows,
-    slots: jax.Array,
-    limit: jax.Array,
-    stop_ids: jax.Array,
-    sampling: SamplingParams,
-    do_sample: jax.Array,
-) -> SlotState:
-    """Row r of `rows` into slot `slots[r]` (in place); a slot index out of range drops the row (padding).
-    Cached positions past a row's prompt keep stale values, which its length masks."""
-    num_slots = state.last.shape[0]
-
-    def write(spec: tuple, held: jax.Array, new: jax.Array) -> jax.Array:
-        axes = spec[1]
-        index: list[Any] = [slice(None)] * held.ndim
-        index[axes.index("batch")] = slots
-        if "cache_seq" in axes:
-            seq = axes.index("cache_seq")
-            index[seq] = slice(0, new.shape[seq])
-        return held.at[tuple(index)].set(new.astype(held.dtype), mode="drop")
-
-    layout = cache_layout(config, num_slots, state.cache.capacity)
-    blocks = jax.tree.map(write, layout, state.cache.blocks, rows.entries, is_leaf=is_layout)
-
-    def put(held: jax.Array, new: jax.Array) -> jax.Array:
-        return held.at[slots].set(new.astype(held.dtype), mode="drop")
-
-    stopped = jnp.any(rows.token[:, None] == stop_ids, axis=1)
-    cache = state.cache.replace(blocks=blocks, lengths=put(state.cache.lengths, rows.lengths))
-    state = state.replace(
-        cache=cache,
-        last=put(state.last, rows.token),
-        generated=put(state.generated, jnp.ones_like(limit)),
-        limit=put(state.limit, limit),
-        done=put(state.done, stopped | (limit <= 1)),
-        seen=put(state.seen, rows.seen),
-        keys=put(state.keys, rows.keys),
-        stop_ids=put(state.stop_ids, stop_ids),
-        sampling=jax.tree.map(put, state.sampling, sampling),
-        do_sample=put(state.do_sample, do_sample),
-    )
-    return _constrain(config, state)
-
-
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
-def release_slots(config: Lfm2VlConfig, state: SlotState, released: jax.Array) -> SlotState:
-    """Slots where `released` (S,) is true stop decoding and count as free (cancelled requests)."""
-    return _constrain(config, state.replace(done=state.done | released))
-
-
-def _slot_step(params: Params, config: Lfm2VlConfig, state: SlotState) -> tuple[SlotState, jax.Array]:
-    """One token for every busy slot (`engine._decode` per slot); free slots compute and discard one."""
-    num_slots = state.last.shape[0]
-    busy = ~state.done
-    embeds = embed_tokens(params["text"], state.last[:, None], config.runtime)
-    new = jnp.ones((num_slots, 1), bool)
-    hidden, entries = text_forward(
-        params["text"], config.text, config.runtime, embeds, new, cache=state.cache
-    )
-    cache = append(state.cache, entries, busy.astype(jnp.int32), after=hidden)
-    logits = lm_logits(params["text"], hidden[:, 0])
-    keys, subkeys = _split_rows(state.keys)
-    token = next_token_rows(logits, state.seen, subkeys, state.sampling, state.do_sample)
-    token = jnp.where(busy, token, -1)
-    generated = state.generated + busy
-    stopped = jnp.any(token[:, None] == state.stop_ids, axis=1)
-    rows = jnp.arange(num_slots)
-    seen_at = jnp.where(busy, token, config.text.vocab_size)  # out of range: dropped
-    state = state.replace(
-        cache=cache,
-        keys=keys,
-        last=jnp.where(busy, token, state.last),
-        generated=generated,
-        done=state.done | stopped | (generated >= state.limit),
-        seen=state.seen.at[rows, seen_at].set(True, mode="drop"),
-    )
-    return state, token
-
-
-@functools.partial(jax.jit, static_argnames=("config", "chunk"), donate_argnames=("state",))
-def decode_slots(
-    params: Params,
-    config: Lfm2VlConfig,
-    state: SlotState,
-    max_steps: jax.Array,
-    return_at_free: jax.Array,
-    *,
-    chunk: int,
-) -> tuple[SlotState, jax.Array, jax.Array]:
-    """Decode steps over every slot until `max_steps` (<= chunk) are done, every slot is free, or
-    `return_at_free` slots are free (to be refilled). Returns the state, the tokens (S, chunk) each slot
-    produced at each step (-1 where it produced none) and the number of steps run."""
-    num_slots = state.last.shape[0]
-
-    def running(carry: tuple) -> jax.Array:
-        state, _, step = carry
-        free = jnp.sum(state.done)
-        return (step < max_steps) & (free < num_slots) & (free < return_at_free)
-
-    def step(carry: tuple) -> tuple:
-        state, tokens, index = carry
-        state, token = _slot_step(params, config, state)
-        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], index, axis=1)
-        return state, tokens, index + 1
-
-    tokens = jnp.full((num_slots, chunk), -1, jnp.int32)
-    state, tokens, steps = jax.lax.while_loop(running, step, (state, tokens, jnp.zeros((), jnp.int32)))
-    return _constrain(config, state), tokens, steps
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -537,7 +276,7 @@ class BatchEngine:
         self.stats = BatchStats(slots)
         self._busy = 0
         self._submitted: collections.deque = collections.deque()
-        self._state: SlotState | None = None
+        self._state: Rows | None = None
 
     # -- public --------------------------------------------------------------------------------------------
 
@@ -683,14 +422,23 @@ class BatchEngine:
         # the capacity only grows, and each step reads all of it.
         capacity = bucket(need, minimum=256)
         if self._state is None:
-            self._state = init_slots(self.config, self.slots, capacity, self.top_k, self.key_shape)
+            self._state = init_rows(self.config, self.slots, capacity, self.top_k, self.key_shape)
         elif self._state.cache.capacity < capacity:
             self._state = grow_capacity(self.config, self._state, capacity)
 
-    def _insert(self, group: list[_Ready], slots: list[int]) -> Any:
-        """Prefills `group` and inserts it into `slots`; returns the device array of first tokens."""
+    def _match_penalty_table(self, requests: Iterable[_Ready]) -> None:
+        """Gives the slots a table of seen tokens while one of `requests` (running or about to be) asks
+        for a repetition penalty, and drops it after: without it, the step carries and updates no (S, V)
+        array."""
+        needed = any(r.sampling.repetition_penalty is not None for r in requests)
+        if self._state is not None and (self._state.seen is not None) != needed:
+            self._state = set_penalty_table(self.config, self._state, needed)
+
+    def _insert(self, group: list[_Ready], slots: list[int], running: list[_Ready]) -> Any:
+        """Prefills `group` and inserts it into `slots` (`running`: the requests in the other slots);
+        returns the device array of first tokens."""
         n = len(group)
-        rows = max(1 << (n - 1).bit_length(), self.row_multiple)  # powers of two: few programs
+        rows = bucket(n, minimum=self.row_multiple, per_doubling=1)  # powers of two: few programs
         rows = -(-rows // self.row_multiple) * self.row_multiple
         width = max(len(r.input_ids) for r in group)
         ids = np.full((n, width), self.pad_id, np.int32)
@@ -705,16 +453,18 @@ class BatchEngine:
         }
         batch = prepare_batch(self.config, ids, mask, **images, pad_id=self.pad_id, row_multiple=rows)
         self._ensure_capacity(max(batch.input_ids.shape[1], max(r.num_tokens + r.limit for r in group)))
+        self._match_penalty_table([*running, *group])
 
         def column(values: list, fill: Any, dtype: Any) -> np.ndarray:
             out = np.full((rows, *np.shape(values[0])), fill, dtype)
             out[:n] = values
             return out
 
+        floats = SAMPLING_FLOATS + (() if self._state.seen is None else ("repetition_penalty",))
         sampling = SamplingParams(
             do_sample=True,
             top_k=self.top_k,
-            **{k: column([_float(r.sampling, k) for r in group], 1.0, np.float32) for k in SAMPLING_FLOATS},
+            **{k: column([_float(r.sampling, k) for r in group], 1.0, np.float32) for k in floats},
         )
         do_sample = column([r.sampling.do_sample for r in group], False, bool)
         keys = column([r.key for r in group], 0, np.uint32)
@@ -827,7 +577,7 @@ class BatchEngine:
             turn.free.append(slot)
             released[slot] = True
         if released.any():
-            self._state = release_slots(self.config, self._state, released)
+            self._state = release_rows(self.config, self._state, released)
         if not turn.pending:  # the others had finished already
             turn.withdrawn.clear()
 
@@ -843,7 +593,7 @@ class BatchEngine:
             for item in group:
                 turn.ready.remove(item)
             slots, turn.free = turn.free[: len(group)], turn.free[len(group) :]
-            first = self._insert([item for _, item in group], slots)
+            first = self._insert([item for _, item in group], slots, [r.ready for r in turn.running.values()])
             for row, (slot, (tag, item)) in enumerate(zip(slots, group, strict=True)):
                 turn.running[slot] = _Running(tag, item, [], first, row)
 
@@ -857,7 +607,8 @@ class BatchEngine:
         else:
             max_steps, refill = self.chunk, self.slots + 1
         max_steps = min(max_steps, self.chunk)  # the token buffer holds `chunk` steps
-        self._state, tokens, steps = decode_slots(
+        self._match_penalty_table(item.ready for item in turn.running.values())
+        self._state, tokens, steps = decode_steps(
             self.model.params,
             self.config,
             self._state,

@@ -121,22 +121,25 @@ def next_token(
 
 
 def next_token_rows(
-    logits: jax.Array, seen: jax.Array, keys: jax.Array, params: SamplingParams, do_sample: jax.Array
+    logits: jax.Array, seen: jax.Array | None, keys: jax.Array, params: SamplingParams, do_sample: jax.Array
 ) -> jax.Array:
     """`next_token` with options per row: `params`' floats are (B,) arrays (its static `top_k` is shared),
-    `do_sample` (B,) bool, `keys` (B,) one PRNG key per row.
+    `do_sample` (B,) bool, `keys` (B,) one PRNG key per row; `seen` and the penalty None together.
 
     Row b gets exactly the token `next_token` gives it alone, as a batch of one: the sampling rows are
     vmapped, so each draws from its own key with the (1, V) (or (1, k)) shape of a single request.
-    Rows that do not sample take the penalised argmax; the sampling branch runs only when a row samples.
+    Rows that do not sample take the (penalised) argmax; the sampling branch runs only when a row samples.
     """
+    penalty = params.repetition_penalty
     greedy = next_token(
-        logits, seen, keys[0], SamplingParams(repetition_penalty=params.repetition_penalty[:, None])
+        logits, seen, None, SamplingParams(repetition_penalty=None if penalty is None else penalty[:, None])
     )
     sampled = params.replace(do_sample=True)
 
+    def alone(row: jax.Array, row_seen: jax.Array | None, key: jax.Array, p: SamplingParams) -> jax.Array:
+        return next_token(row[None], None if row_seen is None else row_seen[None], key, p)[0]
+
     def draw(_: None) -> jax.Array:
-        one = jax.vmap(lambda row, row_seen, key, p: next_token(row[None], row_seen[None], key, p)[0])
-        return jnp.where(do_sample, one(logits, seen, keys, sampled), greedy)
+        return jnp.where(do_sample, jax.vmap(alone)(logits, seen, keys, sampled), greedy)
 
     return jax.lax.cond(jnp.any(do_sample), draw, lambda _: greedy, None)

@@ -35,7 +35,7 @@ def main(directory: str, inputs_file: str) -> None:
     reference_logits = np.asarray(single(**inputs).logits)
     # The cache prefill lays out: rows over `data`; kv heads (2) do not divide tensor=4, so replicated.
     request = sharded.request(inputs, max_new_tokens=4, seed=0, options={})
-    state = next(engine.run(sharded.params, sharded.config, request))
+    state, _ = next(engine.run(sharded.params, sharded.config, request))
     kv = next(e for segment in state.cache.blocks for e in segment if isinstance(e, dict))["k"]
     result = {
         "cache_k_spec": str(kv.sharding.spec),

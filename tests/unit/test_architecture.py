@@ -25,8 +25,8 @@ from lfm2vl_jax.checkpoint.canonical import from_canonical, to_canonical
 from lfm2vl_jax.checkpoint.orbax import load_orbax_checkpoint, save_orbax_checkpoint
 from lfm2vl_jax.config import DTypePolicy
 from lfm2vl_jax.inference.cache import append, init_cache
-from lfm2vl_jax.inference.engine import DecodeState, decode_step
 from lfm2vl_jax.inference.sampling import SamplingParams
+from lfm2vl_jax.inference.step import decode_step, empty_rows
 from lfm2vl_jax.nn.model import embed_inputs, forward
 from lfm2vl_jax.nn.text import embed_tokens, lm_logits, text_forward
 from lfm2vl_jax.parallel.rules import DEFAULT_RULES, ShardingRuleError
@@ -161,18 +161,10 @@ def test_decode_step_updates_the_donated_cache_in_place(scan_layers):
     """The compiled step aliases every cache buffer to its output and copies none of them."""
     config = tiny_config(scan_layers=scan_layers)
     params = jax.eval_shape(lambda: tiny_params(config))
-    batch, capacity, new = 2, 96, 16
-    state = jax.eval_shape(
-        lambda: DecodeState(
-            cache=init_cache(config, batch, capacity),
-            tokens=jnp.zeros((batch, new), jnp.int32),
-            num_generated=jnp.ones((), jnp.int32),
-            done=jnp.zeros((batch,), bool),
-            seen=jnp.zeros((batch, config.text.vocab_size), bool),
-            key=jax.random.key(0),
-        )
-    )
-    compiled = decode_step.lower(params, config, state, SamplingParams(), jnp.array([7]), 0).compile()
+    batch, capacity = 2, 96
+    sampling = SamplingParams(repetition_penalty=1.1)
+    state = jax.eval_shape(lambda: empty_rows(config, batch, capacity, sampling, (2,), per_row=False))
+    compiled = decode_step.lower(params, config, state).compile()
     hlo = compiled.as_text()
     cache_leaves = jax.tree.leaves(state.cache.blocks)
     kv_shapes = {tuple(x.shape) for x in cache_leaves if x.shape[-2] == capacity}

@@ -13,15 +13,13 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import pytest
 from hlo_stats import step_stats
 from processor_fixtures import reference_dir
 
 from lfm2vl_jax.config import load_config
-from lfm2vl_jax.inference.cache import init_cache
-from lfm2vl_jax.inference.engine import DecodeState, decode_step
 from lfm2vl_jax.inference.sampling import SamplingParams
+from lfm2vl_jax.inference.step import decode_step, empty_rows
 from lfm2vl_jax.nn.params import abstract_params
 
 KERNEL_BUDGET = 480  # measured 464 on XLA:CPU (jax 0.10.2); 570 before the copies were removed
@@ -36,17 +34,8 @@ def compiled_step(
     config = config.with_runtime(scan_layers=False, fused_projections=fused)
     batch = 1
     sampling = SamplingParams(do_sample=do_sample, repetition_penalty=repetition_penalty)
-    state = jax.eval_shape(
-        lambda: DecodeState(
-            cache=init_cache(config, batch, CAPACITY),
-            tokens=jnp.zeros((batch, 128), jnp.int32),
-            num_generated=jnp.ones((), jnp.int32),
-            done=jnp.zeros((batch,), bool),
-            seen=None if repetition_penalty is None else jnp.zeros((batch, config.text.vocab_size), bool),
-            key=jax.random.key(0),
-        )
-    )
-    lowered = decode_step.lower(abstract_params(config), config, state, sampling, jnp.array([7]), 0)
+    state = jax.eval_shape(lambda: empty_rows(config, batch, CAPACITY, sampling, (2,), per_row=False))
+    lowered = decode_step.lower(abstract_params(config), config, state)
     return lowered.compile().as_text()
 
 

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from processor_fixtures import reference_dir
 
 from lfm2vl_jax.config import load_config
-from lfm2vl_jax.inference.engine import prefill
 from lfm2vl_jax.inference.sampling import SamplingParams
+from lfm2vl_jax.inference.step import prefill
 from lfm2vl_jax.nn.params import abstract_params
 
 GB = 1e9
@@ -36,13 +36,13 @@ def prefill_memory(length: int, attention: str = "auto") -> jax.stages.CompiledM
         None,
         None,
         None,
-        jax.random.key(0),
+        None,
+        jnp.zeros((2,), jnp.uint32),
         SamplingParams(),
-        jnp.array([7]),
+        jnp.full((1,), 128, jnp.int32),
+        jnp.full((1, 8), 7, jnp.int32),
         jnp.zeros((1,), bool),
-        max_len=length + 128,
-        max_new_tokens=128,
-        pad_id=0,
+        capacity=length + 128,
     )
     return lowered.compile().memory_analysis()
 

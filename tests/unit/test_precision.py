@@ -14,9 +14,8 @@ import pytest
 from lfm2vl_jax.config import ATTENTION as A
 from lfm2vl_jax.config import CONV as C
 from lfm2vl_jax.config import DTypePolicy, Lfm2VlConfig, TextConfig, VisionConfig
-from lfm2vl_jax.inference.cache import init_cache
-from lfm2vl_jax.inference.engine import DecodeState, decode_step, prefill
 from lfm2vl_jax.inference.sampling import SamplingParams
+from lfm2vl_jax.inference.step import decode_step, empty_rows, prefill
 from lfm2vl_jax.nn.model import forward, hidden_states
 from lfm2vl_jax.nn.params import abstract_params
 
@@ -51,18 +50,12 @@ def programs(config: Lfm2VlConfig) -> dict[str, str]:
     patch_mask = jax.ShapeDtypeStruct((1, patches), jnp.int32)
     shapes = jax.ShapeDtypeStruct((1, 2), jnp.int32)
     image = (pixels, patch_mask, shapes)
-    sampling, stop = SamplingParams(), jnp.array([7])
+    sampling = SamplingParams()
     done = jax.ShapeDtypeStruct((batch,), jnp.bool_)
-    state = jax.eval_shape(
-        lambda: DecodeState(
-            cache=init_cache(config, batch, 64),
-            tokens=jnp.zeros((batch, 16), jnp.int32),
-            num_generated=jnp.ones((), jnp.int32),
-            done=jnp.zeros((batch,), bool),
-            seen=None,
-            key=jax.random.key(0),
-        )
-    )
+    state = jax.eval_shape(lambda: empty_rows(config, batch, 64, sampling, (2,), per_row=False))
+    rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    stops = jax.ShapeDtypeStruct((batch, 8), jnp.int32)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
 
     def loss(params, ids, mask, *image):
         return hidden_states(params, config, ids, mask, *image).astype(jnp.float32).sum()
@@ -70,20 +63,9 @@ def programs(config: Lfm2VlConfig) -> dict[str, str]:
     return {
         "forward": jax.jit(forward, static_argnames="config").lower(params, config, ids, ids, *image),
         "prefill": prefill.lower(
-            params,
-            config,
-            ids,
-            ids,
-            *image,
-            jax.random.key(0),
-            sampling,
-            stop,
-            done,
-            max_len=32,
-            max_new_tokens=16,
-            pad_id=0,
+            params, config, ids, ids, *image, None, key, sampling, rows, stops, done, capacity=32
         ),
-        "decode step": decode_step.lower(params, config, state, sampling, stop, 0),
+        "decode step": decode_step.lower(params, config, state),
         "gradient": jax.jit(jax.grad(loss)).lower(params, ids, ids, *image),
     }
 

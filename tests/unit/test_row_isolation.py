@@ -40,14 +40,15 @@ def test_a_nan_row_leaves_the_other_rows_and_their_cache_bit_identical(scan_laye
     for name, first in (("clean", 17), ("poisoned", POISON)):
         options = {"repetition_penalty": OPTIONS["repetition_penalty"]}
         request = model.request({"input_ids": prompts(first)}, OPTIONS["max_new_tokens"], 0, options)
-        *_, last = engine.run(model.params, model.config, request, "host")
-        runs[name] = last
-    clean, poisoned = runs["clean"], runs["poisoned"]
-    np.testing.assert_array_equal(np.asarray(poisoned.tokens)[1:3], np.asarray(clean.tokens)[1:3])
-    for a, b in zip(jax.tree.leaves(poisoned.cache.blocks), jax.tree.leaves(clean.cache.blocks), strict=True):
+        steps = list(engine.run(model.params, model.config, request, "host"))
+        runs[name] = (np.concatenate([tokens for _, tokens in steps], axis=1), steps[-1][0])
+    (clean, clean_state), (poisoned, poisoned_state) = runs["clean"], runs["poisoned"]
+    np.testing.assert_array_equal(poisoned[1:3], clean[1:3])
+    blocks = (jax.tree.leaves(poisoned_state.cache.blocks), jax.tree.leaves(clean_state.cache.blocks))
+    for a, b in zip(*blocks, strict=True):
         np.testing.assert_array_equal(np.asarray(a)[rows], np.asarray(b)[rows])
     # the poison took effect: row 0 decodes garbage (its NaN logits), unlike the clean run
-    assert np.asarray(poisoned.tokens)[0].tolist() != np.asarray(clean.tokens)[0].tolist()
+    assert poisoned[0].tolist() != clean[0].tolist()
 
 
 def test_a_nan_request_leaves_the_batch_engines_other_requests_identical():
