@@ -17,6 +17,7 @@ from .checkpoint.hub import resolve_checkpoint_dir
 from .config import ConfigError, DTypePolicy, Lfm2VlConfig, RuntimeConfig, read_json_object
 from .inference import engine
 from .inference.batching import BatchEngine
+from .inference.options import check_generation_fits, generation_length, resolve_generation_options
 from .inference.sampling import SEED_RANGE, SamplingParams
 from .inputs import (
     INT32_MAX,
@@ -25,14 +26,11 @@ from .inputs import (
     OptionError,
     as_numpy_inputs,
     check_forward_options,
-    check_generation_fits,
     check_images,
     check_inputs,
     check_int,
     check_logits_fit,
-    generation_length,
     is_right_padded,
-    resolve_generation_options,
 )
 from .nn.model import (
     causal_lm_loss,

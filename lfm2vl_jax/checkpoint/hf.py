@@ -29,8 +29,7 @@ from tqdm.auto import tqdm
 
 from ..config import CONV, Lfm2VlConfig, RuntimeConfig, config_from_dict, read_config_json
 from ..errors import Lfm2VlError
-from ..nn.params import Params, ParamSpec, is_spec, param_specs
-from ..parallel.sharding import param_shardings
+from ..nn.params import Params, ParamSpec, is_spec, param_shardings, param_specs
 from .safetensors_io import SafetensorsError, SafetensorsFile
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from ..config import DTypePolicy, Lfm2VlConfig, RuntimeConfig, load_config
-from ..nn.params import Params, abstract_params
-from ..parallel.sharding import param_shardings
+from ..nn.params import Params, abstract_params, param_shardings
 from .canonical import from_canonical, to_canonical
 from .export import DEFAULT_MAX_SHARD_SIZE, as_weight_dtype, parse_size, save_hf_checkpoint
 from .files import (

@@ -30,11 +30,12 @@ import jax
 import numpy as np
 
 from ..errors import Lfm2VlError
-from ..inputs import MODEL_INPUTS, as_numpy_inputs, check_inputs, check_int, generation_length
+from ..inputs import MODEL_INPUTS, as_numpy_inputs, check_inputs, check_int
 from ..parallel.sharding import batch_sharding
 from .batch_io import BatchRequest, BatchRequestError, BatchResult, chars_per_token_bound, text_chars
 from .buckets import MIN_STOP_WIDTH, bucket
 from .engine import prepare_batch
+from .options import generation_length
 from .sampling import SEED_RANGE, SamplingParams, seed_key
 from .step import (
     Rows,

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from ..config import CONV, Lfm2VlConfig
+from ..parallel.sharding import mesh_of
 
 # Logical axes of one layer's cache entries, mapped to mesh axes by the same rules as the params.
 CONV_STATE_AXES = ("batch", None, "conv")
@@ -113,4 +114,14 @@ def append(cache: Cache, entries: list, num_new: jax.Array, after: jax.Array | N
 
     return cache.replace(
         blocks=fold(cache.blocks, entries), lengths=cache.lengths + num_new.astype(jnp.int32)
+    )
+
+
+def cache_shardings(config: Lfm2VlConfig, batch: int, capacity: int) -> Any:
+    """A `NamedSharding` per cache leaf (`cache_layout`), by the logical sharding rules."""
+    mesh, rules = mesh_of(config), config.runtime.rules
+    return jax.tree.map(
+        lambda x: rules.sharding(mesh, x[0], x[1], "cache"),
+        cache_layout(config, batch, capacity),
+        is_leaf=is_layout,
     )

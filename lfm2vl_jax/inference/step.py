@@ -38,9 +38,9 @@ from ..config import Lfm2VlConfig
 from ..nn.model import embed_inputs, embed_with_features, image_features
 from ..nn.params import Params
 from ..nn.text import embed_tokens, lm_logits, text_forward
-from ..parallel.sharding import batch_sharding, cache_shardings
+from ..parallel.sharding import batch_sharding
 from .buckets import MIN_STOP_WIDTH
-from .cache import Cache, append, cache_layout, init_cache, is_layout
+from .cache import Cache, append, cache_layout, cache_shardings, init_cache, is_layout
 from .sampling import SamplingParams, next_token, next_token_rows
 
 
@@ -321,11 +321,9 @@ def set_penalty_table(config: Lfm2VlConfig, state: Rows, penalty: bool) -> Rows:
     return _constrain(config, state)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "capacity"), donate_argnames=("state",))
-def grow_capacity(config: Lfm2VlConfig, state: Rows, capacity: int) -> Rows:
-    """The same rows with room for `capacity` positions each: K/V copied into a larger cache, everything
-    else kept in place (donated), so the peak is the old cache plus the new one."""
-    rows = state.last.shape[0]
+@functools.partial(jax.jit, static_argnames=("config", "capacity"), donate_argnames=("rest",))
+def _grown(config: Lfm2VlConfig, blocks: list, rest: Rows, capacity: int) -> Rows:
+    rows = rest.last.shape[0]
 
     def grow(spec: tuple, held: jax.Array, new: jax.Array) -> jax.Array:
         if "cache_seq" not in spec[1]:
@@ -334,9 +332,17 @@ def grow_capacity(config: Lfm2VlConfig, state: Rows, capacity: int) -> Rows:
 
     fresh = init_cache(config, rows, capacity)
     layout = cache_layout(config, rows, capacity)
-    blocks = jax.tree.map(grow, layout, state.cache.blocks, fresh.blocks, is_leaf=is_layout)
-    cache = Cache(blocks=blocks, lengths=state.cache.lengths, capacity=capacity)
-    return _constrain(config, state.replace(cache=cache))
+    blocks = jax.tree.map(grow, layout, blocks, fresh.blocks, is_leaf=is_layout)
+    cache = Cache(blocks=blocks, lengths=rest.cache.lengths, capacity=capacity)
+    return _constrain(config, rest.replace(cache=cache))
+
+
+def grow_capacity(config: Lfm2VlConfig, state: Rows, capacity: int) -> Rows:
+    """The same rows with room for `capacity` positions each: the cache copied into a larger one, every
+    other array kept in place (donated; the old cache's buffers fit nothing new, so they are not donated
+    and are freed once the copy is made): the peak is the old cache plus the new one."""
+    rest = state.replace(cache=state.cache.replace(blocks=None))
+    return _grown(config, state.cache.blocks, rest, capacity)
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))

@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import ATTENTION, CONV, Lfm2VlConfig, TextConfig, VisionConfig
+from ..config import ATTENTION, CONV, ConfigError, Lfm2VlConfig, TextConfig, VisionConfig
+from ..parallel.sharding import mesh_of
 
 Params = dict[str, Any]
 
@@ -241,3 +242,28 @@ def init_from_specs(spec_tree: Any, key: jax.Array, dtype: Any) -> Any:
 
 def tree_bytes(params: Params) -> int:
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
+
+
+def param_shardings(config: Lfm2VlConfig) -> Any:
+    """A `NamedSharding` per param leaf, in the layout `config.runtime.scan_layers` selects."""
+    mesh, rules = mesh_of(config), config.runtime.rules
+    if config.runtime.fused_projections:
+        _check_fused_split(config)
+    return jax.tree.map(
+        lambda s: rules.sharding(mesh, s.shape, s.axes, "param"), param_specs(config), is_leaf=is_spec
+    )
+
+
+def _check_fused_split(config: Lfm2VlConfig) -> None:
+    """The fused q/k/v kernel is split by KV head (each shard: its KV heads' queries, keys and values); where
+    the KV heads do not divide the mesh axes, it would stay whole on every device, queries included."""
+    mesh, rules, kv_heads = config.runtime.mesh, config.runtime.rules, config.text.num_kv_heads
+    axes = tuple(a for a in rules.mesh_axes("kv_heads") if mesh.shape.get(a, 1) > 1)
+    ways = 1
+    for axis in axes:
+        ways *= mesh.shape[axis]
+    if kv_heads % ways:
+        raise ConfigError(
+            f"fused_projections: the fused q/k/v kernel is split by KV head over mesh axis {axes} "
+            f"({ways}-way), which its {kv_heads} KV heads do not divide; use fused_projections=False here"
+        )

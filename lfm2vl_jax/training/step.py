@@ -26,8 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ..config import Lfm2VlConfig
 from ..nn.model import hidden_states
-from ..nn.params import Params, ParamSpec, is_spec, param_specs
-from ..parallel.sharding import param_shardings
+from ..nn.params import Params, ParamSpec, is_spec, param_shardings, param_specs
 from .lora import LoraConfig, adapted_weights, adapter_axes, adapter_shardings, merge
 from .loss import cross_entropy_sum, shifted_targets
 

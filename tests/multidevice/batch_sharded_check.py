@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_model import prompt_inputs, tiny_config, tiny_params  # noqa: E402
 
 from lfm2vl_jax import Lfm2VlForConditionalGeneration  # noqa: E402
+from lfm2vl_jax.nn.params import param_shardings  # noqa: E402
 from lfm2vl_jax.parallel.mesh import make_mesh  # noqa: E402
-from lfm2vl_jax.parallel.sharding import param_shardings  # noqa: E402
 
 
 def main() -> None:

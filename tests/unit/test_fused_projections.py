@@ -19,7 +19,7 @@ from lfm2vl_jax.checkpoint.canonical import from_canonical, to_canonical
 from lfm2vl_jax.checkpoint.orbax import load_orbax_checkpoint, save_orbax_checkpoint
 from lfm2vl_jax.checkpoint.safetensors_io import SafetensorsFile
 from lfm2vl_jax.config import ConfigError
-from lfm2vl_jax.parallel.sharding import param_shardings
+from lfm2vl_jax.nn.params import param_shardings
 
 BASE = tiny_config()
 # 4 query heads on 2 KV heads: the fused kernel must keep each KV head's query group together.

@@ -1,6 +1,7 @@
 """The package's import graph, read from the source (imports inside functions included; `if TYPE_CHECKING:`
 blocks left out, as they never run), has no cycle: every module can be understood, and imported, after
-the modules it uses."""
+the modules it uses. Folders (and top-level modules) are layered as docs/design.md ("Layers") says: each
+imports only from layers below its own."""
 
 from __future__ import annotations
 
@@ -76,6 +77,39 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+# docs/design.md, "Layers": bottom first. A part imports only from the layers below its own.
+LAYERS = [
+    {"errors", "memory", "compile_cache"},
+    {"parallel"},
+    {"config"},
+    {"kernels"},
+    {"nn"},
+    {"inputs", "checkpoint"},
+    {"inference", "processing"},
+    {"training", "serving"},
+    {"api"},
+    {"cli", ""},  # "": the package's __init__
+]
+
+
+def part(module: str) -> str:
+    """The folder or top-level module a module belongs to ("" for the package itself)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    level = {name: i for i, names in enumerate(LAYERS) for name in names}
+    unplaced = sorted({part(m) for m in graph} - set(level))
+    found = [f"{name}: in no layer (add it to LAYERS and docs/design.md)" for name in unplaced]
+    for module, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            a, b = part(module), part(target)
+            if a != b and a in level and b in level and level[b] >= level[a]:
+                found.append(f"{module} -> {target}")
+    return found
+
+
 def test_the_package_has_no_import_cycle():
     graph = import_graph()
     assert len(graph) > 40 and graph["lfm2vl_jax.api"]  # the reader found the modules and their imports
@@ -84,3 +118,12 @@ def test_the_package_has_no_import_cycle():
 
 def test_the_cycle_finder_finds_one():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_each_folder_imports_only_from_the_layers_below():
+    assert layer_violations(import_graph()) == []
+
+
+def test_the_layer_check_finds_an_upward_import():
+    graph = {"lfm2vl_jax.nn.text": {"lfm2vl_jax.inference.cache"}, "lfm2vl_jax.inference.cache": set()}
+    assert layer_violations(graph) == ["lfm2vl_jax.nn.text -> lfm2vl_jax.inference.cache"]

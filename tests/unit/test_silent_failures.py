@@ -28,7 +28,7 @@ from tiny_checkpoints import (
     write_cli_checkpoint,
 )
 
-import lfm2vl_jax.inputs as inputs_module
+import lfm2vl_jax.inference.options as options_module
 from lfm2vl_jax import Lfm2VlForConditionalGeneration
 from lfm2vl_jax.checkpoint.hf import CheckpointError, load_hf_checkpoint
 from lfm2vl_jax.checkpoint.hub import CheckpointNotFoundError
@@ -138,7 +138,7 @@ def test_the_smallest_temperature_samples_the_most_likely_tokens(model):
 
 @pytest.fixture()
 def fresh_warnings(monkeypatch):
-    monkeypatch.setattr(inputs_module, "WARNED_IGNORED", set())
+    monkeypatch.setattr(options_module, "WARNED_IGNORED", set())
 
 
 def test_sampling_options_without_do_sample_warn_once(model, fresh_warnings):
