@@ -35,7 +35,7 @@ from ..parallel.sharding import batch_sharding
 from .batch_io import BatchRequest, BatchRequestError, BatchResult, chars_per_token_bound, text_chars
 from .buckets import MIN_STOP_WIDTH, bucket
 from .engine import prepare_batch
-from .options import generation_length
+from .options import check_decoding_fits, generation_length
 from .sampling import SEED_RANGE, SamplingParams, seed_key
 from .step import (
     Rows,
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 MAX_STOP_TOKENS = MIN_STOP_WIDTH  # stop ids per request (eos and `stop_token_ids`): one slot table width
 DEFAULT_MAX_NEW_TOKENS = 256  # when neither the request, the engine nor generation_config.json says
+MIN_CAPACITY = 256  # cache positions per slot to start with
 POLL_STEPS = 4  # decode steps between looks at the workers while a slot waits for a request
 SAMPLING_FLOATS = ("temperature", "top_p", "min_p")
 
@@ -252,6 +253,12 @@ class BatchEngine:
                 raise Lfm2VlError(f"{name} must be a positive integer, got {value!r}")
         if max_length < 2:
             raise Lfm2VlError(f"max_length must be >= 2 (a prompt token and a new one), got {max_length}")
+        positions = model.config.text.max_position_embeddings
+        if max_length > positions:
+            raise Lfm2VlError(
+                f"max_length={max_length} is more than the model's {positions} positions "
+                "(text_config.max_position_embeddings)"
+            )
         self.row_multiple = 1
         if model.mesh is not None:
             for axis in self.config.runtime.rules.mesh_axes("batch"):
@@ -264,6 +271,13 @@ class BatchEngine:
         generation_length(max_new_tokens, model.generation_config, 0, DEFAULT_MAX_NEW_TOKENS)  # checks it
         sampling, stop_ids, pad_id = model.decoding_options(options)
         self.slots, self.max_length, self.max_new_tokens, self.seed = slots, max_length, max_new_tokens, seed
+        check_decoding_fits(  # the largest the cache can grow: refused now, not after hours of work
+            self.config,
+            slots,
+            bucket(max_length, minimum=MIN_CAPACITY),
+            f"slots={slots}, max_length={max_length}",
+            "lower slots or max_length",
+        )
         self.options = dict(options)
         self.top_k, self.pad_id = sampling.top_k, pad_id
         self.prefill_batch = max(1, min(slots, prefill_batch or slots // 4))
@@ -421,7 +435,7 @@ class BatchEngine:
     def _ensure_capacity(self, need: int) -> None:
         # Buckets (at most 25% over): a new capacity compiles the decode and insert programs again, but
         # the capacity only grows, and each step reads all of it.
-        capacity = bucket(need, minimum=256)
+        capacity = bucket(need, minimum=MIN_CAPACITY)
         if self._state is None:
             self._state = init_rows(self.config, self.slots, capacity, self.top_k, self.key_shape)
         elif self._state.cache.capacity < capacity:

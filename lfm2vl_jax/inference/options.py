@@ -25,7 +25,7 @@ from ..inputs import (
     is_real,
 )
 from ..memory import gigabytes
-from .buckets import cache_capacity
+from .buckets import MIN_STOP_WIDTH, cache_capacity
 from .cache import cache_layout, is_layout
 from .engine import PreparedBatch
 from .sampling import MIN_TEMPERATURE, SamplingParams
@@ -157,10 +157,30 @@ def resolve_generation_options(
     return sampling, tuple(stop), int(pad)
 
 
-def check_generation_fits(config: Lfm2VlConfig, batch: PreparedBatch, max_new_tokens: int) -> None:
-    """Refuses, before anything is allocated, a request whose prompt plus `max_new_tokens` exceeds the
-    model's positions, or whose decoding cache and token buffers exceed the memory available."""
-    prompt = int(batch.attention_mask.sum(axis=1).max())
+def decoding_bytes(config: Lfm2VlConfig, rows: int, capacity: int, penalty: bool = True) -> int:
+    """Device bytes of a decoding state (`step.Rows`) of `rows` rows and `capacity` positions: the cache,
+    the per-row vectors and stop table, and with `penalty` the (rows, vocab) table of seen tokens. The one
+    memory estimate of `generate`, the batch engine and the server."""
+    shapes = jax.tree.leaves(cache_layout(config, rows, capacity), is_leaf=is_layout)
+    cache = sum(math.prod(shape) for shape, _ in shapes) * np.dtype(config.runtime.dtypes.cache).itemsize
+    per_row = 4 * (8 + MIN_STOP_WIDTH)  # tokens, counts, limits, flags, keys, options, stop ids
+    return cache + rows * per_row + (rows * config.text.vocab_size if penalty else 0)
+
+
+def check_decoding_fits(config: Lfm2VlConfig, rows: int, capacity: int, what: str, advice: str) -> None:
+    """Refuses, before anything is allocated, a decoding state that exceeds the memory available; the
+    error starts with `what` (the option the user set) and ends with `advice`."""
+    needed = decoding_bytes(config, rows, capacity)
+    available = available_memory(config)
+    if available is not None and needed > available[0]:
+        raise OptionError(
+            f"{what}: decoding {rows} row(s) to {capacity} positions needs {gigabytes(needed)} for its "
+            f"cache and buffers, more than the {gigabytes(available[0])} of {available[1]}; {advice}"
+        )
+
+
+def check_positions(config: Lfm2VlConfig, prompt: int, max_new_tokens: int) -> None:
+    """Refuses a prompt plus `max_new_tokens` beyond the model's positions."""
     limit = config.text.max_position_embeddings
     if prompt + max_new_tokens > limit:
         room = f"at most {limit - prompt} new tokens fit" if prompt < limit else "the prompt alone fills them"
@@ -168,18 +188,14 @@ def check_generation_fits(config: Lfm2VlConfig, batch: PreparedBatch, max_new_to
             f"max_new_tokens={max_new_tokens}: the prompt's {prompt} tokens plus {max_new_tokens} new ones "
             f"exceed the model's {limit} positions (text_config.max_position_embeddings); {room}"
         )
+
+
+def check_generation_fits(config: Lfm2VlConfig, batch: PreparedBatch, max_new_tokens: int) -> None:
+    """Refuses, before anything is allocated, a `generate` call whose prompt plus `max_new_tokens` exceeds
+    the model's positions, or whose decoding state exceeds the memory available."""
+    check_positions(config, int(batch.attention_mask.sum(axis=1).max()), max_new_tokens)
     rows, seq = batch.input_ids.shape
-    capacity, new_bucket = cache_capacity(seq, max_new_tokens)
-    shapes = jax.tree.leaves(cache_layout(config, rows, capacity), is_leaf=is_layout)
-    cache_bytes = (
-        sum(math.prod(shape) for shape, _ in shapes) * np.dtype(config.runtime.dtypes.cache).itemsize
+    capacity, _ = cache_capacity(seq, max_new_tokens)
+    check_decoding_fits(
+        config, rows, capacity, f"max_new_tokens={max_new_tokens}", "lower max_new_tokens or the batch size"
     )
-    # + the generated tokens (int32) and the seen-token flags of the repetition penalty (bool)
-    needed = cache_bytes + rows * new_bucket * 4 + rows * config.text.vocab_size
-    available = available_memory(config)
-    if available is not None and needed > available[0]:
-        raise OptionError(
-            f"max_new_tokens={max_new_tokens}: decoding {rows} row(s) to {capacity} positions needs "
-            f"{gigabytes(needed)} for its cache and buffers, more than the {gigabytes(available[0])} of "
-            f"{available[1]}; lower max_new_tokens or the batch size"
-        )

@@ -113,6 +113,25 @@ def test_ragged_batch_rows_equal_each_row_alone_and_transformers(pair, pad_side)
         assert_same_tokens(batch[i : i + 1, : alone.shape[1]], expected)
 
 
+def test_batch_engine_gives_each_request_transformers_tokens(pair):
+    """The batch engine straight against transformers' `generate`, each request alone: text only, a small
+    image and a tiled photo, greedy with and without a repetition penalty, sharing two slots (so requests
+    join while others decode, and the penalty table comes and goes)."""
+    config, reference, model = pair
+    requests = row_requests(config)
+    options = [{}, {"repetition_penalty": PENALTY}]
+    items = [
+        {"id": f"{i}-{j}", "inputs": inputs, "max_new_tokens": NEW_TOKENS, **extra}
+        for i, inputs in enumerate(requests)
+        for j, extra in enumerate(options)
+    ]
+    results = model.batch_engine(slots=2, max_length=512, prefill_batch=1).generate(items)
+    for item, result in zip(items, results, strict=True):
+        extra = {k: v for k, v in item.items() if k == "repetition_penalty"}
+        expected = reference_generate(reference, item["inputs"], **extra)
+        assert_same_tokens(np.asarray([result.token_ids]), expected)
+
+
 def test_both_layer_layouts_generate_the_same_tokens(pair, tmp_path):
     config, reference, model = pair
     save_reference(reference, tmp_path)

@@ -13,9 +13,11 @@ from compile_counter import CompileCounter
 from tiny_model import prompt_inputs, tiny_config, tiny_params
 
 from lfm2vl_jax import Lfm2VlForConditionalGeneration
+from lfm2vl_jax.errors import Lfm2VlError
 from lfm2vl_jax.inference import step
 from lfm2vl_jax.inference.buckets import stop_width
 from lfm2vl_jax.inference.cache import init_cache
+from lfm2vl_jax.inference.options import decoding_bytes
 from lfm2vl_jax.inference.sampling import SamplingParams
 
 EOS = 2
@@ -96,3 +98,18 @@ def test_growing_the_cache_keeps_everything_but_the_cache_in_place(model):
     # the peak is the old state, the new cache and temporaries: no second copy of the old state
     assert memory.output_size_in_bytes - memory.alias_size_in_bytes <= new_cache + 1024  # + small vectors
     assert memory.temp_size_in_bytes < old_cache / 8
+
+
+def test_the_engine_refuses_slots_and_lengths_it_could_never_hold(model):
+    """One memory estimate (`options.decoding_bytes`) for `generate` and the engine: a cache that could not
+    grow to `max_length` for every slot is refused when the engine is made, naming both options."""
+    positions = model.config.text.max_position_embeddings
+    with pytest.raises(Lfm2VlError, match=f"max_length={positions + 1} is more than the model's {positions}"):
+        model.batch_engine(slots=2, max_length=positions + 1)
+    with pytest.raises(Lfm2VlError, match="slots=4194304, max_length=4096: decoding 4194304 row"):
+        model.batch_engine(slots=2**22, max_length=4096)
+    rows, capacity = 3, 512
+    expected = sum(
+        x.size * x.dtype.itemsize for x in jax.tree.leaves(init_cache(model.config, rows, capacity))
+    )
+    assert decoding_bytes(model.config, rows, capacity, penalty=False) >= expected
