@@ -29,6 +29,7 @@ from tiny_checkpoints import (
 )
 
 import lfm2vl_jax.checkpoint.export as export
+import lfm2vl_jax.inference.options as options_module
 import lfm2vl_jax.inputs as inputs_module
 from lfm2vl_jax import Lfm2VlForConditionalGeneration
 from lfm2vl_jax.checkpoint.export import ExportError
@@ -82,7 +83,7 @@ def test_prompt_plus_new_tokens_may_not_exceed_the_models_positions(model):
 
 
 def test_cache_beyond_the_memory_available_is_refused_before_allocation(model, monkeypatch):
-    monkeypatch.setattr(inputs_module, "available_memory", lambda config: (10_000, "test memory"))
+    monkeypatch.setattr(options_module, "available_memory", lambda config: (10_000, "test memory"))
 
     def no_prefill(*args, **kwargs):
         raise AssertionError("prefill ran")
