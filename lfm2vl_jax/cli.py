@@ -599,6 +599,60 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _example_parser(sub: argparse._SubParsersAction) -> None:
+    from .checkpoint.example import FAMILIES, SIZES
+
+    p = sub.add_parser(
+        "example",
+        help="write a random-weight checkpoint and example data to try the commands offline",
+        description="Writes DIR/model, a checkpoint of a released model's shapes with random weights, its "
+        "processor files and a stand-in tokenizer, and DIR/data: drawn images and conversations about them "
+        "(train.jsonl, eval.jsonl). Nothing is downloaded. Random weights answer with noise.",
+    )
+    add_debug_argument(p)
+    p.add_argument(
+        "directory", metavar="DIR", type=Path, help="where to write model/ and data/ (new or empty)"
+    )
+    p.add_argument(
+        "--size",
+        choices=SIZES,
+        default="tiny",
+        help="tiny: small widths, written in seconds; 450m, 1.6b: the released shapes (bfloat16, 0.9/3.2 GB)",
+    )
+    p.add_argument("--family", choices=FAMILIES, default="lfm2-vl", help="whose config and processor files")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="rebuild an earlier example in DIR (other files there are kept)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_example)
+
+
+def run_example(args: argparse.Namespace) -> int:
+    from .checkpoint.example import write_example
+
+    model = write_example(
+        args.directory,
+        args.size,
+        args.family,
+        args.overwrite,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    data = args.directory / "data"
+    print(
+        f"wrote {model} ({args.family} {args.size}, random weights) and {data} (images, train.jsonl, "
+        f"eval.jsonl)\n"
+        f"try:\n"
+        f"  lfm2vl generate --model {model} --image {data}/images/stop_sign.png "
+        f'--prompt "What is in this image?" --max-new-tokens 16\n'
+        f"  lfm2vl train --model {model} --data {data}/train.jsonl --eval-data {data}/eval.jsonl "
+        f"--output {args.directory}/run --steps 4 --batch-size 2\n"
+        "Random weights answer with noise (tokens like <|filler_6942|>, or blank lines): expected, not a bug."
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lfm2vl", description="LFM2-VL vision-language models in JAX")
     add_debug_argument(parser, top_level=True)
@@ -608,6 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     _convert_parser(sub)
     _train_parser(sub)
     _serve_parser(sub)
+    _example_parser(sub)
     return parser
 
 
