@@ -163,13 +163,12 @@ def run_generate(args: argparse.Namespace) -> int:
     from .processing.tool_calls import parse_tool_calls
 
     check_sampling_arguments(args)
-    content = [{"type": "image", "path": path} for path in args.image]
-    content.append({"type": "text", "text": args.prompt})
+    tools = _read_tools(args.tools) if args.tools else None
+    processor = Lfm2VlProcessor.from_pretrained(args.model)
+    content = user_content(args.prompt, args.image, processor.image_token)
     conversation = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": content}
     ]
-    tools = _read_tools(args.tools) if args.tools else None
-    processor = Lfm2VlProcessor.from_pretrained(args.model)
     inputs = processor.apply_chat_template(
         conversation, add_generation_prompt=True, tokenize=True, return_dict=True, tools=tools
     )
@@ -195,6 +194,28 @@ def run_generate(args: argparse.Namespace) -> int:
         for call in parse_tool_calls(processor.decode(generated, skip_special_tokens=False)):
             sys.stdout.write("tool call: " + json.dumps(call["function"], ensure_ascii=False) + "\n")
     return 0
+
+
+def user_content(prompt: str, images: Sequence[str], image_token: str) -> list[dict]:
+    """`--prompt` and the `--image` files as the user message's content: the images where the prompt holds
+    the checkpoint's `image_token` placeholder, when it holds one per image; all before the text when it
+    holds none."""
+    placed = prompt.count(image_token)
+    if placed == 0:
+        return [*({"type": "image", "path": path} for path in images), {"type": "text", "text": prompt}]
+    if placed != len(images):
+        raise Lfm2VlError(
+            f"--prompt holds {placed} {image_token} placeholder(s) but {len(images)} --image file(s) were "
+            f"given: write one {image_token} per --image where it goes, or none (the images then go before "
+            "the text)"
+        )
+    content: list[dict] = []
+    for index, text in enumerate(prompt.split(image_token)):
+        if text:
+            content.append({"type": "text", "text": text})
+        if index < len(images):
+            content.append({"type": "image", "path": images[index]})
+    return content
 
 
 def _read_tools(path: str) -> list[dict]:
