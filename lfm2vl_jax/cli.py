@@ -181,14 +181,21 @@ def run_generate(args: argparse.Namespace) -> int:
     options = _sampling_options(args)
     generated: list[int] = []
     printed = ""
-    for step in model.stream(**inputs, max_new_tokens=args.max_new_tokens, seed=args.seed, **options):
-        generated.append(int(step[0]))
-        # Decode the whole answer each time: a character may span several tokens.
-        text = processor.decode(generated, skip_special_tokens=True)
-        if text.startswith(printed):
-            sys.stdout.write(text[len(printed) :])
-            sys.stdout.flush()
-            printed = text
+    status = StatusLine(sys.stderr)
+    prompt_tokens = int(inputs["attention_mask"].sum())
+    status.show(f"compiling the decoder for batch 1 and reading the {prompt_tokens}-token prompt ...")
+    try:
+        for step in model.stream(**inputs, max_new_tokens=args.max_new_tokens, seed=args.seed, **options):
+            status.clear()
+            generated.append(int(step[0]))
+            # Decode the whole answer each time: a character may span several tokens.
+            text = processor.decode(generated, skip_special_tokens=True)
+            if text.startswith(printed):
+                sys.stdout.write(text[len(printed) :])
+                sys.stdout.flush()
+                printed = text
+    finally:
+        status.clear()
     sys.stdout.write("\n")
     if tools is not None:  # the markers are special tokens: decoded without skipping them
         for call in parse_tool_calls(processor.decode(generated, skip_special_tokens=False)):
@@ -216,6 +223,27 @@ def user_content(prompt: str, images: Sequence[str], image_token: str) -> list[d
         if index < len(images):
             content.append({"type": "image", "path": images[index]})
     return content
+
+
+class StatusLine:
+    """One line saying what the command waits for (compiling), on `stream` only when it is a terminal
+    (piped or redirected output gets none), erased before anything else is written."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream if stream.isatty() else None
+        self.shown = False
+
+    def show(self, text: str) -> None:
+        if self.stream is not None:
+            self.stream.write(f"\r\x1b[K{text}")
+            self.stream.flush()
+            self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
 
 
 def _read_tools(path: str) -> list[dict]:
@@ -380,6 +408,9 @@ def run_batch(args: argparse.Namespace) -> int:
                     yield item
 
         start = time.perf_counter()
+        bar.set_postfix_str(
+            "compiling the decoder for the first requests ..."
+        )  # replaced by the first result
         with bar:
             for result in engine.run(requests()):
                 record(result)
