@@ -531,7 +531,13 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="conversations per step over all devices")
     p.add_argument("--grad-accum", type=int, help="micro-batches per step")
     p.add_argument("--learning-rate", type=float, help="peak learning rate")
-    p.add_argument("--warmup-steps", type=int, help="linear warmup steps, then cosine decay")
+    p.add_argument(
+        "--warmup-ratio",
+        type=float,
+        help="share of --steps warming the learning rate up linearly (rounded up, at most steps - 1), "
+        "then cosine decay",
+    )
+    p.add_argument("--warmup-steps", type=int, help="linear warmup steps; > 0 wins over --warmup-ratio")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=float, help="clip the global gradient norm (0: off)")
     p.add_argument("--seed", type=int, help="data order and adapter initialisation")
