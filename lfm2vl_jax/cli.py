@@ -72,8 +72,8 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--prompt",
         required=True,
-        help="the user message; the images go where it holds the checkpoint's image placeholder (<image>), "
-        "one per --image, else all before the text",
+        help="the user message; the images go where it holds the checkpoint's image placeholder (<image> "
+        "in the released ones), one per --image, else all before the text",
     )
     p.add_argument("--system", help="system message (default: none)")
     p.add_argument(
@@ -408,9 +408,8 @@ def run_batch(args: argparse.Namespace) -> int:
                     yield item
 
         start = time.perf_counter()
-        bar.set_postfix_str(
-            "compiling the decoder for the first requests ..."
-        )  # replaced by the first result
+        # until the first result replaces it
+        bar.set_postfix_str("compiling the decoder for the first requests ...")
         with bar:
             for result in engine.run(requests()):
                 record(result)
