@@ -280,7 +280,8 @@ def _batch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-new-tokens",
         type=int,
-        help="for requests that do not say (default: generation_config.json's, else 256)",
+        help="for requests that do not say (default: generation_config.json's max_new_tokens, or "
+        "max_length minus the prompt, else 256)",
     )
     p.add_argument("--max-length", type=int, default=4096, help="most prompt + new tokens per request")
     add_sampling_arguments(p, "seed of requests that do not set one")
