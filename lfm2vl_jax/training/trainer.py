@@ -476,10 +476,10 @@ class SFTTrainer:
         self.log(
             f"mesh {dict(mesh.shape)}, compute {config.runtime.dtypes.compute.name}; MFU peak: {peak_source}"
         )
-        self.log(
-            f"learning rate: linear warmup to {c.learning_rate:g} over {c.warmup} of {c.steps} steps, then "
-            "cosine decay to 0"
+        warmup = (
+            f"linear warmup over {c.warmup} of {c.steps} steps to" if c.warmup else "from the first step at"
         )
+        self.log(f"learning rate: {warmup} {c.learning_rate:g}, then cosine decay to 0 at step {c.steps}")
         keys = run.trainable.components
         # Which components need input gradients (they or anything before them train) and which train
         # their own weights (not LoRA): for the FLOP count.
