@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -23,10 +24,31 @@ from .compile_cache import add_compile_cache_argument, setup_compile_cache
 from .config import REMAT_POLICIES, default_dtype_name
 from .errors import Lfm2VlError
 from .inference.batch_io import MAX_LINE_BYTES
+from .inference.sampling import SEED_RANGE
+from .inputs import SAMPLING_DEFAULTS, SAMPLING_RANGES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5.x's default
 EXIT_SOME_REQUESTS_FAILED = 3  # `batch` ran to the end, with error records; 1 is a bug, 2 a user error
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with the parser's default, "(default: X)", unless the default is None or
+    unset (then the help says in words what applies) or the option is an on/off flag that is off."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
+        shown = action.option_strings and not unset
+        return f"{text} (default: %(default)s)" if shown and "%(default)" not in text else text
+
+
+class Parser(argparse.ArgumentParser):
+    """`lfm2vl`'s parsers (subcommands' too): help in `HelpFormatter`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def add_debug_argument(p: argparse.ArgumentParser, top_level: bool = False) -> None:
@@ -44,39 +66,83 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="answer a prompt about images, streaming the text")
     add_debug_argument(p)
     p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face Hub id")
-    p.add_argument("--image", action="append", default=[], help="image file (repeatable; in prompt order)")
-    p.add_argument("--prompt", required=True, help="the user message")
-    p.add_argument("--system", help="optional system message")
+    p.add_argument(
+        "--image", action="append", default=[], help="image file (repeatable; in prompt order; default: none)"
+    )
+    p.add_argument(
+        "--prompt",
+        required=True,
+        help="the user message; the images go where it holds the checkpoint's image placeholder (<image> "
+        "in the released ones), one per --image, else all before the text",
+    )
+    p.add_argument("--system", help="system message (default: none)")
     p.add_argument(
         "--tools",
         help="JSON file: a list of tool (function) schemas, rendered by the chat template; the answer's "
-        "tool calls are then printed as JSON lines after it",
+        "tool calls are then printed as JSON lines after it (default: no tools)",
     )
     p.add_argument(
         "--max-new-tokens",
         type=int,
-        help="default: generation_config.json's max_new_tokens (or max_length), else 256",
+        help="most tokens generated (default: generation_config.json's max_new_tokens, or max_length "
+        "minus the prompt, else 256)",
     )
+    add_dtype_argument(p)
+    add_sampling_arguments(p, "sampling seed")
+    add_scan_layers_argument(p)
+    add_compile_cache_argument(p)
+    p.set_defaults(run=run_generate)
+
+
+def add_dtype_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),
-        help="default: float32 on CPU (faster there), bfloat16 elsewhere",
+        help="compute dtype (default: float32 on CPU, faster there; bfloat16 elsewhere)",
     )
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, seed_help: str) -> None:
+    """The sampling options of `generate` and `batch`; unset ones take the checkpoint's
+    generation_config.json, else transformers' defaults (`inputs.SAMPLING_DEFAULTS`)."""
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--min-p", type=float)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--seed", type=int, default=0)
+    for name, kind, meaning in (
+        ("temperature", float, "divides the logits before sampling"),
+        ("top_k", int, "sample among the k most likely tokens (0: all)"),
+        ("top_p", float, "sample among the most likely tokens holding this probability mass"),
+        ("min_p", float, "drop tokens less likely than this times the most likely one"),
+        ("repetition_penalty", float, "divides the logits of tokens already seen (1: none)"),
+    ):
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=kind,
+            help=f"{meaning} (default: generation_config.json's, else {SAMPLING_DEFAULTS[name]:g})",
+        )
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+
+
+def add_scan_layers_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scan-layers",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="stacked, scanned text layers (default: one array per layer, faster decoding)",
+        help="text layers stacked and run by lax.scan: compiles faster for deep models, decodes slower "
+        "(default: off, one array per layer)",
     )
-    add_compile_cache_argument(p)
-    p.set_defaults(run=run_generate)
+
+
+def check_sampling_arguments(args: argparse.Namespace) -> None:
+    """The generation flags of `generate` and `batch` given, checked before anything loads (the
+    checkpoint's own values are checked when it is read); the error names the flag."""
+    check_positive(args, ("max_new_tokens",))
+    if args.top_k is not None and args.top_k < 0:
+        raise Lfm2VlError(f"--top-k must be an integer >= 0 (0: off), got {args.top_k}")
+    for name, (description, accepts) in SAMPLING_RANGES.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and accepts(value)):
+            raise Lfm2VlError(f"--{name.replace('_', '-')} must be {description}, got {value}")
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        raise Lfm2VlError(f"--seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {args.seed}")
 
 
 def _sampling_options(args: argparse.Namespace) -> dict:
@@ -96,13 +162,13 @@ def run_generate(args: argparse.Namespace) -> int:
     from .processing.processor import Lfm2VlProcessor
     from .processing.tool_calls import parse_tool_calls
 
-    content = [{"type": "image", "path": path} for path in args.image]
-    content.append({"type": "text", "text": args.prompt})
+    check_sampling_arguments(args)
+    tools = _read_tools(args.tools) if args.tools else None
+    processor = Lfm2VlProcessor.from_pretrained(args.model)
+    content = user_content(args.prompt, args.image, processor.image_token)
     conversation = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": content}
     ]
-    tools = _read_tools(args.tools) if args.tools else None
-    processor = Lfm2VlProcessor.from_pretrained(args.model)
     inputs = processor.apply_chat_template(
         conversation, add_generation_prompt=True, tokenize=True, return_dict=True, tools=tools
     )
@@ -115,19 +181,69 @@ def run_generate(args: argparse.Namespace) -> int:
     options = _sampling_options(args)
     generated: list[int] = []
     printed = ""
-    for step in model.stream(**inputs, max_new_tokens=args.max_new_tokens, seed=args.seed, **options):
-        generated.append(int(step[0]))
-        # Decode the whole answer each time: a character may span several tokens.
-        text = processor.decode(generated, skip_special_tokens=True)
-        if text.startswith(printed):
-            sys.stdout.write(text[len(printed) :])
-            sys.stdout.flush()
-            printed = text
+    status = StatusLine(sys.stderr)
+    prompt_tokens = int(inputs["attention_mask"].sum())
+    status.show(f"compiling the decoder for batch 1 and reading the {prompt_tokens}-token prompt ...")
+    try:
+        for step in model.stream(**inputs, max_new_tokens=args.max_new_tokens, seed=args.seed, **options):
+            status.clear()
+            generated.append(int(step[0]))
+            # Decode the whole answer each time: a character may span several tokens.
+            text = processor.decode(generated, skip_special_tokens=True)
+            if text.startswith(printed):
+                sys.stdout.write(text[len(printed) :])
+                sys.stdout.flush()
+                printed = text
+    finally:
+        status.clear()
     sys.stdout.write("\n")
     if tools is not None:  # the markers are special tokens: decoded without skipping them
         for call in parse_tool_calls(processor.decode(generated, skip_special_tokens=False)):
             sys.stdout.write("tool call: " + json.dumps(call["function"], ensure_ascii=False) + "\n")
     return 0
+
+
+def user_content(prompt: str, images: Sequence[str], image_token: str) -> list[dict]:
+    """`--prompt` and the `--image` files as the user message's content: the images where the prompt holds
+    the checkpoint's `image_token` placeholder, when it holds one per image; all before the text when it
+    holds none."""
+    placed = prompt.count(image_token)
+    if placed == 0:
+        return [*({"type": "image", "path": path} for path in images), {"type": "text", "text": prompt}]
+    if placed != len(images):
+        raise Lfm2VlError(
+            f"--prompt holds {placed} {image_token} placeholder(s) but {len(images)} --image file(s) were "
+            f"given: write one {image_token} per --image where it goes, or none (the images then go before "
+            "the text)"
+        )
+    content: list[dict] = []
+    for index, text in enumerate(prompt.split(image_token)):
+        if text:
+            content.append({"type": "text", "text": text})
+        if index < len(images):
+            content.append({"type": "image", "path": images[index]})
+    return content
+
+
+class StatusLine:
+    """One line saying what the command waits for (compiling), on `stream` only when it is a terminal
+    (piped or redirected output gets none), erased before anything else is written."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream if stream.isatty() else None
+        self.shown = False
+
+    def show(self, text: str) -> None:
+        if self.stream is not None:
+            self.stream.write(f"\r\x1b[K{text}")
+            self.stream.flush()
+            self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
 
 
 def _read_tools(path: str) -> list[dict]:
@@ -152,49 +268,39 @@ def _batch_parser(sub: argparse._SubParsersAction) -> None:
         "batch",
         help="answer every request of a JSONL file (continuous batching)",
         description="Generates for each line of --input ({'id', 'messages', ...}) and appends one result "
-        "line per request to --output as it finishes. Exit status: 0 if every request succeeded, 1 if "
-        "some failed (their lines say why), 2 on an error that stops the run.",
+        "line per request to --output as it finishes. Exit status: 0 if every request succeeded, "
+        f"{EXIT_SOME_REQUESTS_FAILED} if some failed (their lines say why), 2 on an error that stops the "
+        "run, 1 on a bug.",
     )
+    add_debug_argument(p)
     p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face Hub id")
     p.add_argument("--input", required=True, type=Path, help="requests, one JSON object per line")
     p.add_argument("--output", required=True, type=Path, help="results file (JSONL, appended)")
-    p.add_argument("--slots", type=int, default=64, help="requests decoded together (default 64)")
+    p.add_argument("--slots", type=int, default=64, help="requests decoded together")
     p.add_argument(
         "--max-new-tokens",
         type=int,
-        help="default for requests that do not say (default: generation_config.json's, else 256)",
+        help="for requests that do not say (default: generation_config.json's max_new_tokens, or "
+        "max_length minus the prompt, else 256)",
     )
+    p.add_argument("--max-length", type=int, default=4096, help="most prompt + new tokens per request")
+    add_sampling_arguments(p, "seed of requests that do not set one")
+    add_dtype_argument(p)
     p.add_argument(
-        "--max-length", type=int, default=4096, help="most prompt + new tokens per request (default 4096)"
+        "--mesh",
+        help="shard over devices, e.g. data=2,tensor=4: slots over data, heads over tensor (default: "
+        "one device)",
     )
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--min-p", type=float)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--seed", type=int, default=0, help="default seed of requests that do not set one")
+    add_scan_layers_argument(p)
     p.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        help="default: float32 on CPU (faster there), bfloat16 elsewhere",
+        "--prefill-batch", type=int, help="most requests prefilled together (default: slots/4, at least 1)"
     )
-    p.add_argument(
-        "--mesh", help="shard over devices, e.g. data=2,tensor=4 (slots over data, heads over tensor)"
-    )
-    p.add_argument(
-        "--scan-layers",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="stacked, scanned text layers (default: per-layer on CPU, scanned on accelerators)",
-    )
-    p.add_argument("--prefill-batch", type=int, help="most requests prefilled together (default slots/4)")
     p.add_argument("--workers", type=int, help="threads preparing requests (default: CPUs - 1, 1..4)")
     p.add_argument(
         "--max-line-bytes",
         type=int,
         default=MAX_LINE_BYTES,
-        help=f"longest request line read; longer ones fail unread (default {MAX_LINE_BYTES // 2**20} MiB)",
+        help="longest request line read, in bytes; longer ones fail unread",
     )
     p.add_argument("--resume", action="store_true", help="skip the ids already in --output, append the rest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -229,9 +335,8 @@ def check_output_file(output: Path, inputs: Sequence[tuple[str, Path]]) -> None:
 def check_batch_arguments(args: argparse.Namespace) -> None:
     """Every option of `lfm2vl batch` that can be checked without the model, before anything is read or
     written."""
-    check_positive(
-        args, ("slots", "max_new_tokens", "max_length", "prefill_batch", "workers", "max_line_bytes")
-    )
+    check_positive(args, ("slots", "max_length", "prefill_batch", "workers", "max_line_bytes"))
+    check_sampling_arguments(args)
     if args.resume and args.overwrite:
         raise Lfm2VlError("--resume continues --output and --overwrite replaces it: pass one of them")
     if not args.input.is_file():
@@ -304,6 +409,8 @@ def run_batch(args: argparse.Namespace) -> int:
                     yield item
 
         start = time.perf_counter()
+        # until the first result replaces it
+        bar.set_postfix_str("compiling the decoder for the first requests ...")
         with bar:
             for result in engine.run(requests()):
                 record(result)
@@ -343,7 +450,7 @@ def _conversion_arguments(p: argparse.ArgumentParser, src_help: str, dst_help: s
         p.add_argument(
             "--max-shard-size",
             default=DEFAULT_MAX_SHARD_SIZE,
-            help=f"split the weights into shards above this size (default {DEFAULT_MAX_SHARD_SIZE})",
+            help="split the weights into shards above this size: bytes, or e.g. 5GB, 500MiB",
         )
 
 
@@ -412,47 +519,68 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         argument_default=argparse.SUPPRESS,
     )
     add_debug_argument(p)
-    p.add_argument("--config", help="YAML file of options named as these flags; flags given here win")
-    p.add_argument("--model", help="checkpoint directory or Hugging Face Hub id")
-    p.add_argument("--data", help="JSONL conversations (image paths relative to the file)")
-    p.add_argument("--output", help="run directory: metrics.jsonl, checkpoints/, final/")
-    p.add_argument("--eval-data", help="JSONL conversations to evaluate on")
-    p.add_argument("--eval-every", type=int, help="evaluate every N steps (default: at the end)")
-    p.add_argument("--steps", type=int, help="total optimizer steps of the run (default 1000)")
-    p.add_argument("--batch-size", type=int, help="conversations per step over all devices (default 8)")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
-    p.add_argument("--learning-rate", type=float, help="peak learning rate (default 2e-5)")
-    p.add_argument("--warmup-steps", type=int, help="linear warmup steps, then cosine decay (default 0)")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
-    p.add_argument("--max-grad-norm", type=float, help="clip the global gradient norm (default 1; 0: off)")
-    p.add_argument("--seed", type=int, help="data order and adapter initialisation (default 0)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (weights stay float32)")
+    p.add_argument(
+        "--config", help="YAML file of options named as these flags; flags given here win (default: none)"
+    )
+    p.add_argument("--model", help="checkpoint directory or Hugging Face Hub id (required)")
+    p.add_argument("--data", help="JSONL conversations, image paths relative to the file (required)")
+    p.add_argument("--output", help="run directory: metrics.jsonl, checkpoints/, final/ (required)")
+    p.add_argument("--eval-data", help="JSONL conversations to evaluate on (default: none)")
+    p.add_argument("--eval-every", type=int, help="evaluate every N steps (0: at the end only)")
+    p.add_argument("--steps", type=int, help="total optimizer steps of the run")
+    p.add_argument("--batch-size", type=int, help="conversations per step over all devices")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per step")
+    p.add_argument("--learning-rate", type=float, help="peak learning rate")
+    p.add_argument(
+        "--warmup-ratio",
+        type=float,
+        help="share of --steps warming the learning rate up linearly (rounded up, at most steps - 1), "
+        "then cosine decay",
+    )
+    p.add_argument("--warmup-steps", type=int, help="linear warmup steps; > 0 wins over --warmup-ratio")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=float, help="clip the global gradient norm (0: off)")
+    p.add_argument("--seed", type=int, help="data order and adapter initialisation")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        help="compute dtype; weights stay float32 (default: float32 on CPU, bfloat16 elsewhere)",
+    )
     p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (default: all devices on data)")
-    p.add_argument("--save-every", type=int, help="checkpoint every N steps (default 100)")
-    p.add_argument("--keep", type=int, help="checkpoints kept (default 3)")
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps")
+    p.add_argument("--keep", type=int, help="checkpoints kept")
     p.add_argument("--resume", action="store_true", help="continue from the output's last checkpoint")
-    p.add_argument("--freeze", help="components that do not train: vision,projector,language")
-    p.add_argument("--lr-multiplier", help="per-component learning-rate factors, e.g. vision=0.1")
-    p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead of the weights")
-    p.add_argument("--lora-alpha", type=float, help="LoRA scaling numerator (scale alpha/rank; default 8)")
-    p.add_argument("--lora-targets", help="LoRA targets among attn,mlp,conv (default: all)")
-    p.add_argument("--max-length", type=int, help="longest conversation in tokens (default 2048)")
+    p.add_argument("--freeze", help="components that do not train: vision,projector,language (default: none)")
+    p.add_argument(
+        "--lr-multiplier", help="per-component learning-rate factors, e.g. vision=0.1 (default: 1)"
+    )
+    p.add_argument(
+        "--lora-rank", type=int, help="train LoRA adapters of this rank instead of the weights (0: off)"
+    )
+    p.add_argument("--lora-alpha", type=float, help="LoRA scaling numerator (scale alpha/rank)")
+    p.add_argument("--lora-targets", help="LoRA targets among attn,mlp,conv")
+    p.add_argument("--max-length", type=int, help="longest conversation in tokens")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad data lines")
-    p.add_argument("--remat", choices=REMAT_POLICIES, help="what the backward pass recomputes (default none)")
+    p.add_argument("--remat", choices=REMAT_POLICIES, help="what the backward pass recomputes")
     p.add_argument(
-        "--scan-layers", action=argparse.BooleanOptionalAction, help="scanned text layers (default on)"
+        "--scan-layers",
+        action=argparse.BooleanOptionalAction,
+        help="text layers stacked and run by lax.scan (training's default, unlike generate's: compile time "
+        "independent of depth)",
     )
-    p.add_argument("--loss-chunk-tokens", type=int, help="tokens per cross-entropy chunk (default 2048)")
-    p.add_argument("--data-threads", type=int, help="image preprocessing threads (default 4)")
+    p.add_argument("--loss-chunk-tokens", type=int, help="tokens per cross-entropy chunk")
+    p.add_argument("--data-threads", type=int, help="image preprocessing threads")
     p.add_argument("--tensorboard", action="store_true", help="TensorBoard logs in RUN_DIR/tensorboard")
-    p.add_argument("--peak-tflops", type=float, help="device peak for MFU where it is not known")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
-    p.add_argument("--coordinator-address", help="multi-process: process 0's host:port")
-    p.add_argument("--num-processes", type=int, help="multi-process: number of processes")
-    p.add_argument("--process-id", type=int, help="multi-process: this process's index")
     p.add_argument(
-        "--coordinator-timeout", type=int, help="multi-process: seconds to wait for all processes (300)"
+        "--peak-tflops", type=float, help="device peak for MFU where it is not known (default: none, MFU n/a)"
     )
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    p.add_argument(
+        "--coordinator-address", help="multi-process: process 0's host:port (default: one process)"
+    )
+    p.add_argument("--num-processes", type=int, help="multi-process: number of processes (default: 1)")
+    p.add_argument("--process-id", type=int, help="multi-process: this process's index (default: 0)")
+    p.add_argument("--coordinator-timeout", type=int, help="multi-process: seconds to wait for all processes")
     p.add_argument(
         "--keep-other-files",
         action="store_true",
@@ -464,7 +592,26 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         help="skip an update whose loss or gradient is NaN/inf instead of stopping the run",
     )
     add_compile_cache_argument(p)
+    state_train_defaults(p)
     p.set_defaults(run=run_train, command="train")
+
+
+def state_train_defaults(p: argparse.ArgumentParser) -> None:
+    """`train`'s flags are SUPPRESS by default (so that they override --config's values only when given):
+    the help of each states `SFTConfig`'s default instead, unless it says in words what applies."""
+    import dataclasses
+
+    from .training.config import SFTConfig
+
+    defaults = {
+        f.name: f.default for f in dataclasses.fields(SFTConfig) if f.default is not dataclasses.MISSING
+    }
+    for action in p._actions:
+        value = defaults.get(action.dest)
+        if value is None or value is False or "(default" in (action.help or ""):
+            continue
+        shown = ",".join(value) if isinstance(value, tuple) else value
+        action.help = f"{action.help} (default: {shown})"
 
 
 def train_options(args: argparse.Namespace) -> dict:
@@ -511,36 +658,45 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_debug_argument(p)
     p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face Hub id")
-    p.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
-    )
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--served-model-name", help="the model name clients send (default: --model)")
-    p.add_argument("--slots", type=int, default=16, help="requests decoded together (default 16)")
-    p.add_argument(
-        "--max-model-len", type=int, default=4096, help="most prompt + new tokens per request (default 4096)"
-    )
+    p.add_argument("--slots", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-model-len", type=int, default=4096, help="most prompt + new tokens per request")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 429s")
-    p.add_argument("--top-k", type=int, help="top-k of sampling requests (a static shape; default: off)")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        help="top-k of sampling requests, a static shape (default: generation_config.json's, else off)",
+    )
     p.add_argument("--decode-chunk", type=int, default=8, help="decode steps between looks at the slots")
     p.add_argument("--workers", type=int, default=2, help="threads decoding and preprocessing images")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $LFM2VL_API_KEY)")
-    p.add_argument("--allowed-local-media-path", type=Path, help="serve file:// images under this directory")
+    p.add_argument(
+        "--allowed-local-media-path",
+        type=Path,
+        help="serve file:// images under this directory (default: none, file:// refused)",
+    )
     p.add_argument(
         "--allow-remote-media", action="store_true", help="fetch http(s) image URLs (default: refused)"
     )
+    p.add_argument("--media-fetch-timeout", type=float, default=10, help="seconds per image fetch")
+    p.add_argument("--max-body-mb", type=float, default=32, help="largest request body, in MB")
     p.add_argument(
-        "--media-fetch-timeout", type=float, default=10, help="seconds per image fetch (default 10)"
+        "--request-timeout",
+        type=float,
+        help="seconds before a request is given up with a 504 (default: never)",
     )
-    p.add_argument("--max-body-mb", type=float, default=32, help="largest request body (default 32 MB)")
-    p.add_argument("--request-timeout", type=float, help="seconds before a request is given up (504)")
+    add_dtype_argument(p)
     p.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        help="default: float32 on CPU (faster there), bfloat16 elsewhere",
+        "--mesh", help="shard over devices, e.g. data=2,tensor=4: slots over data (default: one device)"
     )
-    p.add_argument("--mesh", help="shard over devices, e.g. data=2,tensor=4 (slots over data)")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="the server's (uvicorn's) log level",
+    )
     p.set_defaults(run=run_serve)
 
 
@@ -599,8 +755,62 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _example_parser(sub: argparse._SubParsersAction) -> None:
+    from .checkpoint.example import FAMILIES, SIZES
+
+    p = sub.add_parser(
+        "example",
+        help="write a random-weight checkpoint and example data to try the commands offline",
+        description="Writes DIR/model, a checkpoint of a released model's shapes with random weights, its "
+        "processor files and a stand-in tokenizer, and DIR/data: drawn images and conversations about them "
+        "(train.jsonl, eval.jsonl). Nothing is downloaded. Random weights answer with noise.",
+    )
+    add_debug_argument(p)
+    p.add_argument(
+        "directory", metavar="DIR", type=Path, help="where to write model/ and data/ (new or empty)"
+    )
+    p.add_argument(
+        "--size",
+        choices=SIZES,
+        default="tiny",
+        help="tiny: small widths, written in seconds; 450m, 1.6b: the released shapes (bfloat16, 0.9/3.2 GB)",
+    )
+    p.add_argument("--family", choices=FAMILIES, default="lfm2-vl", help="whose config and processor files")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="rebuild an earlier example in DIR (other files there are kept)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_example)
+
+
+def run_example(args: argparse.Namespace) -> int:
+    from .checkpoint.example import write_example
+
+    model = write_example(
+        args.directory,
+        args.size,
+        args.family,
+        args.overwrite,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    data = args.directory / "data"
+    print(
+        f"wrote {model} ({args.family} {args.size}, random weights) and {data} (images, train.jsonl, "
+        f"eval.jsonl)\n"
+        f"try:\n"
+        f"  lfm2vl generate --model {model} --image {data}/images/stop_sign.png "
+        f'--prompt "What is in this image?" --max-new-tokens 16\n'
+        f"  lfm2vl train --model {model} --data {data}/train.jsonl --eval-data {data}/eval.jsonl "
+        f"--output {args.directory}/run --steps 4 --batch-size 2\n"
+        "Random weights answer with noise (tokens like <|filler_6942|>, or blank lines): expected, not a bug."
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lfm2vl", description="LFM2-VL vision-language models in JAX")
+    parser = Parser(prog="lfm2vl", description="LFM2-VL vision-language models in JAX")
     add_debug_argument(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
@@ -608,6 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
     _convert_parser(sub)
     _train_parser(sub)
     _serve_parser(sub)
+    _example_parser(sub)
     return parser
 
 

@@ -2,11 +2,10 @@
 processor built from the same files, synthetic images and the pixel-parity check. Plain module, so that
 benchmarks import it too (`sys.path` + `import processor_fixtures`).
 
-No `tokenizer.json` of the released models is available offline, so we train a small byte-level BPE and
-place every added token of the reference `tokenizer_config.json` at the id that file lists (pad 0, bos 1,
-`<image>` 396, `<|img_row_R_col_C|>` 397.., `<|image_start|>` 498, ...). Plain BPE tokens fill the free
-ids, unreachable filler tokens pad the vocabulary to the checkpoint's size, so both our processor and
-transformers' load the very same files.
+No `tokenizer.json` of the released models is available offline: the stand-in is the one `lfm2vl example`
+writes (`lfm2vl_jax.checkpoint.example.build_tokenizer`: a small byte-level BPE with every added token of
+the reference `tokenizer_config.json` at the id that file lists, filler tokens up to the vocabulary
+size), so both our processor and transformers' load the very same files.
 """
 
 from __future__ import annotations
@@ -17,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from lfm2vl_jax.checkpoint.example import added_tokens, build_tokenizer
 
 TEST_DATA = Path(__file__).resolve().parent / "data"
 REFERENCE_DIR = TEST_DATA / "reference"
@@ -30,18 +30,6 @@ CHECKPOINT_FILES = (
     "processor_config.json",
     "preprocessor_config.json",
 )
-
-_CORPUS = """\
-Describe this image in detail. What is shown in the picture? The photo shows a woman in a naval uniform.
-A logo with blue letters on a white background. A gift box wrapped in blue paper with a ribbon.
-How many objects are there in the scene? There are three objects: a cat, a dog and a small red ball.
-Please answer the question about the image. You are a helpful assistant that describes pictures.
-The quick brown fox jumps over the lazy dog. Grace Hopper was a computer scientist and admiral.
-def main():\n    print("hello world")\n    return 0\n
-Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2025. Punctuation: , . ! ? ; : ' " ( ) [ ] { } - _ / \\
-Élan, naïve, café, Zürich, 東京, 北京, Москва, emoji 🙂 and symbols ± × ÷ ≤ ≥.
-"""
-
 
 # a tool schema for chat templates that render tools (LFM2.5-VL)
 WEATHER_TOOLS = [
@@ -72,16 +60,6 @@ def image_path(name: str) -> Path:
     return path
 
 
-def added_tokens(tokenizer_config: dict) -> dict[int, dict]:
-    """The added tokens of a tokenizer config, by id. transformers 5's files (LFM2.5-VL) list none (they
-    live in the released tokenizer.json only): those get the LFM2-VL-450M file's, the same ids as the
-    reference README states."""
-    listed = tokenizer_config.get("added_tokens_decoder")
-    if listed is None:
-        listed = json.loads((reference_dir() / "tokenizer_config.json").read_text())["added_tokens_decoder"]
-    return {int(i): spec for i, spec in listed.items()}
-
-
 # A 3B-like vocabulary (LFM2.5-VL-3B's special-token ids): LFM2-VL's ids 0-13 move to 124893.. (pad 124893,
 # bos 124894) and 396-500 to 124907.. (`<image>` 124907, rows from 124908, thumbnail 125008, image
 # start/end 125009/125010), so that ordinary tokens sit where LFM2-VL's special ones were.
@@ -94,52 +72,6 @@ def ids_3b_like(token_id: int) -> int:
     if 396 <= token_id <= 500:
         return token_id + 124_511
     return token_id
-
-
-def build_tokenizer(
-    tokenizer_config: dict,
-    vocab_size: int = 65536,
-    bpe_vocab_size: int = 1200,
-    added: dict[int, dict] | None = None,
-) -> Tokenizer:
-    """Byte-level BPE with the added tokens (`added`, else the config's) at their ids; BPE tokens take the
-    free ids from 0 up."""
-    trainer = trainers.BpeTrainer(
-        vocab_size=bpe_vocab_size,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    trained = Tokenizer(models.BPE())
-    trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trained.train_from_iterator([_CORPUS] * 4, trainer=trainer)
-    trained_model = json.loads(trained.to_str())["model"]
-
-    added = added if added is not None else added_tokens(tokenizer_config)
-    free_ids = (i for i in range(vocab_size) if i not in added)
-    vocab = {spec["content"]: i for i, spec in added.items()}
-    for token, _ in sorted(trained_model["vocab"].items(), key=lambda item: item[1]):
-        vocab[token] = next(free_ids)
-    for i in free_ids:  # never produced: no merge leads to them
-        vocab[f"<|filler_{i}|>"] = i
-
-    spec = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": [{"id": i, **{k: v for k, v in s.items()}} for i, s in sorted(added.items())],
-        "normalizer": None,
-        "pre_tokenizer": json.loads(pre_tokenizers.ByteLevel(add_prefix_space=False).__getstate__()),
-        "post_processor": json.loads(
-            processors.TemplateProcessing(
-                single=f"{tokenizer_config['bos_token']} $A",
-                pair=f"{tokenizer_config['bos_token']} $A $B",
-                special_tokens=[(tokenizer_config["bos_token"], vocab[tokenizer_config["bos_token"]])],
-            ).__getstate__()
-        ),
-        "decoder": json.loads(decoders.ByteLevel().__getstate__()),
-        "model": {**trained_model, "vocab": vocab},
-    }
-    return Tokenizer.from_str(json.dumps(spec))
 
 
 def make_checkpoint_dir(out_dir: Path, reference: str = "lfm2-vl-450m", three_b_like: bool = False) -> Path:

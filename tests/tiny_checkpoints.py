@@ -8,17 +8,16 @@ import hashlib
 import shutil
 from pathlib import Path
 
-import jax
 import numpy as np
 from processor_fixtures import make_checkpoint_dir
 from tiny_model import tiny_config as tiny_model_config
 from tiny_model import tiny_params
 
 from lfm2vl_jax import Lfm2VlForConditionalGeneration
+from lfm2vl_jax.checkpoint.example import random_params as numpy_params
 from lfm2vl_jax.checkpoint.export import save_hf_checkpoint
 from lfm2vl_jax.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
 from lfm2vl_jax.config import ATTENTION, CONV, Lfm2VlConfig, TextConfig, VisionConfig
-from lfm2vl_jax.nn.params import ParamSpec, is_spec, param_specs
 
 
 def tiny_config(vocab_size: int = 512, max_position_embeddings: int = 64) -> Lfm2VlConfig:
@@ -40,19 +39,6 @@ def tiny_config(vocab_size: int = 512, max_position_embeddings: int = 64) -> Lfm
         projector_hidden_size=48,
         image_token_id=396,
     )
-
-
-def numpy_params(config: Lfm2VlConfig, seed: int = 0) -> dict:
-    """Random weights as `init_params` draws them (kernels ~ N(0, 1/fan_in), unit norms), in numpy: no
-    compilation, which costs seconds per shape on a busy machine."""
-    rng = np.random.default_rng(seed)
-
-    def init(spec: ParamSpec) -> np.ndarray:
-        if spec.init in ("ones", "zeros"):
-            return np.full(spec.shape, 1.0 if spec.init == "ones" else 0.0, np.float32)
-        return (spec.std * rng.standard_normal(spec.shape)).astype(np.float32)
-
-    return jax.tree.map(init, param_specs(config), is_leaf=is_spec)
 
 
 def write_tiny_checkpoint(directory: Path, config: Lfm2VlConfig | None = None, seed: int = 0) -> Path:

@@ -526,26 +526,26 @@ def load_hf_checkpoint(
     leaf_shardings = None if runtime.mesh is None else param_shardings(config)
     np_dtype = np.dtype(runtime.dtypes.params)
     params = jax.tree.map(lambda _: None, specs, is_leaf=is_spec)
-    bar = tqdm(total=len(table), desc=f"loading {directory.name}", unit="tensor", disable=not progress)
-    for path, mappings in _group_by_leaf(table).items():
-        spec: ParamSpec = leaf_at(specs, path)
-        leaf = np.empty(spec.shape, np_dtype)
-        for m in mappings:
-            file = reader.tensors[m.hf_key][0].path
-            try:
-                stored = reader.read(m.hf_key)
-                value = m.to_jax(stored)
-            except (OSError, ValueError) as err:
-                raise SafetensorsError(f"{file}: cannot read {m.hf_key!r}: {err}") from None
-            target = leaf if m.index is None else leaf[m.index]  # a view: written in place
-            with np.errstate(over="ignore"):  # an overflowing cast is reported below
-                target[...] = value
-            if check_finite and not np.isfinite(target).all():
-                raise CheckpointError(_non_finite(m.hf_key, file, stored, np_dtype))
-            bar.update()
-        sharding = None if leaf_shardings is None else leaf_at(leaf_shardings, path)
-        _set_leaf(params, path, jax.device_put(leaf, sharding))
-    bar.close()
+    # closed as an error or Ctrl-C passes through, so that nothing redraws it after the error line
+    with tqdm(total=len(table), desc=f"loading {directory.name}", unit="tensor", disable=not progress) as bar:
+        for path, mappings in _group_by_leaf(table).items():
+            spec: ParamSpec = leaf_at(specs, path)
+            leaf = np.empty(spec.shape, np_dtype)
+            for m in mappings:
+                file = reader.tensors[m.hf_key][0].path
+                try:
+                    stored = reader.read(m.hf_key)
+                    value = m.to_jax(stored)
+                except (OSError, ValueError) as err:
+                    raise SafetensorsError(f"{file}: cannot read {m.hf_key!r}: {err}") from None
+                target = leaf if m.index is None else leaf[m.index]  # a view: written in place
+                with np.errstate(over="ignore"):  # an overflowing cast is reported below
+                    target[...] = value
+                if check_finite and not np.isfinite(target).all():
+                    raise CheckpointError(_non_finite(m.hf_key, file, stored, np_dtype))
+                bar.update()
+            sharding = None if leaf_shardings is None else leaf_at(leaf_shardings, path)
+            _set_leaf(params, path, jax.device_put(leaf, sharding))
     return config, params
 
 

@@ -91,7 +91,8 @@ class SFTConfig:
     batch_size: int = 8
     grad_accum: int = 1
     learning_rate: float = 2e-5
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # > 0: wins over warmup_ratio (transformers' rule)
+    warmup_ratio: float = 0.0  # share of `steps` warming up, rounded up (at most steps - 1)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -133,6 +134,9 @@ class SFTConfig:
         for name, low in (("learning_rate", 0.0), ("weight_decay", 0.0), ("max_grad_norm", 0.0)):
             _check_number(name, getattr(self, name), low)
         _check_number("lora_alpha", self.lora_alpha, None)
+        _check_number("warmup_ratio", self.warmup_ratio, 0.0)
+        if self.warmup_ratio >= 1:
+            raise TrainingError(f"--warmup-ratio must be below 1, got {self.warmup_ratio!r}")
         if self.peak_tflops is not None:
             _check_number("peak_tflops", self.peak_tflops, 0.0, strict=True)
         positive = ("steps", "batch_size", "grad_accum", "save_every", "keep", "max_length")
@@ -173,6 +177,15 @@ class SFTConfig:
             raise TrainingError("--eval-every needs --eval-data")
         if self.lora_rank and set(self.freeze) >= {"vision", "language"}:
             raise TrainingError("--lora-rank: vision and language are both frozen; no weight to adapt")
+
+    @property
+    def warmup(self) -> int:
+        """Warmup steps: --warmup-steps when given (> 0), else ceil(--warmup-ratio x --steps) as transformers
+        computes it, capped at steps - 1 so that a short run (--steps 1 included) still reaches the peak
+        learning rate on its last update."""
+        if self.warmup_steps:
+            return self.warmup_steps
+        return min(math.ceil(self.warmup_ratio * self.steps), self.steps - 1)
 
     @property
     def micro_batch_size(self) -> int:

@@ -306,7 +306,7 @@ class SFTTrainer:
         options = OptimizerConfig(
             learning_rate=c.learning_rate,
             total_steps=c.steps,
-            warmup_steps=c.warmup_steps,
+            warmup_steps=c.warmup,
             weight_decay=c.weight_decay,
             max_grad_norm=c.max_grad_norm,
             lr_multipliers=c.lr_multiplier,
@@ -476,6 +476,10 @@ class SFTTrainer:
         self.log(
             f"mesh {dict(mesh.shape)}, compute {config.runtime.dtypes.compute.name}; MFU peak: {peak_source}"
         )
+        warmup = (
+            f"linear warmup over {c.warmup} of {c.steps} steps to" if c.warmup else "from the first step at"
+        )
+        self.log(f"learning rate: {warmup} {c.learning_rate:g}, then cosine decay to 0 at step {c.steps}")
         keys = run.trainable.components
         # Which components need input gradients (they or anything before them train) and which train
         # their own weights (not LoRA): for the FLOP count.
@@ -580,7 +584,10 @@ class SFTTrainer:
                 if eval_now:
                     loss = run.evaluator(run.state.params, run.frozen)
                     write({"step": step + 1, "eval_loss": loss})
-                    self.log(f"step {step + 1}: eval loss {loss:.4f}")
+                    self.log(
+                        f"step {step + 1}: eval loss {loss:.4f} (per loss token over the eval set, weights "
+                        f"after update {step + 1}; a step's training loss is before its update)"
+                    )
                     clock = time.perf_counter()
             run.checkpoints.wait()
         finally:
