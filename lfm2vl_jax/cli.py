@@ -404,6 +404,8 @@ def _ray_runner(args: argparse.Namespace, engine_options: dict):
     except ImportError as err:
         message = f"--ray needs the 'ray' extra: pip install 'lfm2vl-jax[ray]' ({err})"
         raise Lfm2VlError(message) from None
+    import jax
+
     resources = {"num_cpus": args.replica_cpus}
     if args.replica_gpus:
         resources["num_gpus"] = args.replica_gpus
@@ -419,6 +421,7 @@ def _ray_runner(args: argparse.Namespace, engine_options: dict):
             "dtype": args.dtype,
             "mesh": args.mesh,
             "scan_layers": args.scan_layers,
+            "compile_cache": jax.config.jax_compilation_cache_dir,  # this process's (the flag's)
         },
         replica_resources=resources,
         preprocess=args.ray_preprocess,

@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow
 import ray
 import ray.data
 
+from ..compile_cache import enable_compile_cache
 from ..errors import Lfm2VlError
 from ..inference.batch_io import (
     MAX_LINE_BYTES,
@@ -103,7 +105,8 @@ class BatchReplica:
     model: checkpoint directory or hub id (reachable from every node). dtype, mesh ("data=2,tensor=4":
     the mesh over this actor's devices), scan_layers: as `lfm2vl batch`. slots, max_length,
     max_new_tokens, seed, prefill_batch, workers and the sampling options: the engine's (`BatchEngine`).
-    requests_path: the JSONL file that rows of `number` + `offset` are lines of.
+    requests_path: the JSONL file that rows of `number` + `offset` are lines of. compile_cache: a
+    persistent compilation cache directory on the actor's node (a restarted actor compiles nothing again).
 
     A batch holds rows of `request` (JSON text of a request line), `prepared` (`RequestPreparer`'s
     output) or `number` + `offset`; returns one row per request: `id` (JSON text), `result` (the result
@@ -120,8 +123,11 @@ class BatchReplica:
         mesh: str | None = None,
         scan_layers: bool | None = None,
         max_line_bytes: int = MAX_LINE_BYTES,
+        compile_cache: str | None = None,
         **engine_options: Any,
     ):
+        if compile_cache:
+            enable_compile_cache(compile_cache)
         processor, loaded = _load(model, dtype, mesh, scan_layers)
         self.engine = loaded.batch_engine(processor, **engine_options)
         self.requests_path, self.max_line_bytes = requests_path, max_line_bytes
@@ -215,7 +221,8 @@ class RayBatchRunner:
     engine_options: `BatchReplica`'s (slots, max_length, ... as `lfm2vl batch`). preprocess: "replica"
     (the replicas' engine threads render and preprocess) or "stage" (a separate CPU stage of
     `RequestPreparer` actors, `preprocess_concurrency` of them, before the replicas). replica_resources:
-    Ray resources per replica (num_cpus, num_gpus, resources={"TPU": 4}, ...)."""
+    Ray resources per replica (num_cpus, num_gpus, resources={"TPU": 4}, ...). batch_size: requests per
+    replica call (default 4 x slots). replica_class: `BatchReplica` or a subclass of it."""
 
     def __init__(
         self,
@@ -229,7 +236,7 @@ class RayBatchRunner:
         preprocess: str = "replica",
         preprocess_concurrency: int = 1,
         max_line_bytes: int = MAX_LINE_BYTES,
-        replica_class: type = BatchReplica,
+        replica_class: type | None = None,
     ):
         if preprocess not in ("replica", "stage"):
             raise RayError(f"preprocess must be 'replica' or 'stage', got {preprocess!r}")
@@ -238,7 +245,7 @@ class RayBatchRunner:
         self.replica_resources = dict(replica_resources or {"num_cpus": 1})
         self.batch_size = batch_size or 4 * int(self.engine_options.get("slots", 64))
         self.preprocess, self.preprocess_concurrency = preprocess, preprocess_concurrency
-        self.max_line_bytes, self.replica_class = max_line_bytes, replica_class
+        self.max_line_bytes, self.replica_class = max_line_bytes, replica_class or BatchReplica
         self.completion_tokens = 0
         self._start = time.perf_counter()
         self._last_seen: dict[str, float] = {}
@@ -248,11 +255,13 @@ class RayBatchRunner:
         places = np.array([(line.number, line.offset) for line in lines], dtype=np.int64).reshape(-1, 2)
         if not len(places):
             return
-        rows = ray.data.from_numpy(places).map_batches(
-            lambda batch: {"number": batch["data"][:, 0], "offset": batch["data"][:, 1]}
+        # Blocks of a replica batch each, made here: no task has to run (and hold a CPU) to split them.
+        rows = ray.data.from_arrow(
+            [
+                pyarrow.table({"number": block[:, 0], "offset": block[:, 1]})
+                for block in np.split(places, range(self.batch_size, len(places), self.batch_size))
+            ]
         )
-        # Blocks of a replica batch each, so that every replica gets work from the start.
-        rows = rows.repartition(max(1, -(-len(places) // self.batch_size)))
         common = {"requests_path": self.requests_path, "max_line_bytes": self.max_line_bytes}
         if self.preprocess == "stage":
             rows = rows.map_batches(
