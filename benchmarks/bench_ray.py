@@ -8,9 +8,10 @@ warmed first, so that no timed run compiles. Workload: tests/tiny_checkpoints' c
 model with the released processor settings), two thirds of the requests with a 400x300 or 640x480 photo,
 the rest text only; 8 new tokens each (greedy), 8 slots.
 
-    python benchmarks/bench_ray.py [--n1 16] [--n2 64] [--cpus 4]
+    python benchmarks/bench_ray.py [--n1 32] [--n2 160] [--repeats 2] [--cpus 4]
 
-Prints one JSON line. Numbers on a shared machine vary; compare the paths within one run.
+Prints one JSON line (with whether each path's results equal the single process's). Numbers on a
+shared machine vary; compare the paths within one run.
 """
 
 from __future__ import annotations
@@ -61,10 +62,15 @@ def timed_batch(checkpoint: Path, requests: Path, output: Path, cache: Path, *ex
     return time.perf_counter() - start
 
 
+def results(path: Path) -> dict:
+    return {json.dumps(line["id"]): line for line in map(json.loads, path.read_text().splitlines())}
+
+
 def main_() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--n1", type=int, default=16)
-    parser.add_argument("--n2", type=int, default=64)
+    parser.add_argument("--n1", type=int, default=32)
+    parser.add_argument("--n2", type=int, default=160)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per case (the fastest counts)")
     parser.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
     args = parser.parse_args()
 
@@ -81,12 +87,17 @@ def main_() -> None:
         "ray, preprocessing in a CPU stage": ("--ray", "--ray-preprocess", "stage"),
     }
     timed_batch(checkpoint, sizes[args.n2], work / "warm.jsonl", cache)  # compiles every program once
-    seconds = {}
-    for name, extra in paths.items():
-        seconds[name] = {
-            n: timed_batch(checkpoint, path, work / f"{name}-{n}.jsonl".replace(" ", "_"), cache, *extra)
-            for n, path in sizes.items()
-        }
+    seconds, outputs = {}, {}
+    for repeat in range(args.repeats):
+        for name, extra in paths.items():
+            for n, path in sizes.items():
+                outputs[name, n] = work / f"{name}-{n}-{repeat}.jsonl".replace(" ", "_")
+                elapsed = timed_batch(checkpoint, path, outputs[name, n], cache, *extra)
+                seconds.setdefault(name, {})[n] = min(elapsed, seconds.get(name, {}).get(n, elapsed))
+    equal = {
+        name: all(results(outputs[name, n]) == results(outputs["single process", n]) for n in sizes)
+        for name in paths
+    }
     per_request = {name: (t[args.n2] - t[args.n1]) / (args.n2 - args.n1) for name, t in seconds.items()}
     single = per_request["single process"]
     print(
@@ -95,6 +106,7 @@ def main_() -> None:
                 "machine": machine_description(),
                 "requests": [args.n1, args.n2],
                 "seconds": seconds,
+                "outputs_equal_single_process": equal,
                 "seconds_per_request": per_request,
                 "overhead_per_request_vs_single": {name: s - single for name, s in per_request.items()},
             }

@@ -2,7 +2,8 @@
 2 Ray Data replicas on a local Ray cluster (one of them dying after its first batch: Ray runs that batch
 again on a restarted actor), and 3 hash shards merged by `lfm2vl batch-merge`.
 
-One requests file for all: images of three sizes, text only, greedy and seeded sampling, a bad line. All runs
+One requests file for all: images of three sizes, text only, greedy and seeded sampling, an unreadable
+image, a bad line. All runs
 share one persistent compilation cache (the replicas' processes read what the single run compiled).
 """
 
@@ -64,7 +65,13 @@ def requests_file(tmp_path_factory):
         if i % 2:
             request |= {"do_sample": True, "temperature": 0.9, "seed": i}
         lines.append(json.dumps(request))
-    lines.insert(17, '{"id": "broken", "messages": ')  # a bad line: an error record, exit status 3
+    (directory / "broken.png").write_bytes(b"not a png")
+    broken = {
+        "id": "unreadable",
+        "messages": [{"role": "user", "content": [{"type": "image", "path": "broken.png"}]}],
+    }
+    lines.insert(9, json.dumps(broken))  # the engine's error record (in a replica: the same)
+    lines.insert(17, '{"id": "broken", "messages": ')  # a bad line: the reader's error record
     path = directory / "requests.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -94,7 +101,7 @@ def single(checkpoint, requests_file, compile_cache, tmp_path_factory) -> dict:
     output = tmp_path_factory.mktemp("single") / "results.jsonl"
     assert main(batch_argv(checkpoint, requests_file, output, compile_cache)) == 3
     results = records(output)
-    assert len(results) == 31 and sum(r["finish_reason"] == "error" for r in results.values()) == 1
+    assert len(results) == 32 and sum(r["finish_reason"] == "error" for r in results.values()) == 2
     return results
 
 
@@ -139,9 +146,9 @@ def test_three_shards_merged_equal_the_single_process_run(
         argv = batch_argv(checkpoint, requests_file, shard, compile_cache, "--num-shards", "3")
         assert main([*argv, "--shard-index", str(i)]) in (0, 3)
     sizes = [len(records(shard)) for shard in shards]
-    assert sum(sizes) == 31 and all(sizes), sizes  # each shard ran some, and together all, once
+    assert sum(sizes) == 32 and all(sizes), sizes  # each shard ran some, and together all, once
     merged = tmp_path / "merged.jsonl"
     assert main(["batch-merge", str(merged), *map(str, shards), "--requests", str(requests_file)]) == 0
     assert records(merged) == single
     ids = [json.loads(line)["id"] for line in merged.read_text().splitlines()]
-    assert ids[:3] == [0, "q1", "q2"] and ids[17] == "<line 18>"  # in the requests' order
+    assert ids[:3] == [0, "q1", "q2"] and ids[9] == "unreadable" and ids[17] == "<line 18>"  # lines. order
