@@ -246,9 +246,33 @@ class RayBatchRunner:
         self.batch_size = batch_size or 4 * int(self.engine_options.get("slots", 64))
         self.preprocess, self.preprocess_concurrency = preprocess, preprocess_concurrency
         self.max_line_bytes, self.replica_class = max_line_bytes, replica_class or BatchReplica
+        self._check_resources()
         self.completion_tokens = 0
         self._start = time.perf_counter()
         self._last_seen: dict[str, float] = {}
+
+    def _check_resources(self) -> None:
+        """Refuses replicas (and preprocessing actors) that the cluster's resources cannot all hold at
+        once: Ray Data would wait for them forever. (An autoscaling cluster must have its nodes up.)"""
+        need: dict[str, float] = {
+            "CPU": self.replicas * self.replica_resources.get("num_cpus", 1),
+            "GPU": self.replicas * self.replica_resources.get("num_gpus", 0),
+        }
+        for name, amount in self.replica_resources.get("resources", {}).items():
+            need[name] = self.replicas * amount
+        if self.preprocess == "stage":
+            need["CPU"] += self.preprocess_concurrency
+        have = ray.cluster_resources()
+        short = {name: amount for name, amount in need.items() if amount > have.get(name, 0)}
+        if short:
+            listed = ", ".join(
+                f"{amount:g} {name} (the cluster has {have.get(name, 0):g})" for name, amount in short.items()
+            )
+            stage = " and the preprocessing stage" if self.preprocess == "stage" else ""
+            raise RayError(
+                f"the replicas ({self.replicas}){stage} need {listed}; lower --replicas or the resources per "
+                "replica"
+            )
 
     def run(self, lines: Iterable[RequestLine]) -> Iterator[BatchResult]:
         """The results of `lines` (requests of `requests_path`), each id once, in the order they arrive."""

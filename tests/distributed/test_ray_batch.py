@@ -152,3 +152,17 @@ def test_three_shards_merged_equal_the_single_process_run(
     assert records(merged) == single
     ids = [json.loads(line)["id"] for line in merged.read_text().splitlines()]
     assert ids[:3] == [0, "q1", "q2"] and ids[9] == "unreadable" and ids[17] == "<line 18>"  # lines. order
+
+
+def test_more_replicas_than_the_cluster_holds_are_refused_before_the_output_is_touched(
+    cluster, checkpoint, requests_file, compile_cache, tmp_path, capsys
+):
+    output = tmp_path / "ray.jsonl"
+    argv = batch_argv(checkpoint, requests_file, output, compile_cache, "--ray", "--replicas", "3")
+    assert main(argv) == 2  # would wait forever for a third CPU
+    err = capsys.readouterr().err
+    assert "the replicas (3) need 3 CPU (the cluster has 2)" in err and err.count("\n") == 1, err
+    assert main([*argv[:-1], "1", "--ray-preprocess", "stage", "--replica-gpus", "1"]) == 2
+    err = capsys.readouterr().err  # the CPUs fit (1 + 1), the GPU does not
+    assert "the replicas (1) and the preprocessing stage need 1 GPU (the cluster has 0);" in err, err
+    assert not output.exists()
