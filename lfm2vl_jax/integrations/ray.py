@@ -49,6 +49,7 @@ from ..inference.batch_io import (
 )
 
 CONNECT_TIMEOUT_S = 30.0  # how long --ray-address is tried before giving up
+REPLICA_RESTARTS = 3  # a replica that keeps dying (a crash on some input, memory) stops the run after these
 BUSY_WINDOW_S = 60.0  # a replica that returned a batch this recently counts as busy in the progress line
 
 
@@ -304,6 +305,8 @@ class RayBatchRunner:
             fn_constructor_kwargs={"model": self.model, **common, **self.engine_options},
             batch_size=self.batch_size,
             concurrency=self.replicas,
+            max_restarts=REPLICA_RESTARTS,
+            max_task_retries=REPLICA_RESTARTS,
             **self.replica_resources,
         )
         self._start = time.perf_counter()
