@@ -15,6 +15,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,8 +25,9 @@ from .compile_cache import add_compile_cache_argument, setup_compile_cache
 from .config import REMAT_POLICIES, default_dtype_name
 from .errors import Lfm2VlError
 from .inference.batch_io import MAX_LINE_BYTES
+from .inference.options import SAMPLING_DEFAULTS, SAMPLING_RANGES
 from .inference.sampling import SEED_RANGE
-from .inputs import SAMPLING_DEFAULTS, SAMPLING_RANGES
+from .inference.shards import check_shard_arguments
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5.x's default
@@ -305,8 +307,50 @@ def _batch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="skip the ids already in --output, append the rest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--num-shards", type=int, help="split the requests (by a hash of id) into N shards...")
+    p.add_argument("--shard-index", type=int, help="...and run shard I only (0 <= I < N); see batch-merge")
+    ray = p.add_argument_group("Ray (the 'ray' extra; see docs/distributed.md)")
+    ray.add_argument("--ray", action="store_true", help="run --replicas engine replicas on a Ray cluster")
+    ray.add_argument("--ray-address", help="the cluster's HOST:PORT (default: RAY_ADDRESS, else a local one)")
+    ray.add_argument("--ray-timeout", type=float, default=30, help="seconds to wait for --ray-address")
+    ray.add_argument("--replicas", type=int, default=1, help="engine replicas (Ray actors; default 1)")
+    ray.add_argument("--replica-cpus", type=float, default=1, help="CPUs per replica (default 1)")
+    ray.add_argument("--replica-gpus", type=float, help="GPUs per replica (e.g. 1: one replica per GPU)")
+    ray.add_argument("--replica-tpus", type=float, help="TPU chips per replica (e.g. 4: one per TPU host)")
+    ray.add_argument(
+        "--ray-preprocess",
+        choices=("replica", "stage"),
+        default="replica",
+        help="render and preprocess requests in the replicas (default) or in a CPU stage before them",
+    )
     add_compile_cache_argument(p)
     p.set_defaults(run=run_batch)
+
+
+def _batch_merge_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "batch-merge",
+        help="merge the results files of sharded `lfm2vl batch` runs into one",
+        description="Writes OUTPUT: one result line per line of --requests, in its order, taken from the "
+        "RESULTS files (never modified). Refused, with nothing written, when an id of --requests has no "
+        "result or more than one, or a result's id is not in --requests.",
+    )
+    add_debug_argument(p)
+    p.add_argument("output", type=Path, metavar="OUTPUT", help="merged results file (JSONL) to create")
+    p.add_argument("results", type=Path, nargs="+", metavar="RESULTS", help="the shards' --output files")
+    p.add_argument("--requests", required=True, type=Path, help="the --input file the shards ran")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT (a results file)")
+    p.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES, help="as lfm2vl batch's")
+    p.set_defaults(run=run_batch_merge)
+
+
+def run_batch_merge(args: argparse.Namespace) -> int:
+    from .inference.shards import merge_results
+
+    check_positive(args, ("max_line_bytes",))
+    written = merge_results(args.output, args.results, args.requests, args.overwrite, args.max_line_bytes)
+    print(f"lfm2vl batch-merge: {written} results from {len(args.results)} files in {args.output}")
+    return 0
 
 
 def check_positive(args: argparse.Namespace, names: Sequence[str]) -> None:
@@ -337,6 +381,16 @@ def check_batch_arguments(args: argparse.Namespace) -> None:
     written."""
     check_positive(args, ("slots", "max_length", "prefill_batch", "workers", "max_line_bytes"))
     check_sampling_arguments(args)
+    check_shard_arguments(args.num_shards, args.shard_index)
+    check_positive(args, ("replicas",))
+    if args.ray_timeout <= 0 or args.replica_cpus < 0:
+        raise Lfm2VlError("--ray-timeout must be > 0 and --replica-cpus >= 0")
+    ray_only = ("ray_address", "replica_gpus", "replica_tpus")
+    given = [name for name in ray_only if getattr(args, name) is not None] + ["replicas"] * (
+        args.replicas > 1
+    )
+    if given and not args.ray:
+        raise Lfm2VlError(f"--{given[0].replace('_', '-')} is an option of --ray runs; add --ray")
     if args.resume and args.overwrite:
         raise Lfm2VlError("--resume continues --output and --overwrite replaces it: pass one of them")
     if not args.input.is_file():
@@ -347,89 +401,139 @@ def check_batch_arguments(args: argparse.Namespace) -> None:
 
 def run_batch(args: argparse.Namespace) -> int:
     """`lfm2vl batch`: the JSONL requests through `BatchEngine`, one result line each as it finishes."""
-    import time
-
     from tqdm.auto import tqdm
 
-    from .api import Lfm2VlForConditionalGeneration
-    from .inference.batch_io import BatchResult, ResultWriter, count_lines, line_id, read_requests
-    from .parallel.mesh import make_mesh, parse_mesh
-    from .processing.processor import Lfm2VlProcessor
+    from .inference.batch_io import BatchResult, ResultWriter, count_lines, unique_request_lines
+    from .inference.shards import request_shard
 
     check_batch_arguments(args)
     # Every check that reads only, then the model: nothing is written before all have passed.
     writer = ResultWriter(args.output, resume=args.resume, overwrite=args.overwrite)
-    mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
     options = _sampling_options(args)
-    dtype = args.dtype or default_dtype_name()
-    processor = Lfm2VlProcessor.from_pretrained(args.model)
-    model = Lfm2VlForConditionalGeneration.from_pretrained(
-        args.model,
-        dtype=DTYPES[dtype],
-        mesh=mesh,
-        scan_layers=args.scan_layers,
-        progress=not args.quiet and sys.stderr.isatty(),
-    )
-    engine = model.batch_engine(
-        processor,
-        slots=args.slots,
-        max_length=args.max_length,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-        prefill_batch=args.prefill_batch,
-        workers=args.workers,
+    engine_options = {
+        "slots": args.slots,
+        "max_length": args.max_length,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+        "prefill_batch": args.prefill_batch,
+        "workers": args.workers,
         **options,
-    )
+    }
+    runner = _ray_runner(args, engine_options) if args.ray else _LocalRunner(args, engine_options)
     with writer:
         bar = tqdm(total=count_lines(args.input), unit="req", disable=args.quiet or None, dynamic_ncols=True)
-        totals = {"stop": 0, "length": 0, "error": 0, "skipped": 0}
-        first_line: dict = {}
+        totals = {"stop": 0, "length": 0, "error": 0, "skipped": 0, "other shards": 0}
 
         def record(result: BatchResult) -> None:
             writer.write(result)
             totals[result.finish_reason] += 1
             bar.update()
 
-        def requests():  # what the engine runs; bad lines, duplicates and done ids are handled here
-            for number, item in read_requests(args.input, args.max_line_bytes):
-                if item.id in first_line:  # a duplicate is known by its line, the id being taken
-                    duplicate = BatchResult.failure(
-                        line_id(number),
-                        f"line {number}: duplicate id {item.id!r} (first on line {first_line[item.id]})",
-                    )
-                    item = duplicate
-                else:
-                    first_line[item.id] = number
-                if item.id in writer.done_ids:
+        def requests():  # what the engine runs; bad lines, duplicates, other shards and done ids: here
+            for line in unique_request_lines(args.input, args.max_line_bytes):
+                item = line.item
+                if (
+                    args.num_shards is not None
+                    and request_shard(line.key, args.num_shards) != args.shard_index
+                ):
+                    totals["other shards"] += 1
+                    bar.update()
+                elif item.id in writer.done_ids:
                     totals["skipped"] += 1
                     bar.update()
                 elif isinstance(item, BatchResult):
                     record(item)
                 else:
-                    yield item
+                    yield line
 
         start = time.perf_counter()
         # until the first result replaces it
         bar.set_postfix_str("compiling the decoder for the first requests ...")
         with bar:
-            for result in engine.run(requests()):
+            for result in runner.run(requests()):
                 record(result)
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix_str(
-                    f"{engine.stats.completion_tokens / elapsed:.1f} tok/s, "
-                    f"{engine.busy_slots}/{args.slots} slots busy, {totals['error']} errors",
-                    refresh=False,
-                )
+                bar.set_postfix_str(f"{runner.progress()}, {totals['error']} errors", refresh=False)
     elapsed = max(time.perf_counter() - start, 1e-9)
-    tokens = engine.stats.completion_tokens
+    tokens = runner.completion_tokens
+    shard_note = ""
+    if args.num_shards is not None:
+        shard_note = f", {totals['other shards']} left to the other {args.num_shards - 1} shards"
     print(
         f"lfm2vl batch: {totals['stop'] + totals['length']} done ({totals['stop']} stopped, "
         f"{totals['length']} at the length limit), {totals['error']} failed, {totals['skipped']} skipped "
-        f"(already in {args.output}); {tokens} new tokens in {elapsed:.1f} s ({tokens / elapsed:.1f} "
-        f"tokens/s), slot occupancy {engine.stats.occupancy:.0%}",
+        f"(already in {args.output}){shard_note}; {tokens} new tokens in {elapsed:.1f} s "
+        f"({tokens / elapsed:.1f} tokens/s), {runner.summary()}",
         file=sys.stderr,
     )
     return EXIT_SOME_REQUESTS_FAILED if totals["error"] else 0
+
+
+class _LocalRunner:
+    """`lfm2vl batch` in this process: one engine over this process's devices."""
+
+    def __init__(self, args: argparse.Namespace, engine_options: dict):
+        from .api import Lfm2VlForConditionalGeneration
+        from .parallel.mesh import make_mesh, parse_mesh
+        from .processing.processor import Lfm2VlProcessor
+
+        mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
+        processor = Lfm2VlProcessor.from_pretrained(args.model)
+        model = Lfm2VlForConditionalGeneration.from_pretrained(
+            args.model,
+            dtype=DTYPES[args.dtype or default_dtype_name()],
+            mesh=mesh,
+            scan_layers=args.scan_layers,
+            progress=not args.quiet and sys.stderr.isatty(),
+        )
+        self.engine = model.batch_engine(processor, **engine_options)
+        self._start = time.perf_counter()
+
+    def run(self, lines):
+        self._start = time.perf_counter()
+        return self.engine.run(line.item for line in lines)
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.engine.stats.completion_tokens
+
+    def progress(self) -> str:
+        rate = self.completion_tokens / max(time.perf_counter() - self._start, 1e-9)
+        return f"{rate:.1f} tok/s, {self.engine.busy_slots}/{self.engine.slots} slots busy"
+
+    def summary(self) -> str:
+        return f"slot occupancy {self.engine.stats.occupancy:.0%}"
+
+
+def _ray_runner(args: argparse.Namespace, engine_options: dict):
+    """`lfm2vl batch --ray`: `--replicas` engines on the Ray cluster (lfm2vl_jax.integrations.ray)."""
+    try:
+        from .integrations import ray as ray_integration
+    except ImportError as err:
+        message = f"--ray needs the 'ray' extra: pip install 'lfm2vl-jax[ray]' ({err})"
+        raise Lfm2VlError(message) from None
+    import jax
+
+    resources = {"num_cpus": args.replica_cpus}
+    if args.replica_gpus:
+        resources["num_gpus"] = args.replica_gpus
+    if args.replica_tpus:
+        resources["resources"] = {"TPU": args.replica_tpus}
+    ray_integration.connect(args.ray_address, args.ray_timeout)
+    return ray_integration.RayBatchRunner(
+        args.model,
+        args.input,
+        replicas=args.replicas,
+        engine_options={
+            **engine_options,
+            "dtype": args.dtype,
+            "mesh": args.mesh,
+            "scan_layers": args.scan_layers,
+            "compile_cache": jax.config.jax_compilation_cache_dir,  # this process's (the flag's)
+        },
+        replica_resources=resources,
+        preprocess=args.ray_preprocess,
+        max_line_bytes=args.max_line_bytes,
+    )
 
 
 def _conversion_arguments(p: argparse.ArgumentParser, src_help: str, dst_help: str, to_hf: bool) -> None:
@@ -815,6 +919,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _batch_parser(sub)
+    _batch_merge_parser(sub)
     _convert_parser(sub)
     _train_parser(sub)
     _serve_parser(sub)

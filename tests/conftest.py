@@ -1,7 +1,8 @@
 """Test tiers and processor fixtures.
 
 Every test is marked by its folder: `unit` (torch-free, seconds), `parity` (against transformers),
-`multidevice` (8 host devices in a subprocess); `pytest -m unit` runs one tier alone.
+`multidevice` (8 host devices in a subprocess), `distributed` (a local Ray cluster); `pytest -m unit`
+runs one tier alone.
 
 Processor fixtures: checkpoint directories with the stand-in tokenizer, ours and transformers' processors
 on the same files. The builders live in `processor_fixtures.py` (benchmarks reuse them).
@@ -27,7 +28,7 @@ from training_fixtures import (
 from lfm2vl_jax import Lfm2VlForConditionalGeneration
 from lfm2vl_jax.processing.processor import Lfm2VlProcessor
 
-TIERS = ("unit", "parity", "multidevice")
+TIERS = ("unit", "parity", "multidevice", "distributed")
 # The command line's persistent compilation cache stays off in tests (no files in the user's home, every
 # run compiles as before); tests/unit/test_compile_cache.py turns it on where it is the subject.
 os.environ.setdefault("LFM2VL_COMPILE_CACHE", "off")

@@ -15,7 +15,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -355,3 +355,29 @@ def write_side_files(
         processor.save_pretrained(staging)
     config_json = config_to_dict(config) | {"dtype": dtype.name}
     (staging / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def staging_file(target: str | Path, overwrite: bool = False) -> Iterator[BinaryIO]:
+    """A fresh hidden file beside `target` (same filesystem) to write into: fsynced and put in place of
+    `target` when the block completes, deleted if it raises. Without `overwrite`, a `target` that exists
+    (or appeared while the block wrote) is never replaced: the file is linked into place, which fails
+    rather than clobbers. The caller checks beforehand that an existing target is one it may replace."""
+    target = Path(os.path.abspath(target))
+    staging = _hidden_sibling(target, "partial")
+    try:
+        with open(staging, "xb") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        if overwrite:
+            os.replace(staging, target)
+        else:
+            try:
+                os.link(staging, target)
+            except FileExistsError:
+                raise ExportError(f"{target} appeared while it was being written; left as it is") from None
+        _fsync(target.parent)
+    finally:
+        if staging.exists():
+            staging.unlink()

@@ -215,21 +215,42 @@ def _parse_line(raw: bytes, number: int) -> Any:
     return data
 
 
-def _lines(file: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
-    """(line number, bytes) per line, or (line number, None) for a line over `max_line_bytes`, which is
-    skipped in bounded reads rather than held in memory."""
-    number = 0
+def _lines(file: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, int, bytes | None]]:
+    """(line number, byte offset, bytes) per line, or (line number, offset, None) for a line over
+    `max_line_bytes`, which is skipped in bounded reads rather than held in memory."""
+    number, offset = 0, 0
     while True:
         line = file.readline(max_line_bytes + 1)
         if not line:
             return
         number += 1
+        start, offset = offset, offset + len(line)
         if len(line) > max_line_bytes and not line.endswith(b"\n"):
             while line and not line.endswith(b"\n"):  # the rest of the line, a bounded read at a time
                 line = file.readline(READ_BLOCK)
-            yield number, None
+                offset += len(line)
+            yield number, start, None
         else:
-            yield number, line
+            yield number, start, line
+
+
+def _request_of_line(raw: bytes | None, number: int, base_dir: Path, max_line_bytes: int):
+    """The request of one line, or its error result (see `read_requests`); None for a blank line."""
+    if raw is None:
+        error = f"line {number}: longer than {max_line_bytes} bytes (--max-line-bytes); not read"
+        return BatchResult.failure(line_id(number), error)
+    if not raw.strip():
+        return None
+    try:
+        data = _parse_line(raw, number)
+    except BatchRequestError as error:
+        return BatchResult.failure(line_id(number), f"line {number}: {error}")
+    try:
+        return BatchRequest.from_dict(data, base_dir)
+    except BatchRequestError as error:
+        good_id = isinstance(data, Mapping) and isinstance(data.get("id"), (str, int))
+        request_id = data["id"] if good_id and not isinstance(data["id"], bool) else line_id(number)
+        return BatchResult.failure(request_id, f"line {number}: {error}")
 
 
 def read_requests(
@@ -239,27 +260,55 @@ def read_requests(
     not a valid request (not UTF-8, not JSON, nested too deeply, longer than `max_line_bytes`, wrong
     fields): one bad line never stops the others. Lazy: a file of millions of lines is never held in
     memory, nor is an over-long line."""
+    for line in read_request_lines(path, max_line_bytes):
+        yield line.number, line.item
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestLine:
+    """One non-blank line of a requests file as `lfm2vl batch` runs it: `item` is its request, or the
+    error result it gets (bad line, or `id` already taken by an earlier line: then it is known by its
+    line, `line_id(number)`); `key` is the id the line itself gives (what a shard is chosen by);
+    `offset` its first byte in the file."""
+
+    number: int
+    offset: int
+    key: Any
+    item: BatchRequest | BatchResult
+
+
+def read_request_lines(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[RequestLine]:
+    """Every non-blank line of a requests file (lazily), as `read_requests`."""
     path = Path(path)
     base_dir = path.resolve().parent
     with open(path, "rb") as file:
-        for number, raw in _lines(file, max_line_bytes):
-            if raw is None:
-                error = f"line {number}: longer than {max_line_bytes} bytes (--max-line-bytes); not read"
-                yield number, BatchResult.failure(line_id(number), error)
-                continue
-            if not raw.strip():
-                continue
-            try:
-                data = _parse_line(raw, number)
-            except BatchRequestError as error:
-                yield number, BatchResult.failure(line_id(number), f"line {number}: {error}")
-                continue
-            try:
-                yield number, BatchRequest.from_dict(data, base_dir)
-            except BatchRequestError as error:
-                good_id = isinstance(data, Mapping) and isinstance(data.get("id"), (str, int))
-                request_id = data["id"] if good_id and not isinstance(data["id"], bool) else line_id(number)
-                yield number, BatchResult.failure(request_id, f"line {number}: {error}")
+        for number, offset, raw in _lines(file, max_line_bytes):
+            item = _request_of_line(raw, number, base_dir, max_line_bytes)
+            if item is not None:
+                yield RequestLine(number, offset, item.id, item)
+
+
+def unique_request_lines(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[RequestLine]:
+    """`read_request_lines`, each id once: a line repeating an earlier line's id becomes an error result
+    known by its own line (`line_id`), so that every line has one result of its own id."""
+    first_line: dict = {}
+    for line in read_request_lines(path, max_line_bytes):
+        if line.key in first_line:
+            message = f"line {line.number}: duplicate id {line.key!r} (first on line {first_line[line.key]})"
+            line = dataclasses.replace(line, item=BatchResult.failure(line_id(line.number), message))
+        else:
+            first_line[line.key] = line.number
+        yield line
+
+
+def read_request_at(path: Path, offset: int, number: int, max_line_bytes: int = MAX_LINE_BYTES):
+    """The request (or error result) of line `number`, which starts at byte `offset` of `path`: how a
+    worker that was handed a line's place reads it."""
+    path = Path(path)
+    with open(path, "rb") as file:
+        file.seek(offset)
+        _, _, raw = next(_lines(file, max_line_bytes))
+    return _request_of_line(raw, number, path.resolve().parent, max_line_bytes)
 
 
 def count_lines(path: Path) -> int:
@@ -276,7 +325,7 @@ def count_lines(path: Path) -> int:
     return count + (not blank)
 
 
-def _is_result_line(line: bytes) -> bool:
+def is_result_line(line: bytes) -> bool:
     try:
         data = json.loads(line)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
@@ -320,7 +369,7 @@ class ResultWriter:
         torn = data[complete:]
         ids = set()
         for number, line in enumerate(data[:complete].splitlines(), start=1):
-            if line.strip() and not _is_result_line(line):
+            if line.strip() and not is_result_line(line):
                 raise OutputFileError(
                     f"--resume: {self.path}, line {number} is not a result line of lfm2vl batch; is this the "
                     "right file? (left unchanged)"

@@ -88,6 +88,7 @@ LAYERS = [
     {"inference", "processing"},
     {"training", "serving"},
     {"api"},
+    {"integrations"},
     {"cli", ""},  # "": the package's __init__
 ]
 
