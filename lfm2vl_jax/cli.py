@@ -307,21 +307,33 @@ def _batch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="skip the ids already in --output, append the rest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--num-shards", type=int, help="split the requests (by a hash of id) into N shards...")
-    p.add_argument("--shard-index", type=int, help="...and run shard I only (0 <= I < N); see batch-merge")
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        help="split the requests (by a hash of id) into N shards... (default: no split)",
+    )
+    p.add_argument(
+        "--shard-index",
+        type=int,
+        help="...and run shard I only (0 <= I < N; default: none, needed with --num-shards); see batch-merge",
+    )
     ray = p.add_argument_group("Ray (the 'ray' extra; see docs/distributed.md)")
     ray.add_argument("--ray", action="store_true", help="run --replicas engine replicas on a Ray cluster")
     ray.add_argument("--ray-address", help="the cluster's HOST:PORT (default: RAY_ADDRESS, else a local one)")
     ray.add_argument("--ray-timeout", type=float, default=30, help="seconds to wait for --ray-address")
-    ray.add_argument("--replicas", type=int, default=1, help="engine replicas (Ray actors; default 1)")
-    ray.add_argument("--replica-cpus", type=float, default=1, help="CPUs per replica (default 1)")
-    ray.add_argument("--replica-gpus", type=float, help="GPUs per replica (e.g. 1: one replica per GPU)")
-    ray.add_argument("--replica-tpus", type=float, help="TPU chips per replica (e.g. 4: one per TPU host)")
+    ray.add_argument("--replicas", type=int, default=1, help="engine replicas (Ray actors)")
+    ray.add_argument("--replica-cpus", type=float, default=1, help="CPUs per replica")
+    ray.add_argument(
+        "--replica-gpus", type=float, help="GPUs per replica (e.g. 1: one replica per GPU; default: none)"
+    )
+    ray.add_argument(
+        "--replica-tpus", type=float, help="TPU chips per replica (e.g. 4: one per TPU host; default: none)"
+    )
     ray.add_argument(
         "--ray-preprocess",
         choices=("replica", "stage"),
         default="replica",
-        help="render and preprocess requests in the replicas (default) or in a CPU stage before them",
+        help="render and preprocess requests in the replicas or in a CPU stage before them",
     )
     add_compile_cache_argument(p)
     p.set_defaults(run=run_batch)

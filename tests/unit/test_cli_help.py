@@ -42,6 +42,7 @@ def test_every_subcommand_is_covered():
     assert set(COMMANDS) == {
         "generate",
         "batch",
+        "batch-merge",
         "convert hf-to-orbax",
         "convert orbax-to-hf",
         "train",
