@@ -541,6 +541,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--mesh", help="shard over devices, e.g. data=2,tensor=4 (slots over data)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_compile_cache_argument(p)  # a restarted server loads its programs instead of compiling them
     p.set_defaults(run=run_serve)
 
 
