@@ -11,12 +11,20 @@ their own).
   base64 PNG data: URLs. Time to first token (request sent -> first text delta), inter-token latency (gaps
   between text deltas: an event carries every token decoded since the engine's last look, up to
   `--decode-chunk`), output tokens/s over the whole run.
-- offline: `model.batch_engine(processor, slots=--slots)` on the same requests in this process (after the
-  server has stopped), images as arrays.
-Each side runs the workload once untimed first (compilation), then timed. Prints one JSON line, then a
+- offline: `model.batch_engine(processor, slots=--slots)` on the same requests in this process (the
+  server idle meanwhile), images as arrays.
+
+Each side first runs the workload untimed until a pass compiles nothing (at most `--max-warmups`): which
+prefill groups form on the served side depends on when requests arrive, so one pass does not meet every
+program, and a compilation (seconds on a CPU) in a timed pass would measure the compiler, not serving.
+Then `--repeats` timed passes of each side, interleaved (alternating which goes first), so that a change
+of the machine's load hits both: the ratio is reported with its spread, and with the CPU seconds of the
+process doing the work (the server; the offline engine), which other load changes little. Compilations
+during the timed passes are counted (the server's from its /metrics). Prints one JSON line, then a
 summary.
 
     python benchmarks/bench_serve.py [--requests 64] [--slots 8] [--clients 16] [--max-new-tokens 128]
+        [--repeats 3] [--max-warmups 6] [--in-process]
 """
 
 from __future__ import annotations
