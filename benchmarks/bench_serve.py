@@ -11,12 +11,20 @@ their own).
   base64 PNG data: URLs. Time to first token (request sent -> first text delta), inter-token latency (gaps
   between text deltas: an event carries every token decoded since the engine's last look, up to
   `--decode-chunk`), output tokens/s over the whole run.
-- offline: `model.batch_engine(processor, slots=--slots)` on the same requests in this process (after the
-  server has stopped), images as arrays.
-Each side runs the workload once untimed first (compilation), then timed. Prints one JSON line, then a
+- offline: `model.batch_engine(processor, slots=--slots)` on the same requests in this process (the
+  server idle meanwhile), images as arrays.
+
+Each side first runs the workload untimed until a pass compiles nothing (at most `--max-warmups`): which
+prefill groups form on the served side depends on when requests arrive, so one pass does not meet every
+program, and a compilation (seconds on a CPU) in a timed pass would measure the compiler, not serving.
+Then `--repeats` timed passes of each side, interleaved (alternating which goes first), so that a change
+of the machine's load hits both: the ratio is reported with its spread, and with the CPU seconds of the
+process doing the work (the server; the offline engine), which other load changes little. Compilations
+during the timed passes are counted (the server's from its /metrics). Prints one JSON line, then a
 summary.
 
     python benchmarks/bench_serve.py [--requests 64] [--slots 8] [--clients 16] [--max-new-tokens 128]
+        [--repeats 3] [--max-warmups 6] [--in-process]
 """
 
 from __future__ import annotations
@@ -38,8 +46,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 from bench_batch import PENALTY, build_model, workload
+from compile_counter import CompileCounter
 from machine import machine_description
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from processor_fixtures import make_checkpoint_dir  # noqa: E402
@@ -128,6 +138,7 @@ def start_server(directory: Path, args: argparse.Namespace) -> tuple[subprocess.
     command += ["--served-model-name", MODEL, "--port", str(port), "--slots", str(args.slots)]
     command += ["--max-model-len", str(args.max_model_len), "--decode-chunk", str(args.decode_chunk)]
     command += ["--max-queue", str(args.requests), "--log-level", "warning"]
+    command += ["--compile-cache", "off"]  # compiles what it meets (the warm-up counts it), as offline
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     server = subprocess.Popen(command, env=env)
@@ -188,6 +199,57 @@ def offline_run(model, processor, requests: list[dict], slots: int, max_model_le
     return {"seconds": time.perf_counter() - start, "outputs": outputs}
 
 
+def server_compilations(url: str) -> float:
+    """XLA programs the server has compiled (its /metrics)."""
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name == "lfm2vl_xla_compilations_total":
+                return sample.value
+    raise SystemExit("the server's /metrics has no lfm2vl_xla_compilations_total")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux's /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Measured:
+    """One side's pass, timed: wall seconds, CPU seconds of the process doing the work, compilations."""
+
+    def __init__(self, run, cpu, compilations):
+        self.run, self.cpu, self.compilations = run, cpu, compilations
+
+    def __call__(self) -> dict:
+        cpu, compiled = self.cpu(), self.compilations()
+        result = self.run()
+        result["cpu_s"] = self.cpu() - cpu
+        result["compilations"] = self.compilations() - compiled
+        return result
+
+
+def warm_up(side: Measured, most: int) -> int:
+    """Runs `side` until a pass compiles nothing (at most `most` passes): the timed passes then measure
+    the steady state of a server that has seen these requests' shapes, not compilation. On the served
+    side, which prefill groups form (and so which programs run) depends on when requests arrive: one
+    pass does not meet them all. Returns the passes run."""
+    for passes in range(1, most + 1):
+        if side()["compilations"] == 0:
+            return passes
+    return most
+
+
+def spread(values: list[float]) -> dict:
+    return {
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -199,6 +261,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--decode-chunk", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes of each side, interleaved")
+    parser.add_argument(
+        "--max-warmups", type=int, default=6, help="untimed passes of each side, until one compiles nothing"
+    )
     parser.add_argument(
         "--in-process", action="store_true", help="the server on a thread of this process, not a subprocess"
     )
@@ -218,12 +284,30 @@ def main() -> None:
         processor = Lfm2VlProcessor.from_pretrained(directory)
         if args.in_process:
             server, url = start_server_thread(model, processor, args)
+            server_pid = os.getpid()  # its CPU seconds then include the clients'
         else:  # on an accelerator, two processes share its memory: neither takes most of it up front
             os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
             server, url = start_server(directory, args)
+            server_pid = server.pid
+        compiled = CompileCounter()
+        served_side = Measured(
+            lambda: asyncio.run(served_run(url, requests, args.clients)),
+            lambda: process_cpu_seconds(server_pid),
+            lambda: server_compilations(url),
+        )
+        offline_side = Measured(
+            lambda: offline_run(model, processor, requests, args.slots, args.max_model_len),
+            time.process_time,
+            lambda: compiled.count,
+        )
         try:
-            asyncio.run(served_run(url, requests, args.clients))  # compiles
-            served = asyncio.run(served_run(url, requests, args.clients))
+            warmups = {"served": warm_up(served_side, args.max_warmups)}
+            warmups["offline"] = warm_up(offline_side, args.max_warmups)
+            # Interleaved, alternating which goes first: a change of the machine's load hits both sides.
+            served, offline = [], []
+            for repeat in range(args.repeats):
+                for side in (served_side, offline_side)[:: 1 if repeat % 2 == 0 else -1]:
+                    (served if side is served_side else offline).append(side())
         finally:
             if args.in_process:
                 server.should_exit = True
@@ -231,11 +315,16 @@ def main() -> None:
                 server.terminate()
                 server.wait(60)
 
-        offline_run(model, processor, requests, args.slots, args.max_model_len)  # compiles
-        offline = offline_run(model, processor, requests, args.slots, args.max_model_len)
+    def rate(run: dict) -> float:
+        return sum(len(t) for t in run["outputs"].values()) / run["seconds"]
 
-    tokens = sum(len(t) for t in offline["outputs"].values())
-    served_tokens = sum(len(t) for t in served["outputs"].values())
+    pairs = list(zip(served, offline, strict=True))
+    ratios = [rate(s) / rate(o) for s, o in pairs]
+    # Passes in which neither side compiled (the warm-up can miss a program: group formation varies).
+    steady = [rate(s) / rate(o) for s, o in pairs if s["compilations"] == o["compilations"] == 0]
+    first_token = [t for run in served for t in run["first_token"]]
+    gaps = [t for run in served for t in run["gaps"]]
+    reference = offline[0]["outputs"]
     result = {
         "benchmark": "serve",
         "model": args.model,
@@ -245,29 +334,42 @@ def main() -> None:
         "clients": args.clients,
         "decode_chunk": args.decode_chunk,
         "server": "in-process" if args.in_process else "subprocess",
-        "output_tokens": tokens,
-        "served_s": round(served["seconds"], 2),
-        "offline_s": round(offline["seconds"], 2),
-        "served_tokens_per_s": round(served_tokens / served["seconds"], 1),
-        "offline_tokens_per_s": round(tokens / offline["seconds"], 1),
-        "served_vs_offline": round((served_tokens / served["seconds"]) / (tokens / offline["seconds"]), 3),
-        "ttft_p50_s": round(percentile(served["first_token"], 50), 3),
-        "ttft_p99_s": round(percentile(served["first_token"], 99), 3),
-        "itl_p50_s": round(percentile(served["gaps"], 50), 4),
-        "itl_p99_s": round(percentile(served["gaps"], 99), 4),
-        "outputs_agreeing": sum(
-            served["outputs"].get(r["id"]) == offline["outputs"][r["id"]] for r in requests
+        "output_tokens": sum(len(t) for t in reference.values()),
+        "warmup_passes": warmups,
+        "served_s": [round(run["seconds"], 2) for run in served],
+        "offline_s": [round(run["seconds"], 2) for run in offline],
+        "served_tokens_per_s": spread([rate(run) for run in served]),
+        "offline_tokens_per_s": spread([rate(run) for run in offline]),
+        "served_vs_offline": spread(ratios),
+        "served_vs_offline_uncompiled": spread(steady) if steady else None,
+        # CPU seconds of the process doing the work (the server's; the offline engine's): unlike wall
+        # time, hardly changed by other load on the machine.
+        "served_cpu_s": [round(run["cpu_s"], 2) for run in served],
+        "offline_cpu_s": [round(run["cpu_s"], 2) for run in offline],
+        "timed_compilations": {
+            "served": sum(run["compilations"] for run in served),
+            "offline": sum(run["compilations"] for run in offline),
+        },
+        "ttft_p50_s": round(percentile(first_token, 50), 3),
+        "ttft_p99_s": round(percentile(first_token, 99), 3),
+        "itl_p50_s": round(percentile(gaps, 50), 4),
+        "itl_p99_s": round(percentile(gaps, 99), 4),
+        "outputs_agreeing": min(
+            sum(run["outputs"].get(i) == tokens for i, tokens in reference.items())
+            for run in served + offline
         ),
     }
     print(json.dumps(result))
+    ratio = result["served_vs_offline"]
     print(
-        f"{args.requests} requests, {args.slots} slots, {args.clients} streaming clients: served "
-        f"{result['served_tokens_per_s']} tokens/s vs offline {result['offline_tokens_per_s']} "
-        f"({result['served_vs_offline']:.2f}x); TTFT p50 {result['ttft_p50_s']} s / p99 "
-        f"{result['ttft_p99_s']} s; "
-        f"ITL p50 {result['itl_p50_s']} s / p99 {result['itl_p99_s']} s; "
+        f"{args.requests} requests, {args.slots} slots, {args.clients} streaming clients, {args.repeats} "
+        f"interleaved passes: served {result['served_tokens_per_s']['median']} tokens/s vs offline "
+        f"{result['offline_tokens_per_s']['median']} ({ratio['median']:.2f}x, {ratio['min']:.2f}-"
+        f"{ratio['max']:.2f}); CPU s served {result['served_cpu_s']} offline {result['offline_cpu_s']}; "
+        f"compilations while timed {result['timed_compilations']}; TTFT p50 {result['ttft_p50_s']} s / p99 "
+        f"{result['ttft_p99_s']} s; ITL p50 {result['itl_p50_s']} s / p99 {result['itl_p99_s']} s; "
         f"{result['outputs_agreeing']}/{args.requests} outputs equal; median output "
-        f"{statistics.median(len(t) for t in offline['outputs'].values())} tokens"
+        f"{statistics.median(len(t) for t in reference.values())} tokens"
     )
 
 

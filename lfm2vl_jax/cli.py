@@ -813,6 +813,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         choices=("critical", "error", "warning", "info", "debug"),
         help="the server's (uvicorn's) log level",
     )
+    add_compile_cache_argument(p)  # a restarted server loads its programs instead of compiling them
     p.set_defaults(run=run_serve)
 
 

@@ -97,11 +97,13 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics.watch_compilations()
         driver.start()
         try:
             yield
         finally:
             driver.close()
+            metrics.unwatch_compilations()
             preparing.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="lfm2vl-jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from jax import monitoring
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # Seconds: from a few milliseconds (a small model on an accelerator) to minutes (a long queue on a CPU).
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # JAX's event for one XLA compilation
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 
 
@@ -46,6 +48,26 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        # A request whose shapes (prompt length bucket, images, prefill group) are new compiles programs
+        # while every stream waits: on a CPU, seconds each.
+        self.compilations = Counter(
+            "lfm2vl_xla_compilations", "XLA programs compiled by this process", registry=r
+        )
+        self.compile_seconds = Counter(
+            "lfm2vl_xla_compile_seconds", "Seconds spent compiling XLA programs", registry=r
+        )
+
+    def _on_duration(self, event: str, duration: float, **kwargs: object) -> None:
+        if event == COMPILE_EVENT:
+            self.compilations.inc()
+            self.compile_seconds.inc(duration)
+
+    def watch_compilations(self) -> None:
+        """Counts the process's compilations (from the server's start to `unwatch_compilations`)."""
+        monitoring.register_event_duration_secs_listener(self._on_duration)
+
+    def unwatch_compilations(self) -> None:
+        monitoring.unregister_event_duration_listener(self._on_duration)
 
     def observe_tokens(self, new: int, interval: float) -> None:
         """`new` tokens arrived `interval` seconds after the previous ones."""

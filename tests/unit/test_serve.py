@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import httpx
+import jax
 import numpy as np
 import openai
 import pytest
@@ -502,6 +503,13 @@ def test_health_and_metrics(server):
     assert samples["lfm2vl_time_to_first_token_seconds_count"] >= 1
     assert samples["lfm2vl_inter_token_latency_seconds_count"] >= 1
     assert families["lfm2vl_e2e_request_latency_seconds"].type == "histogram"
+    # Compilations stall every stream: counted from the server's start (the process's, as JAX's are).
+    before = samples["lfm2vl_xla_compilations_total"]
+    jax.jit(lambda x: x * 3 + 1)(np.zeros((7, 13), np.float32)).block_until_ready()  # a new program
+    families = text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
+    samples = {s.name: s.value for f in families for s in f.samples if not s.labels}
+    assert samples["lfm2vl_xla_compilations_total"] == before + 1
+    assert samples["lfm2vl_xla_compile_seconds_total"] > 0
 
 
 def test_a_bug_is_a_500_with_its_message_and_the_server_goes_on(server, monkeypatch):
@@ -518,6 +526,9 @@ def test_a_bug_is_a_500_with_its_message_and_the_server_goes_on(server, monkeypa
 def test_cli_serve_defaults_and_flag_errors(capsys):
     args = build_parser().parse_args(["serve", "--model", "some/model"])
     assert args.host == "127.0.0.1" and args.api_key is None and args.allowed_local_media_path is None
+    assert args.compile_cache is None  # the command line's default cache, as the other commands
+    uncached = build_parser().parse_args(["serve", "--model", "m", "--compile-cache", "off"])
+    assert uncached.compile_cache == "off"
     assert main(["serve", "--model", "some/model", "--slots", "0"]) == 2
     assert "--slots must be >= 1" in capsys.readouterr().err
     assert main(["serve", "--model", "some/model", "--allowed-local-media-path", "/no/such/dir"]) == 2
