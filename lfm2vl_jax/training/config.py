@@ -10,7 +10,7 @@ from typing import Any
 
 from ..config import REMAT_POLICIES
 from ..errors import Lfm2VlError
-from .lora import TARGET_GROUPS
+from .lora import TARGET_GROUPS, check_dropout
 from .optimizer import COMPONENTS
 
 DTYPES = ("float32", "bfloat16")
@@ -75,7 +75,8 @@ class SFTConfig:
     elsewhere. mesh: "data=D,fsdp=F,tensor=T" (default: every device on `data`).
     freeze: components that do not train (vision, projector, language); lr_multiplier: per-component
     factors on the learning rate. lora_rank > 0: train LoRA adapters (see `training.lora`) instead of
-    the weights of the components that are not frozen.
+    the weights of the components that are not frozen; lora_dropout: peft's dropout on the adapters'
+    inputs; init_adapters: a peft adapter directory to start the adapters from.
     coordinator_timeout: seconds a multi-process run waits for its processes to connect.
     keep_other_files: train into an existing --output directory that holds other files (they are kept).
     skip_nonfinite: skip an update whose loss or gradient norm is not finite (counted in the metrics)
@@ -105,6 +106,8 @@ class SFTConfig:
     lora_rank: int = 0
     lora_alpha: float = 8.0
     lora_targets: str | Sequence[str] = TARGET_GROUPS
+    lora_dropout: float = 0.0
+    init_adapters: str | None = None
     max_length: int = 2048
     skip_bad: bool = False
     remat: str = "none"
@@ -171,6 +174,11 @@ class SFTConfig:
             raise TrainingError(f"--remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         if self.eval_every and not self.eval_data:
             raise TrainingError("--eval-every needs --eval-data")
+        if check_dropout(self.lora_dropout) is not None:
+            raise TrainingError(check_dropout(self.lora_dropout))
+        for name, given in (("--lora-dropout", self.lora_dropout), ("--init-adapters", self.init_adapters)):
+            if given and not self.lora_rank:
+                raise TrainingError(f"{name} applies to LoRA runs: give --lora-rank too")
         if self.lora_rank and set(self.freeze) >= {"vision", "language"}:
             raise TrainingError("--lora-rank: vision and language are both frozen; no weight to adapt")
 
@@ -194,6 +202,7 @@ class SFTConfig:
             "lora_rank": self.lora_rank,
             "lora_alpha": self.lora_alpha,
             "lora_targets": list(self.lora_targets),
+            "lora_dropout": self.lora_dropout,
             "scan_layers": self.scan_layers,
             "skip_bad": self.skip_bad,
         }
