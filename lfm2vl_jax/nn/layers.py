@@ -101,7 +101,7 @@ def _operands(equation: str) -> tuple[str, str, str]:
     return x_axes, w_axes, output
 
 
-def _lora_update(equation: str, x: jax.Array, weight: LoraWeight) -> jax.Array:
+def lora_update(equation: str, x: jax.Array, weight: LoraWeight) -> jax.Array:
     """scale * (dropout(x) @ a) @ b, in the layout `equation` gives x @ base. The weight's axes are its
     contracted (input) axes then its output axes (input-first kernels); r names the rank axis."""
     x_axes, w_axes, output = _operands(equation)
@@ -132,7 +132,7 @@ def project(equation: str, x: jax.Array, weight: Weight) -> jax.Array:
         no full-size float copy materialised.
     The output has `x`'s dtype for a plain or adapted weight, as einsum gives it."""
     if isinstance(weight, LoraWeight):
-        return project(equation, x, weight.base) + _lora_update(equation, x, weight)
+        return project(equation, x, weight.base) + lora_update(equation, x, weight)
     return jnp.einsum(equation, x, weight)
 
 
