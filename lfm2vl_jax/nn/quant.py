@@ -32,6 +32,8 @@ from flax import struct
 # Inputs per dequantized chunk on a CPU (measured in docs/design.md: 512 beat 128 and 256 and the whole
 # weight at batch 1 and 8 on a (1024, 4608) kernel).
 CPU_CHUNK = 512
+# Vocabulary rows per dequantized chunk of a tied LM head (V, D) on a CPU, which contracts its last axis.
+CPU_HEAD_ROWS = 4096
 
 
 class QuantizedWeight(struct.PyTreeNode):
@@ -126,6 +128,13 @@ def chunk_size(width: int, w: QuantizedWeight) -> int:
     return best
 
 
+def _row_chunk(rows: int) -> int:
+    """Rows of an embedding-layout weight per dequantized chunk (on a CPU; elsewhere all)."""
+    if jax.default_backend() != "cpu":
+        return rows
+    return max((n for n in range(1, CPU_HEAD_ROWS + 1) if rows % n == 0), default=rows)
+
+
 def quantized_einsum(
     equation: str, x: jax.Array, w: QuantizedWeight, preferred_element_type: Any = None
 ) -> jax.Array:
@@ -137,6 +146,21 @@ def quantized_einsum(
     letter = w_axes[w.axis]
     if len(w_axes) != len(w.shape) or [a for a in w_axes if a not in output] != [letter]:
         raise ValueError(f"{equation!r} does not contract the quantized axis {w.axis} alone")
+    if w.axis == -1 and len(w_axes) == 2:  # an embedding as the LM head (V, D): chunks of rows, joined
+        rows = _row_chunk(w.shape[0])
+        parts = [
+            jnp.einsum(
+                equation,
+                x,
+                dequantize(
+                    w.replace(values=w.values[start : start + rows], scales=w.scales[start : start + rows]),
+                    x.dtype,
+                ),
+                preferred_element_type=preferred_element_type,
+            )
+            for start in range(0, w.shape[0], rows)
+        ]
+        return jnp.concatenate(parts, axis=output.index(w_axes[0]) - len(output))
     x_axis = x.ndim + x_axes.index(letter) - len(x_axes)  # the letter sits after any ellipsis
     width = w.shape[w.axis]
     size = chunk_size(width, w)
