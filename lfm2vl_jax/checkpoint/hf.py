@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..config import CONV, Lfm2VlConfig, RuntimeConfig, config_from_dict, read_config_json
 from ..errors import Lfm2VlError
 from ..nn.params import Params, ParamSpec, is_spec, param_specs
-from ..nn.quant import QuantizedWeight, dequantize, quantize_like
+from ..nn.quant import QuantizedWeight, dequantize_on_host, quantize_like
 from ..parallel.sharding import param_shardings
 from .safetensors_io import SafetensorsError, SafetensorsFile
 
@@ -562,11 +562,14 @@ def iter_hf_tensors(
     order."""
     table = tensor_map(config)
     float_specs = param_specs(config.with_runtime(quantization=None))
+    dequantized: dict[tuple, np.ndarray] = {}  # the last quantized leaf, dequantized (one at a time)
     for key in sorted(table):
         m = table[key]
         leaf = leaf_at(params, m.path)
         if isinstance(leaf, QuantizedWeight):  # exported dequantized, in the float leaf's shape
-            leaf = np.asarray(dequantize(leaf)).reshape(leaf_at(float_specs, m.path).shape)
+            if m.path not in dequantized:
+                dequantized = {m.path: dequantize_on_host(leaf).reshape(leaf_at(float_specs, m.path).shape)}
+            leaf = dequantized[m.path]
         value = np.asarray(leaf if m.index is None else leaf[m.index])
         value = np.ascontiguousarray(m.to_hf(value))
         yield key, value if dtype is None else value.astype(np.dtype(jnp.dtype(dtype)))

@@ -48,6 +48,11 @@ class QuantizedWeight(struct.PyTreeNode):
     axis: int = struct.field(pytree_node=False, default=-2)  # the contracted axis, negative
 
     @property
+    def dtype(self) -> Any:
+        """The dequantized dtype: the scales'."""
+        return self.scales.dtype
+
+    @property
     def shape(self) -> tuple[int, ...]:
         """The logical (dequantized) shape."""
         shape = list(self.values.shape)
@@ -113,6 +118,17 @@ def _dequantize(w: QuantizedWeight, start: int, size: int, dtype: Any) -> jax.Ar
 def dequantize(w: QuantizedWeight, dtype: Any = jnp.float32) -> jax.Array:
     """The whole weight in `dtype`, in its quantized (merged-input) shape."""
     return _dequantize(w, 0, w.shape[w.axis], dtype)
+
+
+def dequantize_on_host(w: QuantizedWeight) -> np.ndarray:
+    """`dequantize(w)` in float32 numpy, computed on the host (export: no per-shape compilation)."""
+    axis = w.values.ndim + w.axis
+    values = np.asarray(w.values)
+    if w.bits == 4:
+        low = (values << 4).view(np.int8) >> 4
+        values = np.stack([low, values.view(np.int8) >> 4], axis=axis + 1).reshape(w.shape)
+    scales = np.repeat(np.asarray(w.scales, np.float32), w.shape[w.axis] // w.scales.shape[axis], axis=axis)
+    return values.astype(np.float32) * scales
 
 
 def chunk_size(width: int, w: QuantizedWeight) -> int:
