@@ -20,7 +20,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from .compile_cache import add_compile_cache_argument, setup_compile_cache
-from .config import REMAT_POLICIES, default_dtype_name
+from .config import QUANT_SCHEMES, REMAT_POLICIES, ConfigError, Quantization, default_dtype_name
 from .errors import Lfm2VlError
 from .inference.batch_io import MAX_LINE_BYTES
 
@@ -75,8 +75,38 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="stacked, scanned text layers (default: one array per layer, faster decoding)",
     )
+    add_quantize_arguments(p)
     add_compile_cache_argument(p)
     p.set_defaults(run=run_generate)
+
+
+def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quantize",
+        choices=QUANT_SCHEMES,
+        help="weight-only quantization at load time: int8 (per output channel) or int4 (group-wise)",
+    )
+    p.add_argument("--quant-group-size", type=int, help="inputs per int4 scale (default 64)")
+    p.add_argument(
+        "--quantize-embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --quantize: quantize the embedding / LM head too (default on)",
+    )
+
+
+def _quantize_options(args: argparse.Namespace) -> dict:
+    """from_pretrained's quantization options, checked now (before anything is read or written)."""
+    if args.quantize is None:
+        if args.quant_group_size is not None:
+            raise ConfigError("--quant-group-size is for --quantize int4")
+        return {}
+    Quantization(args.quantize, args.quant_group_size, args.quantize_embeddings)
+    return {
+        "quantize": args.quantize,
+        "quant_group_size": args.quant_group_size,
+        "quantize_embeddings": args.quantize_embeddings,
+    }
 
 
 def _sampling_options(args: argparse.Namespace) -> dict:
@@ -108,7 +138,11 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     dtype = args.dtype or default_dtype_name()
     model = Lfm2VlForConditionalGeneration.from_pretrained(
-        args.model, dtype=DTYPES[dtype], scan_layers=args.scan_layers, progress=sys.stderr.isatty()
+        args.model,
+        dtype=DTYPES[dtype],
+        scan_layers=args.scan_layers,
+        progress=sys.stderr.isatty(),
+        **_quantize_options(args),
     )
     processor.check_model(model.config.image_token_id)
     model.default_max_new_tokens = 256  # the CLI's, where generation_config.json does not say
@@ -188,6 +222,7 @@ def _batch_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="stacked, scanned text layers (default: per-layer on CPU, scanned on accelerators)",
     )
+    add_quantize_arguments(p)
     p.add_argument("--prefill-batch", type=int, help="most requests prefilled together (default slots/4)")
     p.add_argument("--workers", type=int, help="threads preparing requests (default: CPUs - 1, 1..4)")
     p.add_argument(
@@ -252,6 +287,7 @@ def run_batch(args: argparse.Namespace) -> int:
     from .processing.processor import Lfm2VlProcessor
 
     check_batch_arguments(args)
+    quantize_options = _quantize_options(args)
     # Every check that reads only, then the model: nothing is written before all have passed.
     writer = ResultWriter(args.output, resume=args.resume, overwrite=args.overwrite)
     mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
@@ -264,6 +300,7 @@ def run_batch(args: argparse.Namespace) -> int:
         mesh=mesh,
         scan_layers=args.scan_layers,
         progress=not args.quiet and sys.stderr.isatty(),
+        **quantize_options,
     )
     engine = model.batch_engine(
         processor,

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from .quant import QuantizedWeight, quantized_einsum
+
 # Names given (with `checkpoint_name`) to the intermediate values a remat policy may keep.
 SAVEABLE_NAMES = ("q", "k", "v", "conv_out")
 
@@ -133,6 +135,8 @@ def project(equation: str, x: jax.Array, weight: Weight) -> jax.Array:
     The output has `x`'s dtype for a plain or adapted weight, as einsum gives it."""
     if isinstance(weight, LoraWeight):
         return project(equation, x, weight.base) + lora_update(equation, x, weight)
+    if isinstance(weight, QuantizedWeight):
+        return quantized_einsum(equation, x, weight)
     return jnp.einsum(equation, x, weight)
 
 
@@ -142,6 +146,8 @@ def merge_input_axes(weight: Weight, count: int) -> Weight:
     Every weight type `project` takes reshapes here."""
     if isinstance(weight, LoraWeight):
         return weight.replace(base=merge_input_axes(weight.base, count), a=merge_input_axes(weight.a, count))
+    if isinstance(weight, QuantizedWeight):  # quantized with its input axes merged already
+        return weight
     return weight.reshape(-1, *weight.shape[count:])
 
 

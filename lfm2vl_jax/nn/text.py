@@ -28,6 +28,7 @@ from ..parallel.sharding import constrain
 from .attention import attention
 from .layers import apply_rope, cast, matmul_precision, merge_input_axes, project, remat, rms_norm
 from .params import Params
+from .quant import QuantizedWeight, quantized_einsum, take_rows
 from .short_conv import gated_short_conv
 
 RESIDUAL_AXES = ("act_batch", "act_length", "act_embed")
@@ -242,7 +243,7 @@ def run_layers(
 
 
 def embed_tokens(params: Params, input_ids: jax.Array, runtime: RuntimeConfig) -> jax.Array:
-    return jnp.take(params["embed"], input_ids, axis=0).astype(runtime.dtypes.compute)
+    return take_rows(params["embed"], input_ids).astype(runtime.dtypes.compute)
 
 
 def text_forward(
@@ -346,4 +347,6 @@ def lm_logits(params: Params, h: jax.Array) -> jax.Array:
     """Logits in float32 (the head cast to the hidden states' compute dtype)."""
     head, equation = lm_head(params)
     with matmul_precision(h.dtype):
+        if isinstance(head, QuantizedWeight):  # dequantized inside the product (in h's dtype)
+            return quantized_einsum(equation, h, head, preferred_element_type=jnp.float32)
         return jnp.einsum(equation, h, head.astype(h.dtype), preferred_element_type=jnp.float32)
