@@ -475,6 +475,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-targets", help="LoRA targets among attn,mlp,conv (default: all)")
     p.add_argument("--lora-dropout", type=float, help="dropout on LoRA's inputs, in [0, 1) (default 0)")
     p.add_argument("--init-adapters", help="start the LoRA adapters from this peft adapter directory")
+    p.add_argument("--quantize", choices=QUANT_SCHEMES, help="QLoRA: hold the frozen base int8 or int4")
+    p.add_argument("--quant-group-size", type=int, help="inputs per int4 scale (default 64)")
     p.add_argument("--max-length", type=int, help="longest conversation in tokens (default 2048)")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad data lines")
     p.add_argument("--remat", choices=REMAT_POLICIES, help="what the backward pass recomputes (default none)")

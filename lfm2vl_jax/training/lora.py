@@ -38,6 +38,7 @@ from ..config import Lfm2VlConfig
 from ..errors import Lfm2VlError
 from ..nn.layers import LoraWeight
 from ..nn.params import Params, is_spec, param_specs
+from ..nn.quant import QuantizedWeight, dequantize
 from ..parallel.rules import ShardingRules
 
 TARGET_GROUPS = ("attn", "mlp", "conv")
@@ -125,7 +126,9 @@ def adapted_weights(config: Lfm2VlConfig, lora: LoraConfig, components: tuple[st
             "(RuntimeConfig.fused_projections) hold them as one kernel: train with fused_projections=False"
         )
     found = {}
-    flat, _ = jax.tree_util.tree_flatten_with_path(param_specs(config), is_leaf=is_spec)
+    # The float weights' shapes: a quantized base (QLoRA) is adapted as the weight it stands for.
+    float_specs = param_specs(config.with_runtime(quantization=None))
+    flat, _ = jax.tree_util.tree_flatten_with_path(float_specs, is_leaf=is_spec)
     for path, spec in flat:
         keys = _keys(path)
         if keys[0] not in components:
@@ -219,17 +222,23 @@ def attach(
         a, b = adapters[name]["a"], adapters[name]["b"]
         return LoraWeight(x, a, b, keys, scale=lora.scaling, dropout=lora.dropout if dropout else 0.0)
 
-    return jax.tree_util.tree_map_with_path(leaf, params)
+    return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=_is_quantized)
+
+
+def _is_quantized(x: Any) -> bool:
+    return isinstance(x, QuantizedWeight)
 
 
 def merge(params: Params, adapters: Params, weights: dict, lora: LoraConfig) -> Params:
-    """The params with every adapted weight replaced by W + (alpha / rank) * A @ B (in W's dtype): for
-    export (training never merges)."""
+    """The params with every adapted weight replaced by W + (alpha / rank) * A @ B (in W's dtype; a
+    quantized W dequantized, in float32): for export (training never merges)."""
 
-    def leaf(path: tuple, x: jax.Array) -> jax.Array:
+    def leaf(path: tuple, x: Any) -> Any:
         name = path_name(_keys(path))
         if name not in adapters:
             return x
-        return (x.astype(jnp.float32) + delta(weights[name], adapters[name], lora.scaling)).astype(x.dtype)
+        w = weights[name]
+        base = dequantize(x).reshape(w.shape) if _is_quantized(x) else x.astype(jnp.float32)
+        return (base + delta(w, adapters[name], lora.scaling)).astype(x.dtype)
 
-    return jax.tree_util.tree_map_with_path(leaf, params)
+    return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=_is_quantized)

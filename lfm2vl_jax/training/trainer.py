@@ -65,7 +65,12 @@ METRICS_FILE = "metrics.jsonl"
 # Everything a run writes into its directory; anything else there is a user's.
 RUN_NAMES = (RUN_FILE, METRICS_FILE, "checkpoints", "final", "adapter", "tensorboard", "loss.png")
 # Settings added after runs were first recorded: a run.json without one had this value.
-LATER_SETTINGS = {"lora_dropout": 0.0, "init_adapters_sha256": None}
+LATER_SETTINGS = {
+    "lora_dropout": 0.0,
+    "init_adapters_sha256": None,
+    "quantize": None,
+    "quant_group_size": None,
+}
 FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 64, 2**16
 
 
@@ -320,6 +325,7 @@ class SFTTrainer:
             scan_layers=self.config.scan_layers,
             remat=self.config.remat,
             mesh=mesh,
+            quantization=self.config.quantization(),
         )
 
     def _trainable(self, config: Lfm2VlConfig) -> Trainable:

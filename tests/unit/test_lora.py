@@ -1,7 +1,8 @@
 """LoRA applied unmerged (torch-free): the lowered train step takes no full-size weight gradient, the
 adapter's update survives bfloat16 compute, dropout follows peft's semantics, the memory estimate counts
 what LoRA holds, peft-format adapters round-trip and mismatched ones are refused, bad options are one
-error each, and a LoRA run with dropout stopped and resumed logs exactly the losses of an unstopped run.
+error each, a LoRA run with dropout stopped and resumed logs exactly the losses of an unstopped run, and
+QLoRA trains on an int4 base and exports a float checkpoint.
 (Gradients, logits and adapter files against peft itself: tests/parity/test_lora_peft.py.)"""
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import pytest
 from hlo_stats import computations
 from training_fixtures import read_metrics, tiny_config
 
+from lfm2vl_jax.checkpoint.hf import load_hf_checkpoint
 from lfm2vl_jax.nn.layers import LoraWeight, lora_update, project
+from lfm2vl_jax.nn.model import forward
 from lfm2vl_jax.nn.params import abstract_params, is_spec, param_specs
+from lfm2vl_jax.nn.quant import QuantizedWeight
 from lfm2vl_jax.parallel.mesh import make_mesh
 from lfm2vl_jax.training import trainer as trainer_module
 from lfm2vl_jax.training.config import SFTConfig, TrainingError
@@ -239,3 +243,37 @@ def test_a_lora_run_with_dropout_stopped_and_resumed_logs_the_losses_of_an_unsto
     assert [resumed[s]["loss"] for s in range(1, 5)] == [expected[s]["loss"] for s in range(1, 5)]
     weights = "adapter/adapter_model.safetensors"
     assert (tmp_path / "stopped" / weights).read_bytes() == (tmp_path / "unstopped" / weights).read_bytes()
+
+
+def test_qlora_trains_adapters_on_an_int4_base_and_exports_a_float_checkpoint(
+    tmp_path, tiny_checkpoint, training_data
+):
+    """--quantize int4 --lora-rank: the frozen projections are held int4 (the memory estimate counts that),
+    the adapters train in float32, final/ holds the dequantized base with the adapters merged (what the
+    QLoRA forward computes), adapter/ the adapters."""
+    options = {"steps": 2, "batch_size": 2, "save_every": 2, "learning_rate": 1e-2, "progress": False}
+    paths = {"model": str(tiny_checkpoint), "data": str(training_data), "output": str(tmp_path / "run")}
+    trainer = SFTTrainer(SFTConfig(**paths, **options, lora_rank=4, quantize="int4", quant_group_size=16))
+    trainer.train()
+    run = trainer.run
+    leaves = jax.tree.leaves(run.frozen, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+    quantized = [x for x in leaves if isinstance(x, QuantizedWeight)]
+    assert len(quantized) >= 10 and all(x.bits == 4 for x in quantized)
+    losses = [m["loss"] for m in read_metrics(tmp_path / "run").values()]
+    assert all(np.isfinite(losses)) and losses[1] != losses[0]
+
+    config, merged = load_hf_checkpoint(tmp_path / "run" / "final", progress=False)
+    ids = jnp.asarray([[1, 5, 9, 200, 7, 3]])
+    mask = jnp.ones_like(ids)
+    forward_fn = jax.jit(forward, static_argnames="config")
+    ours = forward_fn(run.trainable.assemble(run.state.params, run.frozen), run.config, ids, mask)
+    exported = forward_fn(merged, config, ids, mask)
+    assert jnp.abs(ours - exported).max() <= 1e-4 * jnp.abs(exported).max()
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+    tx = make_optimizer(OptimizerConfig(1e-3, 10), parameter_labels(run.trainable.specs()))
+    float_lora = Trainable(run.config.with_runtime(quantization=None), ("vision", "text"), LoraConfig(4))
+    quantized_bytes = memory_needs(run.trainable, tx)["frozen weights"]
+    assert quantized_bytes == sum(x.nbytes for x in jax.tree.leaves(run.frozen))  # what the run holds
+    # The tiny model's float embedding is 40% of its weights; every projection is int4.
+    assert quantized_bytes < 0.6 * memory_needs(float_lora, tx)["frozen weights"]
