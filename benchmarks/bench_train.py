@@ -13,7 +13,9 @@ With `--lora-rank R` two more sides train LoRA adapters of rank R on every atten
 projection of the vision and text towers (peft's targets written as full module names), starting from the
 same adapters (ours drawn, saved in peft's format, loaded by both): ours (`ours-lora`, applied unmerged)
 and transformers + peft (`peft-lora`, `PeftModel.from_pretrained(..., is_trainable=True)`). Use it with
-`--remat full` for the comparison with gradient checkpointing on both sides.
+`--remat full` for the comparison with gradient checkpointing on both sides. `--quantize int4` (or int8)
+holds our LoRA side's frozen projections quantized (QLoRA; peft's side stays float: bitsandbytes' 4-bit
+layers need CUDA).
 
 Each side runs in its own subprocess, one block of `--steps` timed steps (after a warm-up step) at a
 time, the sides alternating for `--rounds` rounds: a training step holds the params, gradients, AdamW
@@ -29,7 +31,7 @@ Prints one JSON line, then a table. Ratios compare the two in the same run; abso
 machine and its load.
 
     python benchmarks/bench_train.py [--models 450m 1.6b] [--dtype float32|bfloat16] [--batch 1]
-        [--remat none|full] [--rounds 2] [--steps 3] [--ours-only] [--lora-rank R]
+        [--remat none|full] [--rounds 2] [--steps 3] [--ours-only] [--lora-rank R [--quantize int4]]
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ def load_batch(directory: Path, batch: int, max_length: int) -> tuple[dict, list
 
 def ours_step(directory: Path, args: argparse.Namespace, lora: bool = False):
     from lfm2vl_jax.checkpoint.hf import load_hf_checkpoint
-    from lfm2vl_jax.config import DTypePolicy, RuntimeConfig
+    from lfm2vl_jax.config import DTypePolicy, Quantization, RuntimeConfig
     from lfm2vl_jax.parallel.mesh import make_mesh
     from lfm2vl_jax.training.optimizer import OptimizerConfig, make_optimizer, parameter_labels
     from lfm2vl_jax.training.step import (
@@ -156,9 +158,9 @@ def ours_step(directory: Path, args: argparse.Namespace, lora: bool = False):
     local, _, _ = load_batch(directory, args.batch, args.max_length)
     mesh = make_mesh()
     dtypes = DTypePolicy(params=jnp.float32, compute=jnp.dtype(args.dtype))
-    config, params = load_hf_checkpoint(
-        directory, RuntimeConfig(dtypes=dtypes, mesh=mesh, remat=args.remat), False
-    )
+    quantization = Quantization(args.quantize, embeddings=False) if lora and args.quantize != "none" else None
+    runtime = RuntimeConfig(dtypes=dtypes, mesh=mesh, remat=args.remat, quantization=quantization)
+    config, params = load_hf_checkpoint(directory, runtime, False)
     trainable = Trainable(config, ("vision", "projector", "text"))
     if lora:
         trainable = Trainable(config, LORA_COMPONENTS, LoraConfig(args.lora_rank))
@@ -253,7 +255,7 @@ def worker(side: str, directory: Path, args: argparse.Namespace) -> None:
 
 def run_block(side: str, directory: Path, args: argparse.Namespace, cache: Path) -> dict:
     command = [sys.executable, __file__, "--worker", side, "--material", str(directory)]
-    for flag in ("dtype", "batch", "tokens", "remat", "steps", "max_length", "lora_rank"):
+    for flag in ("dtype", "batch", "tokens", "remat", "steps", "max_length", "lora_rank", "quantize"):
         command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     env = {
         **os.environ,
@@ -330,9 +332,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per block")
     parser.add_argument("--ours-only", action="store_true", help="no transformers side")
     parser.add_argument("--lora-rank", type=int, default=0, help="also LoRA of this rank: ours and peft's")
+    parser.add_argument("--quantize", choices=("none", "int8", "int4"), default="none", help="QLoRA's base")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--material", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quantize != "none" and not args.lora_rank:
+        parser.error("--quantize holds our LoRA side's base quantized: give --lora-rank too")
     if args.worker:
         worker(args.worker, args.material, args)
         return
@@ -349,6 +354,7 @@ def main() -> None:
         "batch": args.batch,
         "remat": args.remat,
         "lora_rank": args.lora_rank,
+        "quantize": args.quantize,
         "peak_tflops": peak / 1e12,
         "peak_source": peak_source,
         "models": {name: benchmark(name, args, peak) for name in args.models},

@@ -198,6 +198,10 @@ def test_peft_adapter_round_trip_and_mismatches(tmp_path):
         ({"lora_dropout": 0.1}, "--lora-dropout applies to LoRA runs: give --lora-rank too"),
         ({"init_adapters": "dir"}, "--init-adapters applies to LoRA runs"),
         ({"lora_rank": 4, "freeze": "vision,language"}, "vision and language are both frozen"),
+        ({"quantize": "int4"}, r"--quantize holds the frozen base quantized \(QLoRA\): give --lora-rank"),
+        ({"lora_rank": 4, "quantize": "int3"}, "--quantize int3: unknown quantization scheme"),
+        ({"lora_rank": 4, "quantize": "int8", "quant_group_size": 32}, "group size 32 is for int4"),
+        ({"lora_rank": 4, "quant_group_size": 32}, "--quant-group-size is for --quantize int4"),
     ],
 )
 def test_bad_lora_options_are_one_error(options, message):
