@@ -9,6 +9,9 @@ default, scanned the compile-time-friendly alternative):
 - long contexts: batch-1 decoding after a text prompt of each `--contexts` length (1k and 8k tokens);
 - end to end: one 1024x1024 image, a short prompt, 100 new tokens, preprocessing included;
 - the decode step's compiled program: kernels per step and bytes copied per step (batch 1).
+With `--quantize int8 int4`, each scheme is one more column (weight-only, quantized from the same float
+weights, the first layout; `--quantize-embeddings both` adds columns with the embedding / LM head kept
+float), and its roofline counts its own (quantized) bytes.
 transformers (eager) runs the same workloads once per model, unless `--ours-only` (then torch is never
 imported and the weights come from our own initialiser).
 
@@ -22,7 +25,8 @@ transformers in the same run; absolute times depend on the machine and its load.
 
     python benchmarks/bench_generate.py [--models 450m 1.6b] [--dtype float32|bfloat16] [--batches 1 8 32]
         [--layouts per-layer scan] [--contexts 1024 8192] [--attention auto|blockwise|xla|cudnn]
-        [--fused-projections] [--ours-only]
+        [--fused-projections] [--ours-only] [--quantize int8 int4 [--quant-group-size 64]
+        [--quantize-embeddings on|off|both]]
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
@@ -48,6 +52,7 @@ from processor_fixtures import synthetic_image  # noqa: E402
 
 from lfm2vl_jax import Lfm2VlForConditionalGeneration  # noqa: E402
 from lfm2vl_jax.checkpoint.canonical import from_canonical, to_canonical  # noqa: E402
+from lfm2vl_jax.config import QUANT_SCHEMES  # noqa: E402
 from lfm2vl_jax.inference import engine  # noqa: E402
 from lfm2vl_jax.inference.sampling import SamplingParams  # noqa: E402
 from lfm2vl_jax.inference.step import decode_step, empty_rows  # noqa: E402
@@ -253,6 +258,14 @@ def main() -> None:
         "--fused-projections", action="store_true", help="ours with RuntimeConfig.fused_projections"
     )
     parser.add_argument("--ours-only", action="store_true", help="no transformers (torch is not imported)")
+    parser.add_argument("--quantize", nargs="*", choices=QUANT_SCHEMES, default=[], help="also these schemes")
+    parser.add_argument("--quant-group-size", type=int, help="int4 group size (default 64)")
+    parser.add_argument(
+        "--quantize-embeddings",
+        choices=("on", "off", "both"),
+        default="on",
+        help="quantized columns with the embedding / LM head quantized, kept float, or both",
+    )
     parser.add_argument("--skip-end-to-end", action="store_true")
     args = parser.parse_args()
 
@@ -280,31 +293,48 @@ def main() -> None:
                     params = from_canonical(to_canonical(model.params, model.config), config)
                     model = Lfm2VlForConditionalGeneration(config, params, model.generation_config)
                 result["layouts"][layout] = ours_workloads(pair, model, args)
+                result.setdefault("text_weight_bytes", {})[layout] = tree_bytes(model.params["text"])
+            for column, quantized in quantized_models(pair.ours, args):
+                result["layouts"][column] = ours_workloads(pair, quantized, args)
+                result["text_weight_bytes"][column] = tree_bytes(quantized.params["text"])
+                del quantized
             if not args.ours_only:
                 result["transformers"] = reference_workloads(pair, args)
-            result["roofline"] = batch1_roofline(result, tree_bytes(pair.ours.params["text"]), bandwidth)
+            result["roofline"] = batch1_roofline(result, result["text_weight_bytes"], bandwidth)
             report["models"][name] = result
             del pair
     print(json.dumps(report))
     print_table(report)
 
 
-def batch1_roofline(result: dict, weight_bytes: int, bandwidth: dict) -> dict:
-    """Batch-1 decode rates as fractions of the rooflines (measured bandwidth; datasheet, if known)."""
+def quantized_models(model: Lfm2VlForConditionalGeneration, args: argparse.Namespace) -> Iterator:
+    """(column name, model) for each `--quantize` scheme and embeddings choice, one at a time."""
+    kept = {"on": [False], "off": [True], "both": [False, True]}[args.quantize_embeddings]
+    for scheme in args.quantize:
+        for keep in kept:
+            group = args.quant_group_size if scheme == "int4" else None
+            name = scheme + (f"/g{group}" if group else "") + (" float head" if keep else "")
+            yield name, model.quantize(scheme, group, embeddings=not keep)
+
+
+def batch1_roofline(result: dict, weight_bytes: dict[str, int], bandwidth: dict) -> dict:
+    """Batch-1 decode rates as fractions of the rooflines (measured bandwidth; datasheet, if known), each
+    column's from its own text-tower bytes (quantized ones' included); transformers' from the first's."""
     datasheet = bandwidth["datasheet_GB_s"]
+    first = weight_bytes[next(iter(result["layouts"]))]
     roofline = {
-        "text_weight_GB": weight_bytes / 1e9,
-        "batch1_tok_s": bandwidth["GB_s"] * 1e9 / weight_bytes,
-        "batch1_tok_s_datasheet": datasheet and datasheet * 1e9 / weight_bytes,
+        "text_weight_GB": {column: n / 1e9 for column, n in weight_bytes.items()},
+        "batch1_tok_s": {column: bandwidth["GB_s"] * 1e9 / n for column, n in weight_bytes.items()},
+        "batch1_tok_s_datasheet": datasheet and datasheet * 1e9 / first,
     }
     rates = {
-        f"{layout}_{loop}_loop": tokens_per_s
+        f"{layout}_{loop}_loop": (tokens_per_s, weight_bytes[layout])
         for layout, r in result["layouts"].items()
         for loop, tokens_per_s in r["decode"].get(1, {}).items()
     }
     if "transformers" in result and 1 in result["transformers"]["decode"]:
-        rates["transformers"] = result["transformers"]["decode"][1]
-    roofline["fractions"] = {name: fractions(rate, weight_bytes, bandwidth) for name, rate in rates.items()}
+        rates["transformers"] = (result["transformers"]["decode"][1], first)
+    roofline["fractions"] = {name: fractions(rate, n, bandwidth) for name, (rate, n) in rates.items()}
     return roofline
 
 
@@ -362,10 +392,11 @@ def print_table(report: dict) -> None:
             f"{k} {v['measured']:.2f}" + (f" (datasheet {v['datasheet']:.2f})" if "datasheet" in v else "")
             for k, v in f["fractions"].items()
         )
-        print(
-            f"{name:<6}roofline b=1: {f['batch1_tok_s']:.1f} tok/s ({f['text_weight_GB']:.2f} GB at "
-            f"{bw['GB_s']:.1f} GB/s, {bw['probe']} probe); {shares}"
+        limits = ", ".join(
+            f"{column} {f['batch1_tok_s'][column]:.1f} tok/s ({gb:.2f} GB)"
+            for column, gb in f["text_weight_GB"].items()
         )
+        print(f"{name:<6}roofline b=1 at {bw['GB_s']:.1f} GB/s ({bw['probe']} probe): {limits}; {shares}")
     print("(ours/hf > 1: ours is faster; ours/hf uses the first layout and the first loop listed)")
 
 

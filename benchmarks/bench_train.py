@@ -9,6 +9,14 @@ tokens. Both run full fine-tuning; `--dtype` is the compute dtype (ours: bf16 ma
 weights; transformers: the model cast to bf16). `--remat full` recomputes each layer in the backward pass
 on both sides (ours: `RuntimeConfig.remat`; transformers: activation checkpointing).
 
+With `--lora-rank R` two more sides train LoRA adapters of rank R on every attention, MLP and short-conv
+projection of the vision and text towers (peft's targets written as full module names), starting from the
+same adapters (ours drawn, saved in peft's format, loaded by both): ours (`ours-lora`, applied unmerged)
+and transformers + peft (`peft-lora`, `PeftModel.from_pretrained(..., is_trainable=True)`). Use it with
+`--remat full` for the comparison with gradient checkpointing on both sides. `--quantize int4` (or int8)
+holds our LoRA side's frozen projections quantized (QLoRA; peft's side stays float: bitsandbytes' 4-bit
+layers need CUDA).
+
 Each side runs in its own subprocess, one block of `--steps` timed steps (after a warm-up step) at a
 time, the sides alternating for `--rounds` rounds: a training step holds the params, gradients, AdamW
 state and activations of one side, and on a small machine the two sides do not fit together. Our compiled
@@ -23,7 +31,7 @@ Prints one JSON line, then a table. Ratios compare the two in the same run; abso
 machine and its load.
 
     python benchmarks/bench_train.py [--models 450m 1.6b] [--dtype float32|bfloat16] [--batch 1]
-        [--remat none|full] [--rounds 2] [--steps 3] [--ours-only]
+        [--remat none|full] [--rounds 2] [--steps 3] [--ours-only] [--lora-rank R [--quantize int4]]
 """
 
 from __future__ import annotations
@@ -53,11 +61,17 @@ from lfm2vl_jax.config import config_from_dict  # noqa: E402
 from lfm2vl_jax.nn.params import abstract_params, tree_bytes  # noqa: E402
 from lfm2vl_jax.processing.processor import Lfm2VlProcessor  # noqa: E402
 from lfm2vl_jax.training.data import BatchLoader, BatchPlan, RowSlice, read_conversations  # noqa: E402
-from lfm2vl_jax.training.metrics import batch_counts, peak_flops, step_flops  # noqa: E402
+from lfm2vl_jax.training.lora import LoraConfig, init_adapters  # noqa: E402
+from lfm2vl_jax.training.metrics import adapter_sizes, batch_counts, peak_flops, step_flops  # noqa: E402
+from lfm2vl_jax.training.peft_adapter import load_peft_adapter, save_peft_adapter  # noqa: E402
+from lfm2vl_jax.training.step import Trainable  # noqa: E402
 
 LEARNING_RATE, MAX_GRAD_NORM = 1e-5, 1.0
 SENTENCE = "The photo shows a woman in a naval uniform standing in front of a blue wall. "
 ALL = {"vision": True, "projector": True, "text": True}
+NONE = {"vision": False, "projector": False, "text": False}
+LORA_COMPONENTS = ("vision", "text")
+SIDES = ("ours", "transformers", "ours-lora", "peft-lora")
 
 
 def matmul_flops_per_s(dtype: str) -> float:
@@ -127,9 +141,9 @@ def load_batch(directory: Path, batch: int, max_length: int) -> tuple[dict, list
 # One side (subprocess) ----------------------------------------------------------------------------------
 
 
-def ours_step(directory: Path, args: argparse.Namespace):
+def ours_step(directory: Path, args: argparse.Namespace, lora: bool = False):
     from lfm2vl_jax.checkpoint.hf import load_hf_checkpoint
-    from lfm2vl_jax.config import DTypePolicy, RuntimeConfig
+    from lfm2vl_jax.config import DTypePolicy, Quantization, RuntimeConfig
     from lfm2vl_jax.parallel.mesh import make_mesh
     from lfm2vl_jax.training.optimizer import OptimizerConfig, make_optimizer, parameter_labels
     from lfm2vl_jax.training.step import (
@@ -144,29 +158,36 @@ def ours_step(directory: Path, args: argparse.Namespace):
     local, _, _ = load_batch(directory, args.batch, args.max_length)
     mesh = make_mesh()
     dtypes = DTypePolicy(params=jnp.float32, compute=jnp.dtype(args.dtype))
-    config, params = load_hf_checkpoint(
-        directory, RuntimeConfig(dtypes=dtypes, mesh=mesh, remat=args.remat), False
-    )
+    quantization = Quantization(args.quantize, embeddings=False) if lora and args.quantize != "none" else None
+    runtime = RuntimeConfig(dtypes=dtypes, mesh=mesh, remat=args.remat, quantization=quantization)
+    config, params = load_hf_checkpoint(directory, runtime, False)
     trainable = Trainable(config, ("vision", "projector", "text"))
+    if lora:
+        trainable = Trainable(config, LORA_COMPONENTS, LoraConfig(args.lora_rank))
     options = OptimizerConfig(learning_rate=LEARNING_RATE, total_steps=10**6, max_grad_norm=MAX_GRAD_NORM)
     tx = make_optimizer(options, parameter_labels(trainable.specs()))
     shardings = state_shardings(trainable, tx, abstract_state(trainable, tx))
     create = jax.jit(
         lambda p: TrainState.create(p, tx, jax.random.PRNGKey(0)), out_shardings=shardings, donate_argnums=0
     )
-    state = create(params)
+    frozen = {}
+    if lora:
+        frozen = params
+        state = create(load_peft_adapter(directory / "adapter", config, trainable.adapted, trainable.lora))
+    else:
+        state = create(params)
     train_step = make_train_step(trainable, options.schedule(), shardings, 2048)
     batch = global_batch(local, mesh, config.runtime.rules, 1)
 
     def step() -> float:
         nonlocal state
-        state, metrics = train_step(state, {}, batch)
+        state, metrics = train_step(state, frozen, batch)
         return float(jax.device_get(metrics["loss"]))
 
     return step
 
 
-def transformers_step(directory: Path, args: argparse.Namespace):
+def transformers_step(directory: Path, args: argparse.Namespace, lora: bool = False):
     import torch
     from transformers import Lfm2VlForConditionalGeneration as HfModel
 
@@ -176,7 +197,13 @@ def transformers_step(directory: Path, args: argparse.Namespace):
     model = HfModel.from_pretrained(directory, dtype=dtype).to(device).train()
     if args.remat != "none":
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0, eps=1e-8)
+    if lora:
+        from peft import PeftModel
+
+        model.enable_input_require_grads()  # checkpointed layers need a grad-requiring input to backprop
+        model = PeftModel.from_pretrained(model, directory / "adapter", is_trainable=True).train()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=LEARNING_RATE, weight_decay=0.0, eps=1e-8)
     width = max(e.length for e in examples)
     ids = np.full((len(examples), width), processor.pad_token_id, np.int64)
     mask, labels = np.zeros_like(ids), np.full_like(ids, -100)
@@ -196,7 +223,7 @@ def transformers_step(directory: Path, args: argparse.Namespace):
         optimizer.zero_grad(set_to_none=True)
         loss = model(**inputs).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        torch.nn.utils.clip_grad_norm_(trained, MAX_GRAD_NORM)
         optimizer.step()
         if device == "cuda":
             torch.cuda.synchronize()
@@ -207,7 +234,8 @@ def transformers_step(directory: Path, args: argparse.Namespace):
 
 def worker(side: str, directory: Path, args: argparse.Namespace) -> None:
     """One block: a warm-up step, then `--steps` timed steps; prints times, losses and peak memory."""
-    step = (ours_step if side == "ours" else transformers_step)(directory, args)
+    make = ours_step if side.startswith("ours") else transformers_step
+    step = make(directory, args, lora=side.endswith("lora"))
     losses = [step()]
     times = []
     for _ in range(args.steps):
@@ -227,7 +255,7 @@ def worker(side: str, directory: Path, args: argparse.Namespace) -> None:
 
 def run_block(side: str, directory: Path, args: argparse.Namespace, cache: Path) -> dict:
     command = [sys.executable, __file__, "--worker", side, "--material", str(directory)]
-    for flag in ("dtype", "batch", "tokens", "remat", "steps", "max_length"):
+    for flag in ("dtype", "batch", "tokens", "remat", "steps", "max_length", "lora_rank", "quantize"):
         command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     env = {
         **os.environ,
@@ -255,24 +283,38 @@ def benchmark(name: str, args: argparse.Namespace, peak: float) -> dict:
         local, _, _ = load_batch(directory, args.batch, args.max_length)
         config = config_from_dict(json.loads((directory / "config.json").read_text()))
         counts = batch_counts(local)
-        flops = step_flops(config, counts, ALL, ALL)
-        blocks: dict[str, list] = {"ours": []} if args.ours_only else {"ours": [], "transformers": []}
+        flops = {side: step_flops(config, counts, ALL, ALL) for side in ("ours", "transformers")}
+        sides = ["ours"] if args.ours_only else ["ours", "transformers"]
+        if args.lora_rank:
+            lora = Trainable(config, LORA_COMPONENTS, LoraConfig(args.lora_rank))
+            adapters = init_adapters(lora.adapted, lora.lora, jax.random.key(0))
+            adapters = jax.device_get(adapters)
+            save_peft_adapter(directory / "adapter", config, adapters, lora.adapted, lora.lora)
+            sizes = adapter_sizes(lora.adapted, args.lora_rank)
+            for side in ("ours-lora", "peft-lora"):
+                flops[side] = step_flops(config, counts, ALL, NONE, sizes)
+            sides += ["ours-lora"] if args.ours_only else ["ours-lora", "peft-lora"]
+        blocks: dict[str, list] = {side: [] for side in sides}
         for _ in range(args.rounds):
             for side in blocks:
                 blocks[side].append(run_block(side, directory, args, Path(tmp) / "cache"))
     tokens = int(counts["row_lengths"].sum())
-    result = {"tokens": tokens, "loss_tokens": counts["loss_tokens"], "step_tflop": flops / 1e12}
+    result = {"tokens": tokens, "loss_tokens": counts["loss_tokens"], "step_tflop": flops["ours"] / 1e12}
     for side, runs in blocks.items():
         seconds = statistics.median(t for run in runs for t in run["times"])
         result[side] = {
             "step_s": seconds,
             "tokens_per_s": tokens / seconds,
-            "mfu": flops / seconds / peak,
+            "mfu": flops[side] / seconds / peak,
             "peak_gb": max(run["peak_gb"] for run in runs),
             "first_loss": runs[0]["losses"][0],
         }
     if "transformers" in result:
         result["speedup"] = result["transformers"]["step_s"] / result["ours"]["step_s"]
+    if "ours-lora" in result:
+        result["lora_over_full_time"] = result["ours-lora"]["step_s"] / result["ours"]["step_s"]
+    if "peft-lora" in result:
+        result["lora_speedup_over_peft"] = result["peft-lora"]["step_s"] / result["ours-lora"]["step_s"]
     return result
 
 
@@ -289,9 +331,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="blocks per side, alternating")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per block")
     parser.add_argument("--ours-only", action="store_true", help="no transformers side")
-    parser.add_argument("--worker", choices=("ours", "transformers"), help=argparse.SUPPRESS)
+    parser.add_argument("--lora-rank", type=int, default=0, help="also LoRA of this rank: ours and peft's")
+    parser.add_argument("--quantize", choices=("none", "int8", "int4"), default="none", help="QLoRA's base")
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--material", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quantize != "none" and not args.lora_rank:
+        parser.error("--quantize holds our LoRA side's base quantized: give --lora-rank too")
     if args.worker:
         worker(args.worker, args.material, args)
         return
@@ -307,6 +353,8 @@ def main() -> None:
         "dtype": args.dtype,
         "batch": args.batch,
         "remat": args.remat,
+        "lora_rank": args.lora_rank,
+        "quantize": args.quantize,
         "peak_tflops": peak / 1e12,
         "peak_source": peak_source,
         "models": {name: benchmark(name, args, peak) for name in args.models},
@@ -325,13 +373,17 @@ def print_table(report: dict) -> None:
         if "skipped" in r:
             print(f"{name:<6}skipped: {r['skipped']}")
             continue
-        for side in ("ours", "transformers")[: 1 + ("transformers" in r)]:
+        for side in (side for side in SIDES if side in r):
             s = r[side]
             print(
                 f"{name:<6}{side:<14}{s['step_s']:>9.3f}{s['tokens_per_s']:>9.0f}{s['mfu']:>8.1%}{s['peak_gb']:>9.2f}"
             )
         if "speedup" in r:
             print(f"{name:<6}ours/transformers speed: {r['speedup']:.2f}x ({r['tokens']} tokens per step)")
+        if "lora_over_full_time" in r:
+            print(f"{name:<6}our LoRA step / our full step time: {r['lora_over_full_time']:.2f}")
+        if "lora_speedup_over_peft" in r:
+            print(f"{name:<6}our LoRA / peft LoRA speed: {r['lora_speedup_over_peft']:.2f}x")
 
 
 if __name__ == "__main__":

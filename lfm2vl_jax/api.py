@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 from .checkpoint.hf import load_hf_checkpoint
 from .checkpoint.hub import resolve_checkpoint_dir
-from .config import ConfigError, DTypePolicy, Lfm2VlConfig, RuntimeConfig, read_json_object
+from .config import ConfigError, DTypePolicy, Lfm2VlConfig, Quantization, RuntimeConfig, read_json_object
 from .inference import engine
 from .inference.batching import BatchEngine
 from .inference.options import check_generation_fits, generation_length, resolve_generation_options
@@ -39,7 +39,7 @@ from .nn.model import (
     image_token_embedding,
     vision_and_image_features,
 )
-from .nn.params import Params
+from .nn.params import Params, param_shardings, quantize_params
 from .parallel.sharding import batch_sharding
 
 # The plain forward pass, jitted here, at its entry point (the config is static: it picks the program).
@@ -113,6 +113,9 @@ class Lfm2VlForConditionalGeneration:
         progress: bool = True,
         runtime: RuntimeConfig | None = None,
         check_finite: bool = True,
+        quantize: str | None = None,
+        quant_group_size: int | None = None,
+        quantize_embeddings: bool = True,
     ) -> Lfm2VlForConditionalGeneration:
         """Loads a transformers checkpoint from a local directory or a Hugging Face Hub id.
 
@@ -128,6 +131,10 @@ class Lfm2VlForConditionalGeneration:
             `dtype`, `mesh` and `scan_layers` are ignored when it is given.
         check_finite: refuse a checkpoint with a NaN or infinite value in any tensor (or one beyond the range
             of `dtype`), naming the first such tensor and its file; False skips this check.
+        quantize: "int8" (one scale per output channel) or "int4" (one per `quant_group_size` inputs,
+            default 64) weight-only quantization of every projection, done as the tensors stream in (peak
+            host memory near the quantized size plus one float weight); `quantize_embeddings`: the
+            embedding / LM head too (else kept in `dtype`). Sets `runtime.quantization` (see `Quantization`).
         """
         if runtime is None:
             dtypes = DTypePolicy.uniform(dtype)
@@ -135,6 +142,13 @@ class Lfm2VlForConditionalGeneration:
             runtime = RuntimeConfig(dtypes=dtypes, scan_layers=scan_layers, mesh=mesh)
         elif not isinstance(runtime, RuntimeConfig):
             raise ConfigError(f"runtime must be a RuntimeConfig, got a {type(runtime).__name__}")
+        if quantize is not None or quant_group_size is not None:
+            if runtime.quantization is not None:
+                raise ConfigError("quantize: the runtime given already sets a quantization; pass one of them")
+            if quantize is None:
+                raise ConfigError("quant_group_size is for quantize='int4'")
+            quantization = Quantization(quantize, quant_group_size, quantize_embeddings)
+            runtime = runtime.replace(quantization=quantization)
         for name, value in (("progress", progress), ("check_finite", check_finite)):
             if not isinstance(value, bool):
                 raise ConfigError(f"{name} must be True or False, got {value!r}")
@@ -143,6 +157,21 @@ class Lfm2VlForConditionalGeneration:
             directory, runtime=runtime, progress=progress, check_finite=check_finite
         )
         return cls(config, params, _read_generation_config(directory), directory)
+
+    def quantize(
+        self, scheme: str, group_size: int | None = None, embeddings: bool = True
+    ) -> Lfm2VlForConditionalGeneration:
+        """A copy of this model with weight-only quantized projections (see `from_pretrained`'s
+        `quantize`); this model is left as it is. A model quantized already is refused."""
+        if self.config.runtime.quantization is not None:
+            raise ConfigError(
+                f"this model is already quantized ({self.config.runtime.quantization.scheme}): quantize a "
+                "float model (load it again)"
+            )
+        config = self.config.with_runtime(quantization=Quantization(scheme, group_size, embeddings))
+        params = quantize_params(self.params, config)
+        params = jax.device_put(params, None if self.mesh is None else param_shardings(config))
+        return type(self)(config, params, self.generation_config, self.source_dir)
 
     @property
     def dtype(self) -> Any:

@@ -22,7 +22,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from .compile_cache import add_compile_cache_argument, setup_compile_cache
-from .config import REMAT_POLICIES, default_dtype_name
+from .config import QUANT_SCHEMES, REMAT_POLICIES, ConfigError, Quantization, default_dtype_name
 from .errors import Lfm2VlError
 from .inference.batch_io import MAX_LINE_BYTES
 from .inference.options import SAMPLING_DEFAULTS, SAMPLING_RANGES
@@ -92,6 +92,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     add_dtype_argument(p)
     add_sampling_arguments(p, "sampling seed")
     add_scan_layers_argument(p)
+    add_quantize_arguments(p)
     add_compile_cache_argument(p)
     p.set_defaults(run=run_generate)
 
@@ -147,6 +148,38 @@ def check_sampling_arguments(args: argparse.Namespace) -> None:
         raise Lfm2VlError(f"--seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {args.seed}")
 
 
+def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quantize",
+        choices=QUANT_SCHEMES,
+        help="weight-only quantization at load time: int8 (per output channel) or int4 (group-wise) "
+        "(default: none, float weights)",
+    )
+    p.add_argument(
+        "--quant-group-size", type=int, help="inputs per int4 scale (default: 64 where it divides)"
+    )
+    p.add_argument(
+        "--quantize-embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --quantize: quantize the embedding / LM head too",
+    )
+
+
+def _quantize_options(args: argparse.Namespace) -> dict:
+    """from_pretrained's quantization options, checked now (before anything is read or written)."""
+    if args.quantize is None:
+        if args.quant_group_size is not None:
+            raise ConfigError("--quant-group-size is for --quantize int4")
+        return {}
+    Quantization(args.quantize, args.quant_group_size, args.quantize_embeddings)
+    return {
+        "quantize": args.quantize,
+        "quant_group_size": args.quant_group_size,
+        "quantize_embeddings": args.quantize_embeddings,
+    }
+
+
 def _sampling_options(args: argparse.Namespace) -> dict:
     """The sampling options of `generate` and `batch` (None: unset, the checkpoint's default applies)."""
     return {
@@ -176,7 +209,11 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     dtype = args.dtype or default_dtype_name()
     model = Lfm2VlForConditionalGeneration.from_pretrained(
-        args.model, dtype=DTYPES[dtype], scan_layers=args.scan_layers, progress=sys.stderr.isatty()
+        args.model,
+        dtype=DTYPES[dtype],
+        scan_layers=args.scan_layers,
+        progress=sys.stderr.isatty(),
+        **_quantize_options(args),
     )
     processor.check_model(model.config.image_token_id)
     model.default_max_new_tokens = 256  # the CLI's, where generation_config.json does not say
@@ -297,6 +334,7 @@ def _batch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--prefill-batch", type=int, help="most requests prefilled together (default: slots/4, at least 1)"
     )
+    add_quantize_arguments(p)
     p.add_argument("--workers", type=int, help="threads preparing requests (default: CPUs - 1, 1..4)")
     p.add_argument(
         "--max-line-bytes",
@@ -419,6 +457,7 @@ def run_batch(args: argparse.Namespace) -> int:
     from .inference.shards import request_shard
 
     check_batch_arguments(args)
+    _quantize_options(args)  # checked before anything is read or written
     # Every check that reads only, then the model: nothing is written before all have passed.
     writer = ResultWriter(args.output, resume=args.resume, overwrite=args.overwrite)
     options = _sampling_options(args)
@@ -496,6 +535,7 @@ class _LocalRunner:
             mesh=mesh,
             scan_layers=args.scan_layers,
             progress=not args.quiet and sys.stderr.isatty(),
+            **_quantize_options(args),
         )
         self.engine = model.batch_engine(processor, **engine_options)
         self._start = time.perf_counter()
@@ -540,6 +580,7 @@ def _ray_runner(args: argparse.Namespace, engine_options: dict):
             "dtype": args.dtype,
             "mesh": args.mesh,
             "scan_layers": args.scan_layers,
+            "quantize": _quantize_options(args),
             "compile_cache": jax.config.jax_compilation_cache_dir,  # this process's (the flag's)
         },
         replica_resources=resources,
@@ -676,6 +717,16 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-alpha", type=float, help="LoRA scaling numerator (scale alpha/rank)")
     p.add_argument("--lora-targets", help="LoRA targets among attn,mlp,conv")
     p.add_argument("--max-length", type=int, help="longest conversation in tokens")
+    p.add_argument("--lora-dropout", type=float, help="dropout on LoRA's inputs, in [0, 1)")
+    p.add_argument(
+        "--init-adapters", help="start the LoRA adapters from this peft adapter directory (default: fresh)"
+    )
+    p.add_argument(
+        "--quantize", choices=QUANT_SCHEMES, help="QLoRA: hold the frozen base int8 or int4 (default: float)"
+    )
+    p.add_argument(
+        "--quant-group-size", type=int, help="inputs per int4 scale (default: 64 where it divides)"
+    )
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad data lines")
     p.add_argument("--remat", choices=REMAT_POLICIES, help="what the backward pass recomputes")
     p.add_argument(

@@ -165,6 +165,42 @@ class DTypePolicy:
         return cls(params=dtype, compute=dtype, cache=dtype)
 
 
+QUANT_SCHEMES = ("int8", "int4")
+DEFAULT_INT4_GROUP_SIZE = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    """Weight-only quantization of every projection (`nn.quant`): "int8" with one scale per output channel,
+    or "int4" with one scale per `group_size` consecutive inputs of each output channel. `embeddings`: the
+    token embedding and LM head (tied or not) quantized too (per vocabulary row for a tied embedding), or
+    kept in the params dtype."""
+
+    scheme: str
+    group_size: int | None = None  # int4 only; default DEFAULT_INT4_GROUP_SIZE
+    embeddings: bool = True
+
+    def __post_init__(self):
+        if self.scheme not in QUANT_SCHEMES:
+            raise ConfigError(f"unknown quantization scheme {self.scheme!r}: use one of {QUANT_SCHEMES}")
+        if self.scheme == "int8" and self.group_size is not None:
+            raise ConfigError(
+                f"quantization group size {self.group_size!r} is for int4 (int8 has one scale per output "
+                "channel)"
+            )
+        if self.scheme == "int4":
+            size = DEFAULT_INT4_GROUP_SIZE if self.group_size is None else self.group_size
+            if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 2 or size % 2:
+                raise ConfigError(f"quantization group size must be an even integer >= 2, got {size!r}")
+            object.__setattr__(self, "group_size", int(size))
+        if not isinstance(self.embeddings, (bool, np.bool_)):
+            raise ConfigError(f"quantization embeddings must be True or False, got {self.embeddings!r}")
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.scheme == "int8" else 4
+
+
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
     """How to run the model (not what it is): layouts, dtypes, kernels, remat, sharding. Static: a change
@@ -181,6 +217,8 @@ class RuntimeConfig:
     remat: what the backward pass recomputes in the scanned layers and the vision tower
         (`nn.layers.REMAT_POLICIES`); only matters under `jax.grad`.
     mesh, rules: where arrays live; activations get sharding constraints when a mesh is set.
+    quantization: weight-only int8/int4 projections (`Quantization`, `nn.quant`), or None. The params
+        pytree must hold them quantized (`nn.quant.quantize_params`, or quantized as they load).
     """
 
     dtypes: DTypePolicy = dataclasses.field(default_factory=DTypePolicy)
@@ -190,6 +228,7 @@ class RuntimeConfig:
     remat: str = "none"
     mesh: Mesh | None = None
     rules: ShardingRules = DEFAULT_RULES
+    quantization: Quantization | None = None
 
     def __post_init__(self):
         # Each field's type, so that e.g. scan_layers='no' is not read as True, nor a mesh description as
@@ -204,6 +243,7 @@ class RuntimeConfig:
                 "a jax.sharding.Mesh (or AbstractMesh) or None (parallel.mesh.make_mesh(data=2))",
             ),
             "rules": (ShardingRules, "a ShardingRules"),
+            "quantization": ((Quantization, type(None)), "a Quantization('int8' | 'int4') or None"),
         }
         for name, (expected, description) in types.items():
             value = getattr(self, name)

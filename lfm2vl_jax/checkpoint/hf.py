@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..config import CONV, Lfm2VlConfig, RuntimeConfig, config_from_dict, read_config_json
 from ..errors import Lfm2VlError
 from ..nn.params import Params, ParamSpec, is_spec, param_shardings, param_specs
+from ..nn.quant import QuantizedWeight, dequantize_on_host, quantize_like
 from .safetensors_io import SafetensorsError, SafetensorsFile
 
 log = logging.getLogger(__name__)
@@ -522,14 +523,15 @@ def load_hf_checkpoint(
     table = tensor_map(config)
     _check_tensors(reader, table, config)
 
-    specs = param_specs(config)
+    specs = param_specs(config)  # quantized weights: a `QuantizedWeight` of specs
+    float_specs = param_specs(config.with_runtime(quantization=None))
     leaf_shardings = None if runtime.mesh is None else param_shardings(config)
     np_dtype = np.dtype(runtime.dtypes.params)
     params = jax.tree.map(lambda _: None, specs, is_leaf=is_spec)
     # closed as an error or Ctrl-C passes through, so that nothing redraws it after the error line
     with tqdm(total=len(table), desc=f"loading {directory.name}", unit="tensor", disable=not progress) as bar:
         for path, mappings in _group_by_leaf(table).items():
-            spec: ParamSpec = leaf_at(specs, path)
+            spec: ParamSpec = leaf_at(float_specs, path)
             leaf = np.empty(spec.shape, np_dtype)
             for m in mappings:
                 file = reader.tensors[m.hf_key][0].path
@@ -544,6 +546,9 @@ def load_hf_checkpoint(
                 if check_finite and not np.isfinite(target).all():
                     raise CheckpointError(_non_finite(m.hf_key, file, stored, np_dtype))
                 bar.update()
+            quantized = leaf_at(specs, path)
+            if isinstance(quantized, QuantizedWeight):  # quantized as it streams in: one float leaf at a time
+                leaf = quantize_like(leaf, quantized)
             sharding = None if leaf_shardings is None else leaf_at(leaf_shardings, path)
             _set_leaf(params, path, jax.device_put(leaf, sharding))
     return config, params
@@ -555,9 +560,15 @@ def iter_hf_tensors(
     """Our params (in `config`'s layout) as transformers 5.x state-dict tensors, one at a time, in key
     order."""
     table = tensor_map(config)
+    float_specs = param_specs(config.with_runtime(quantization=None))
+    dequantized: dict[tuple, np.ndarray] = {}  # the last quantized leaf, dequantized (one at a time)
     for key in sorted(table):
         m = table[key]
         leaf = leaf_at(params, m.path)
+        if isinstance(leaf, QuantizedWeight):  # exported dequantized, in the float leaf's shape
+            if m.path not in dequantized:
+                dequantized = {m.path: dequantize_on_host(leaf).reshape(leaf_at(float_specs, m.path).shape)}
+            leaf = dequantized[m.path]
         value = np.asarray(leaf if m.index is None else leaf[m.index])
         value = np.ascontiguousarray(m.to_hf(value))
         yield key, value if dtype is None else value.astype(np.dtype(jnp.dtype(dtype)))

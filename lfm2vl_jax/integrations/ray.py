@@ -57,8 +57,11 @@ class RayError(Lfm2VlError):
     """The Ray cluster cannot be used (unreachable address, bad replica settings)."""
 
 
-def _load(model: str, dtype: str | None, mesh: str | None, scan_layers: bool | None) -> tuple[Any, Any]:
-    """The processor and model of checkpoint `model`, as `lfm2vl batch` loads them."""
+def _load(
+    model: str, dtype: str | None, mesh: str | None, scan_layers: bool | None, quantize: dict | None = None
+) -> tuple[Any, Any]:
+    """The processor and model of checkpoint `model`, as `lfm2vl batch` loads them (`quantize`: the
+    quantization options of `from_pretrained`)."""
     import jax.numpy as jnp
 
     from ..api import Lfm2VlForConditionalGeneration
@@ -73,6 +76,7 @@ def _load(model: str, dtype: str | None, mesh: str | None, scan_layers: bool | N
         mesh=make_mesh(**parse_mesh(mesh)) if mesh else None,
         scan_layers=scan_layers,
         progress=False,
+        **(quantize or {}),
     )
     return processor, loaded
 
@@ -104,7 +108,8 @@ class BatchReplica:
     times `slots`).
 
     model: checkpoint directory or hub id (reachable from every node). dtype, mesh ("data=2,tensor=4":
-    the mesh over this actor's devices), scan_layers: as `lfm2vl batch`. slots, max_length,
+    the mesh over this actor's devices), scan_layers, quantize (`from_pretrained`'s quantization
+    options): as `lfm2vl batch`. slots, max_length,
     max_new_tokens, seed, prefill_batch, workers and the sampling options: the engine's (`BatchEngine`).
     requests_path: the JSONL file that rows of `number` + `offset` are lines of. compile_cache: a
     persistent compilation cache directory on the actor's node (a restarted actor compiles nothing again).
@@ -123,13 +128,14 @@ class BatchReplica:
         dtype: str | None = None,
         mesh: str | None = None,
         scan_layers: bool | None = None,
+        quantize: dict | None = None,
         max_line_bytes: int = MAX_LINE_BYTES,
         compile_cache: str | None = None,
         **engine_options: Any,
     ):
         if compile_cache:
             enable_compile_cache(compile_cache)
-        processor, loaded = _load(model, dtype, mesh, scan_layers)
+        processor, loaded = _load(model, dtype, mesh, scan_layers, quantize)
         self.engine = loaded.batch_engine(processor, **engine_options)
         self.requests_path, self.max_line_bytes = requests_path, max_line_bytes
         self.replica = f"{socket.gethostname()}:{os.getpid()}"

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from ..config import Lfm2VlConfig
 from .params import Params
 from .projector import image_tokens_per_image, project
+from .quant import take_rows
 from .text import embed_tokens, lm_logits, text_forward, text_hidden_states
 from .vision import vision_tower
 
@@ -49,7 +50,7 @@ def merge_image_features(
 
 def image_token_embedding(params: Params, config: Lfm2VlConfig) -> jax.Array:
     """The `<image>` token's row of the embedding table (D,)."""
-    return params["text"]["embed"][config.image_token_id]
+    return take_rows(params["text"]["embed"], jnp.asarray(config.image_token_id))
 
 
 def image_positions(

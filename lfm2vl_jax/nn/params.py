@@ -38,8 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import ATTENTION, CONV, ConfigError, Lfm2VlConfig, TextConfig, VisionConfig
+from ..config import ATTENTION, CONV, ConfigError, Lfm2VlConfig, Quantization, TextConfig, VisionConfig
+from ..errors import Lfm2VlError
 from ..parallel.sharding import mesh_of
+from .quant import QuantizedWeight, quantize_like
 
 Params = dict[str, Any]
 
@@ -50,6 +52,7 @@ class ParamSpec:
     axes: tuple[str | None, ...]  # one logical axis name per dimension
     init: str = "normal"  # "normal" (std `std`), "ones" or "zeros"
     std: float = 0.0
+    dtype: Any = None  # None: the params dtype (quantized values and their scales have their own)
 
     def stacked(self, n: int) -> ParamSpec:
         return dataclasses.replace(self, shape=(n, *self.shape), axes=("layers", *self.axes))
@@ -194,7 +197,7 @@ def param_specs(config: Lfm2VlConfig) -> Params:
     }
     if not t.tie_word_embeddings:
         text["lm_head"] = _kernel((t.hidden_size, t.vocab_size), ("embed", "vocab"), t.hidden_size)
-    return {
+    specs = {
         "vision": {
             "patch_embed": _linear(patch_dim, v.hidden_size, ("patch", "vision_embed"), bias=True),
             "position_grid": ParamSpec(
@@ -206,6 +209,87 @@ def param_specs(config: Lfm2VlConfig) -> Params:
         "projector": projector,
         "text": text,
     }
+    quantization = config.runtime.quantization
+    return specs if quantization is None else quantized_specs(specs, quantization)
+
+
+# Weights that `nn.layers.project` multiplies by (named by their key, or their parent's for a "kernel"
+# leaf), with how many input axes they have; and the embedding tables.
+_PROJECTION_INPUTS = {
+    **dict.fromkeys(("q", "k", "v", "qkv", "in_proj", "out_proj", "gate", "up", "down", "gate_up"), 1),
+    **dict.fromkeys(("fc1", "fc2", "patch_embed"), 1),
+    "o": 2,
+}
+
+
+def _contracted_axes(path: tuple, spec: ParamSpec, quantization: Quantization) -> tuple[int, int] | None:
+    """(first, count): the axes of the leaf at `path` that a quantized copy contracts, or None to keep it."""
+    keys = [getattr(k, "key", None) for k in path]
+    name = keys[-2] if keys[-1] == "kernel" and len(keys) > 1 else keys[-1]
+    lead = sum(axis == "layers" for axis in spec.axes)
+    if keys[-1] == "embed" and keys[0] == "text":
+        return (1, 1) if quantization.embeddings else None  # the tied head contracts the width
+    if keys[-1] == "lm_head":
+        return (0, 1) if quantization.embeddings else None
+    if name in _PROJECTION_INPUTS:
+        return lead, _PROJECTION_INPUTS[name]
+    return None
+
+
+def _path_name(path: tuple) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def quantized_specs(specs: Params, quantization: Quantization) -> Params:
+    """The spec tree with each projection (and, by option, the embedding) replaced by a `QuantizedWeight`
+    of specs: int8/uint8 values and float32 scales, with the input axes merged into one that takes the
+    first input axis's logical name (heads-major for (N, H): the same shards as the heads)."""
+
+    def convert(path: tuple, spec: ParamSpec) -> Any:
+        axes = _contracted_axes(path, spec, quantization)
+        if axes is None:
+            return spec
+        first, count = axes
+        width = math.prod(spec.shape[first : first + count])
+        group = quantization.group_size or width
+        if width % group:
+            raise ConfigError(
+                f"int4 group size {group} does not divide the input width {width} of weight "
+                f"{_path_name(path)} {spec.shape}: choose a group size that divides it"
+            )
+        outer, inner = spec.shape[:first], spec.shape[first + count :]
+        outer_axes, inner_axes = spec.axes[:first], spec.axes[first + count :]
+        per_byte = 8 // quantization.bits
+        values = ParamSpec(
+            (*outer, width // per_byte, *inner),
+            (*outer_axes, spec.axes[first], *inner_axes),
+            "zeros",
+            dtype=np.int8 if quantization.bits == 8 else np.uint8,
+        )
+        grouped_axis = spec.axes[first] if width > group else None
+        scales_axes = (*outer_axes, grouped_axis, *inner_axes)
+        scales = ParamSpec((*outer, width // group, *inner), scales_axes, "ones", dtype=np.float32)
+        return QuantizedWeight(values, scales, quantization.bits, group, first - len(spec.shape) + count - 1)
+
+    return jax.tree_util.tree_map_with_path(convert, specs, is_leaf=is_spec)
+
+
+def quantize_params(params: Params, config: Lfm2VlConfig) -> Params:
+    """Float params (in `config`'s layout, without quantization) quantized as `config.runtime.quantization`
+    says, leaf by leaf on the host. Refuses params that already hold quantized weights."""
+    if any(isinstance(x, QuantizedWeight) for x in jax.tree.leaves(params, is_leaf=_is_quantized)):
+        raise Lfm2VlError("these params are already quantized: quantize a float model (load it again)")
+    specs = param_specs(config)
+    return jax.tree.map(
+        lambda spec, leaf: quantize_like(np.asarray(leaf), spec) if _is_quantized(spec) else leaf,
+        specs,
+        params,
+        is_leaf=lambda x: is_spec(x) or _is_quantized(x),
+    )
+
+
+def _is_quantized(x: Any) -> bool:
+    return isinstance(x, QuantizedWeight)
 
 
 def is_spec(x: Any) -> bool:
@@ -216,7 +300,9 @@ def abstract_params(config: Lfm2VlConfig, dtype: Any = None) -> Params:
     """`jax.ShapeDtypeStruct` leaves (dtype: default the policy's params dtype): what `jax.eval_shape`
     sees, without allocating anything."""
     dtype = config.runtime.dtypes.params if dtype is None else dtype
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(config), is_leaf=is_spec)
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype or dtype), param_specs(config), is_leaf=is_spec
+    )
 
 
 def init_params(config: Lfm2VlConfig, key: jax.Array, dtype: Any = None) -> Params:
@@ -231,11 +317,12 @@ def init_from_specs(spec_tree: Any, key: jax.Array, dtype: Any) -> Any:
     keys = jax.random.split(key, len(specs))
 
     def init(spec: ParamSpec, k: jax.Array) -> jax.Array:
+        leaf_dtype = spec.dtype or dtype
         if spec.init == "ones":
-            return jnp.ones(spec.shape, dtype)
+            return jnp.ones(spec.shape, leaf_dtype)
         if spec.init == "zeros":
-            return jnp.zeros(spec.shape, dtype)
-        return (spec.std * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
+            return jnp.zeros(spec.shape, leaf_dtype)
+        return (spec.std * jax.random.normal(k, spec.shape, jnp.float32)).astype(leaf_dtype)
 
     return jax.tree.unflatten(treedef, [init(s, k) for s, k in zip(specs, keys, strict=True)])
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from .layers import project
 from .params import Params
 
 
@@ -53,7 +54,7 @@ def gated_short_conv(
     # Masked positions feed zeros (as transformers' `apply_mask_to_padding_states`): padding must not leak
     # into the recurrent state. A select, not a product, so that nothing there (not even a NaN) leaks.
     x = jnp.where(token_mask[..., None], x, jnp.zeros((), x.dtype))
-    bcx = jnp.einsum("btd,dce->btce", x, p["in_proj"])
+    bcx = project("btd,dce->btce", x, p["in_proj"])
     if "in_proj_bias" in p:
         bcx = bcx + p["in_proj_bias"]
     input_gate, output_gate, value = bcx[:, :, 0], bcx[:, :, 1], bcx[:, :, 2]  # the reference's B, C, x
@@ -61,7 +62,7 @@ def gated_short_conv(
     if "kernel_bias" in p:
         conv = conv + p["kernel_bias"]
     conv = checkpoint_name(conv.astype(output_gate.dtype), "conv_out")
-    y = jnp.einsum("btd,de->bte", output_gate * conv, p["out_proj"])
+    y = project("btd,de->bte", output_gate * conv, p["out_proj"])
     if "out_proj_bias" in p:
         y = y + p["out_proj_bias"]
     return y, new_state

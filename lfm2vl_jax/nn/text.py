@@ -26,8 +26,9 @@ from jax.ad_checkpoint import checkpoint_name
 from ..config import CONV, RuntimeConfig, TextConfig
 from ..parallel.sharding import constrain
 from .attention import attention
-from .layers import apply_rope, cast, matmul_precision, remat, rms_norm
+from .layers import apply_rope, cast, matmul_precision, merge_input_axes, project, remat, rms_norm
 from .params import Params
+from .quant import QuantizedWeight, quantized_einsum, take_rows
 from .short_conv import gated_short_conv
 
 RESIDUAL_AXES = ("act_batch", "act_length", "act_embed")
@@ -67,12 +68,12 @@ def any_mask_context(token_mask: jax.Array, positions: jax.Array) -> StepContext
 
 def mlp(p: Params, x: jax.Array, fused: bool = False) -> jax.Array:
     if fused:  # one product; C indexes (gate, up)
-        gate_up = jnp.einsum("btd,dcf->btcf", x, p["gate_up"])
+        gate_up = project("btd,dcf->btcf", x, p["gate_up"])
         gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
     else:
-        gate = jnp.einsum("btd,df->btf", x, p["gate"])
-        up = jnp.einsum("btd,df->btf", x, p["up"])
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down"])
+        gate = project("btd,df->btf", x, p["gate"])
+        up = project("btd,df->btf", x, p["up"])
+    return project("btf,fd->btd", jax.nn.silu(gate) * up, p["down"])
 
 
 def attention_block(
@@ -91,7 +92,7 @@ def attention_block(
     from the einsum, which made XLA transpose the weight instead, at every decoding step.
     """
     if runtime.fused_projections:  # one product; G+2 indexes a KV head's G query heads, its key, its value
-        qkv = jnp.einsum("btd,dkgh->btkgh", x, p["qkv"])
+        qkv = project("btd,dkgh->btkgh", x, p["qkv"])
         groups = qkv.shape[3] - 2
         q, k, v = (
             qkv[:, :, :, :groups].reshape(*x.shape[:2], -1, qkv.shape[-1]),
@@ -99,9 +100,9 @@ def attention_block(
             qkv[..., -1, :],
         )
     else:
-        q = jnp.einsum("btd,dnh->btnh", x, p["q"])
-        k = jnp.einsum("btd,dkh->btkh", x, p["k"])
-        v = jnp.einsum("btd,dkh->btkh", x, p["v"])
+        q = project("btd,dnh->btnh", x, p["q"])
+        k = project("btd,dkh->btkh", x, p["k"])
+        v = project("btd,dkh->btkh", x, p["v"])
     q, k = rms_norm(q, p["q_norm"], cfg.norm_eps), rms_norm(k, p["k_norm"], cfg.norm_eps)
     q = checkpoint_name(apply_rope(q, ctx.positions, cfg.rope_theta), "q")
     k = checkpoint_name(jnp.swapaxes(apply_rope(k, ctx.positions, cfg.rope_theta), 1, 2), "k")  # head-major
@@ -135,8 +136,8 @@ def attention_block(
         )
     # One contraction axis (N*H): contracting (N, H) as two let XLA pick (H, N) and transpose the
     # weight at every call.
-    o = p["o"].reshape(-1, p["o"].shape[-1])
-    return jnp.einsum("bte,ed->btd", out.reshape(*out.shape[:2], -1), o), {"k": k, "v": v}
+    o = merge_input_axes(p["o"], 2)
+    return project("bte,ed->btd", out.reshape(*out.shape[:2], -1), o), {"k": k, "v": v}
 
 
 def residual_layer(
@@ -242,7 +243,7 @@ def run_layers(
 
 
 def embed_tokens(params: Params, input_ids: jax.Array, runtime: RuntimeConfig) -> jax.Array:
-    return jnp.take(params["embed"], input_ids, axis=0).astype(runtime.dtypes.compute)
+    return take_rows(params["embed"], input_ids).astype(runtime.dtypes.compute)
 
 
 def text_forward(
@@ -346,4 +347,6 @@ def lm_logits(params: Params, h: jax.Array) -> jax.Array:
     """Logits in float32 (the head cast to the hidden states' compute dtype)."""
     head, equation = lm_head(params)
     with matmul_precision(h.dtype):
+        if isinstance(head, QuantizedWeight):  # dequantized inside the product (in h's dtype)
+            return quantized_einsum(equation, h, head, preferred_element_type=jnp.float32)
         return jnp.einsum(equation, h, head.astype(h.dtype), preferred_element_type=jnp.float32)

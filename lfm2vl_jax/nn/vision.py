@@ -18,7 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ..config import RuntimeConfig, VisionConfig
 from .attention import attention
-from .layers import activation, cast, dense, layer_norm, matmul_precision, remat
+from .layers import activation, cast, dense, layer_norm, matmul_precision, merge_input_axes, project, remat
 from .params import Params
 
 
@@ -63,14 +63,12 @@ def vision_attention(
     output projection and its bias, apart (see `vision_residual_layer`)."""
     # Projections in their natural order, keys and values transposed to head-major after: asking the
     # einsum for "inph" made XLA transpose both the activations and the weight (2x the time of "q").
-    q, k, v = (
-        jnp.einsum("ipe,enh->ipnh", y, p[name]["kernel"]) + p[name]["bias"] for name in ("q", "k", "v")
-    )
+    q, k, v = (project("ipe,enh->ipnh", y, p[name]["kernel"]) + p[name]["bias"] for name in ("q", "k", "v"))
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     q, k, v = checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
     attn = attention(q, k, v, kv_lengths=num_patches, implementation=runtime.attention)
-    o = p["o"]["kernel"].reshape(-1, p["o"]["kernel"].shape[-1])  # one contraction axis
-    return jnp.einsum("ipf,fe->ipe", attn.reshape(*attn.shape[:2], -1), o), p["o"]["bias"]
+    o = merge_input_axes(p["o"]["kernel"], 2)  # one contraction axis
+    return project("ipf,fe->ipe", attn.reshape(*attn.shape[:2], -1), o), p["o"]["bias"]
 
 
 def vision_mlp(p: Params, y: jax.Array, cfg: VisionConfig) -> jax.Array:

@@ -8,9 +8,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..config import REMAT_POLICIES
+from ..config import REMAT_POLICIES, Quantization
 from ..errors import Lfm2VlError
-from .lora import TARGET_GROUPS
+from .lora import TARGET_GROUPS, check_dropout
 from .optimizer import COMPONENTS
 
 DTYPES = ("float32", "bfloat16")
@@ -75,7 +75,10 @@ class SFTConfig:
     elsewhere. mesh: "data=D,fsdp=F,tensor=T" (default: every device on `data`).
     freeze: components that do not train (vision, projector, language); lr_multiplier: per-component
     factors on the learning rate. lora_rank > 0: train LoRA adapters (see `training.lora`) instead of
-    the weights of the components that are not frozen.
+    the weights of the components that are not frozen; lora_dropout: peft's dropout on the adapters'
+    inputs; init_adapters: a peft adapter directory to start the adapters from. quantize ("int8", "int4";
+    quant_group_size for int4): QLoRA, the frozen base held quantized (its projections; embeddings stay
+    float), the adapters in float32.
     coordinator_timeout: seconds a multi-process run waits for its processes to connect.
     keep_other_files: train into an existing --output directory that holds other files (they are kept).
     skip_nonfinite: skip an update whose loss or gradient norm is not finite (counted in the metrics)
@@ -106,6 +109,10 @@ class SFTConfig:
     lora_rank: int = 0
     lora_alpha: float = 8.0
     lora_targets: str | Sequence[str] = TARGET_GROUPS
+    lora_dropout: float = 0.0
+    init_adapters: str | None = None
+    quantize: str | None = None
+    quant_group_size: int | None = None
     max_length: int = 2048
     skip_bad: bool = False
     remat: str = "none"
@@ -175,8 +182,30 @@ class SFTConfig:
             raise TrainingError(f"--remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         if self.eval_every and not self.eval_data:
             raise TrainingError("--eval-every needs --eval-data")
+        if check_dropout(self.lora_dropout) is not None:
+            raise TrainingError(check_dropout(self.lora_dropout))
+        for name, given in (("--lora-dropout", self.lora_dropout), ("--init-adapters", self.init_adapters)):
+            if given and not self.lora_rank:
+                raise TrainingError(f"{name} applies to LoRA runs: give --lora-rank too")
+        if self.quantize is not None or self.quant_group_size is not None:
+            if not self.lora_rank:
+                raise TrainingError(
+                    "--quantize holds the frozen base quantized (QLoRA): give --lora-rank too"
+                )
+            if self.quantize is None:
+                raise TrainingError("--quant-group-size is for --quantize int4")
+            try:
+                self.quantization()
+            except Lfm2VlError as err:
+                raise TrainingError(f"--quantize {self.quantize}: {err}") from None
         if self.lora_rank and set(self.freeze) >= {"vision", "language"}:
             raise TrainingError("--lora-rank: vision and language are both frozen; no weight to adapt")
+
+    def quantization(self) -> Quantization | None:
+        """The frozen base's quantization (QLoRA): its projections; the embeddings stay float."""
+        if self.quantize is None:
+            return None
+        return Quantization(self.quantize, self.quant_group_size, embeddings=False)
 
     @property
     def warmup(self) -> int:
@@ -207,6 +236,9 @@ class SFTConfig:
             "lora_rank": self.lora_rank,
             "lora_alpha": self.lora_alpha,
             "lora_targets": list(self.lora_targets),
+            "lora_dropout": self.lora_dropout,
+            "quantize": self.quantize,
+            "quant_group_size": self.quant_group_size,
             "scan_layers": self.scan_layers,
             "skip_bad": self.skip_bad,
         }

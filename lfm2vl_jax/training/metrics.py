@@ -4,8 +4,9 @@ optional TensorBoard logs and a loss-curve PNG.
 Model FLOPs of a step (what the math requires; remat's recomputation not counted), from the batch's real
 (non-padding) tokens, tiles and patches. A matmul with a weight of P parameters costs 2P per row forward;
 backward costs as much again for the input gradient (when anything before or in the component trains) and
-again for the weight gradient (when the weight itself trains; LoRA's adapter gradients are negligible and
-not counted). Per component:
+again for the weight gradient (when the weight itself trains). A LoRA adapter of rank r on a weight
+(inputs -> outputs) adds its two products, r * (inputs + outputs) parameters, forward, input gradient and
+A's and B's gradients: 3x; the frozen weight itself gets no weight gradient. Per component:
 
     vision    per valid patch: patch embedding + every layer's q, k, v, o, fc1, fc2;
               attention per tile of m valid patches: 4 * m^2 * heads * head_dim per layer
@@ -29,6 +30,7 @@ import numpy as np
 
 from ..config import ATTENTION, CONV, Lfm2VlConfig
 from .config import TrainingError
+from .lora import AdaptedWeight
 
 # Dense bf16 peak FLOP/s per device, by a substring of `device.device_kind`.
 PEAK_FLOPS = {
@@ -78,6 +80,16 @@ def _weights(config: Lfm2VlConfig) -> dict[str, float]:
     }
 
 
+def adapter_sizes(weights: dict[str, AdaptedWeight], rank: int) -> dict[str, float]:
+    """LoRA's matmul parameters applied per row, by component ("vision": per patch, "text": per token)."""
+    sizes: dict[str, float] = {}
+    for w in weights.values():
+        layers = int(np.prod(w.shape[: w.stacked]))
+        per_row = layers * rank * (int(np.prod(w.input_shape)) + int(np.prod(w.output_shape)))
+        sizes[str(w.path[0])] = sizes.get(str(w.path[0]), 0.0) + per_row
+    return sizes
+
+
 def batch_counts(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     """Host-side counts of a (process-local) batch that the FLOP formula needs."""
     counts = {
@@ -92,10 +104,16 @@ def batch_counts(batch: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def step_flops(
-    config: Lfm2VlConfig, counts: dict[str, Any], trains: dict[str, bool], full_weights: dict[str, bool]
+    config: Lfm2VlConfig,
+    counts: dict[str, Any],
+    trains: dict[str, bool],
+    full_weights: dict[str, bool],
+    adapters: dict[str, float] | None = None,
 ) -> float:
     """Model FLOPs of one step (see the module docstring). trains[c]: whether c or anything before it
-    trains (its input gradients are needed); full_weights[c]: whether c's own weights train (not LoRA)."""
+    trains (its input gradients are needed); full_weights[c]: whether c's own weights train (not LoRA);
+    adapters: LoRA's parameters per row by component (`adapter_sizes`)."""
+    adapters = adapters or {}
     w = _weights(config)
     v, t = config.vision, config.text
 
@@ -104,7 +122,7 @@ def step_flops(
 
     lengths = np.asarray(counts["row_lengths"], np.float64)
     attention_layers = sum(kind == ATTENTION for kind in t.layer_types)
-    text = 2 * w["text"] * lengths.sum() * factor("text")
+    text = 2 * w["text"] * lengths.sum() * factor("text") + 6 * adapters.get("text", 0.0) * lengths.sum()
     text += (
         4
         * t.num_heads
@@ -119,7 +137,7 @@ def step_flops(
     if patches.size:
         image_tokens = (patches / config.downsample_factor**2).sum()
         total += 2 * w["projector"] * image_tokens * factor("projector")
-        total += 2 * w["vision"] * patches.sum() * factor("vision")
+        total += (2 * w["vision"] * factor("vision") + 6 * adapters.get("vision", 0.0)) * patches.sum()
         total += 4 * v.hidden_size * v.num_layers * (patches**2).sum() * (1 + 2 * trains["vision"])
     return float(total)
 

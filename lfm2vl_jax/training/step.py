@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ..config import Lfm2VlConfig
 from ..nn.model import hidden_states
 from ..nn.params import Params, ParamSpec, is_spec, param_shardings, param_specs
-from .lora import LoraConfig, adapted_weights, adapter_axes, adapter_shardings, merge
+from .lora import LoraConfig, adapted_weights, adapter_axes, adapter_shardings, attach, merge
 from .loss import cross_entropy_sum, shifted_targets
 
 Batch = dict[str, jax.Array]
@@ -36,8 +36,8 @@ IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
 
 class TrainState(struct.PyTreeNode):
     """Flax's `TrainState` pattern without `apply_fn`: the update count, what trains, its optimizer
-    state and a PRNG key (nothing in the step draws from it: LFM2-VL has no dropout; it is carried and
-    checkpointed so that a stochastic regulariser would resume exactly)."""
+    state and a raw PRNG key (uint32 (2,)), checkpointed with the rest. LFM2-VL has no dropout of its own;
+    LoRA dropout draws its masks from `step_key(rng, step)`, so a resumed run draws the same masks."""
 
     step: jax.Array
     params: Params
@@ -78,8 +78,15 @@ class Trainable:
             {k: v for k, v in params.items() if k not in self.components},
         )
 
-    def assemble(self, trainable: Params, frozen: Params) -> Params:
-        """The full params the model functions run on (LoRA: the adapters merged into the base)."""
+    def assemble(self, trainable: Params, frozen: Params, key: jax.Array | None = None) -> Params:
+        """The full params the model functions run on (LoRA: each adapted weight a `LoraWeight`, applied
+        unmerged; `key` draws its dropout masks, None: no dropout)."""
+        if self.lora is not None:
+            return attach(frozen, trainable, self.adapted, self.lora, key)
+        return {**frozen, **trainable}
+
+    def merged(self, trainable: Params, frozen: Params) -> Params:
+        """The full params with the adapters merged into their weights (LoRA), for export."""
         if self.lora is not None:
             return merge(frozen, trainable, self.adapted, self.lora)
         return {**frozen, **trainable}
@@ -132,15 +139,27 @@ def state_shardings(trainable: Trainable, tx: optax.GradientTransformation, abst
 
 
 def token_loss_sum(
-    trainable: Trainable, params: Params, frozen: Params, batch: Batch, chunk_tokens: int
+    trainable: Trainable,
+    params: Params,
+    frozen: Params,
+    batch: Batch,
+    chunk_tokens: int,
+    key: jax.Array | None = None,
 ) -> jax.Array:
-    """Summed cross-entropy over the loss tokens of one micro-batch (rows, ...)."""
+    """Summed cross-entropy over the loss tokens of one micro-batch (rows, ...); `key`: the micro-batch's
+    dropout key (LoRA dropout; None: none, as in evaluation)."""
     config = trainable.config
-    full = trainable.assemble(params, frozen)
+    full = trainable.assemble(params, frozen, key)
     images = {k: batch[k] for k in IMAGE_INPUTS if k in batch}
     hidden = hidden_states(full, config, batch["input_ids"], batch["attention_mask"], **images)
     targets, weights = shifted_targets(batch["input_ids"], batch["loss_mask"])
     return cross_entropy_sum(full["text"], hidden, targets, weights, chunk_tokens)
+
+
+def step_key(rng: jax.Array, step: jax.Array) -> jax.Array:
+    """The dropout key of update `step`: a function of the run's key and the update count only, so a run
+    resumed from a checkpoint draws what the uninterrupted run drew. Micro-batch i folds in i."""
+    return jax.random.fold_in(rng, step)
 
 
 def loss_token_count(batch: Batch) -> jax.Array:
@@ -164,21 +183,25 @@ def make_train_step(
         tokens = loss_token_count(batch)
         scale = 1.0 / jnp.maximum(tokens, 1).astype(jnp.float32)
 
-        def micro_loss(params: Params, micro: Batch) -> jax.Array:
-            return token_loss_sum(trainable, params, frozen, micro, chunk_tokens) * scale
+        key = step_key(state.rng, state.step)
+
+        def micro_loss(params: Params, micro: Batch, index: jax.Array) -> jax.Array:
+            micro_key = jax.random.fold_in(key, index)
+            return token_loss_sum(trainable, params, frozen, micro, chunk_tokens, micro_key) * scale
 
         grad_fn = jax.value_and_grad(micro_loss)
         micro_batches = batch["input_ids"].shape[0]
         if micro_batches == 1:
-            loss, grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch))
+            loss, grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch), 0)
         else:
 
-            def accumulate(carry: tuple, micro: Batch) -> tuple[tuple, None]:
-                loss, grads = grad_fn(state.params, micro)
+            def accumulate(carry: tuple, xs: tuple[Batch, jax.Array]) -> tuple[tuple, None]:
+                loss, grads = grad_fn(state.params, *xs)
                 return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
             zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-            (loss, grads), _ = jax.lax.scan(accumulate, zeros, batch)
+            indices = jnp.arange(micro_batches, dtype=jnp.int32)
+            (loss, grads), _ = jax.lax.scan(accumulate, zeros, (batch, indices))
         metrics = {
             "loss": loss,
             "grad_norm": optax.tree.norm(grads),

@@ -10,8 +10,9 @@ devices, and only then load the weights and compile. The loop dispatches step s+
 metrics, so the host never idles the devices to log; checkpoints save asynchronously.
 
 RUN_DIR layout: run.json (settings a resume must share), metrics.jsonl, checkpoints/ (orbax), final/ (the
-trained model as a transformers checkpoint, with the source's tokenizer and processor files),
-tensorboard/ (with --tensorboard), loss.png (when matplotlib is installed).
+trained model as a transformers checkpoint, with the source's tokenizer and processor files; LoRA merged),
+adapter/ (LoRA runs: the adapters in peft's format), tensorboard/ (with --tensorboard), loss.png (when
+matplotlib is installed).
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ from .checkpointing import Checkpoints, abstract_with_shardings
 from .config import SFTConfig, TrainingError
 from .data import BatchLoader, BatchPlan, RowSlice, read_conversations
 from .lora import LoraConfig, init_adapters
-from .metrics import MetricsLog, TensorBoard, batch_counts, peak_flops, plot_losses, step_flops
+from .metrics import MetricsLog, TensorBoard, adapter_sizes, batch_counts, peak_flops, plot_losses, step_flops
 from .optimizer import COMPONENTS, OptimizerConfig, make_optimizer, parameter_labels
+from .peft_adapter import CONFIG_FILE, WEIGHTS_FILE, load_peft_adapter, save_peft_adapter
 from .step import (
     Trainable,
     TrainState,
@@ -61,7 +63,14 @@ from .step import (
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 # Everything a run writes into its directory; anything else there is a user's.
-RUN_NAMES = (RUN_FILE, METRICS_FILE, "checkpoints", "final", "tensorboard", "loss.png")
+RUN_NAMES = (RUN_FILE, METRICS_FILE, "checkpoints", "final", "adapter", "tensorboard", "loss.png")
+# Settings added after runs were first recorded: a run.json without one had this value.
+LATER_SETTINGS = {
+    "lora_dropout": 0.0,
+    "init_adapters_sha256": None,
+    "quantize": None,
+    "quant_group_size": None,
+}
 FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 64, 2**16
 
 
@@ -172,6 +181,24 @@ def device_memory_bytes() -> int | None:
     return available // max(1, jax.local_device_count())
 
 
+def memory_needs(trainable: Trainable, tx: Any) -> dict[str, int]:
+    """Bytes one device holds through a run, by kind: what trains (weights, or LoRA's adapters), its
+    gradients, its optimizer state (and the step count and key), and the frozen params (with LoRA: the
+    whole base, never merged, so no merged copy and no full-size gradient)."""
+    abstract = abstract_state(trainable, tx)
+    shardings = state_shardings(trainable, tx, abstract)
+    trainable_shardings, frozen_shardings = trainable.shardings()
+    dtype = trainable.config.runtime.dtypes.params
+    _, frozen = trainable.split(abstract_params(trainable.config, dtype))
+    trained = _sharded_bytes(abstract.params, trainable_shardings)
+    return {
+        "adapters" if trainable.lora else "trained weights": trained,
+        "their gradients": trained,
+        "optimizer state": _sharded_bytes(abstract, shardings) - trained,
+        "frozen weights": _sharded_bytes(frozen, frozen_shardings),
+    }
+
+
 @dataclasses.dataclass
 class TrainingRun:
     """A prepared run (`SFTTrainer.run`): config, what trains, state, frozen params, data, checkpoints."""
@@ -234,6 +261,9 @@ class SFTTrainer:
         to write into a directory holding a user's files (unless `keep_other_files`); returns this run's
         settings (written to run.json once every check has passed)."""
         settings = {**self.config.run_settings(), "data_sha256": _file_digest(self.config.data)}
+        if self.config.init_adapters:
+            weights = Path(self.config.init_adapters) / WEIGHTS_FILE
+            settings["init_adapters_sha256"] = _file_digest(weights) if weights.is_file() else None
         settings |= {"model": str(model_dir.absolute()), "model_fingerprint": model_fingerprint(model_dir)}
         run_file = self.output / RUN_FILE
         if (self.output.exists() or self.output.is_symlink()) and not self.output.is_dir():
@@ -255,11 +285,14 @@ class SFTTrainer:
             )
         final_files = planned_names(model_dir, None)
         check_target(self.output / "final", True, None, self.config.keep_other_files, final_files)
+        if self.config.lora_rank:
+            adapter_files = {CONFIG_FILE, WEIGHTS_FILE}
+            check_target(self.output / "adapter", True, None, self.config.keep_other_files, adapter_files)
         if self.config.resume and run_file.exists():
             previous = read_run_file(run_file)
             # Runs recorded before the model was: nothing to compare.
             compared = [k for k in settings if k != "model" and (k in previous or k != "model_fingerprint")]
-            differ = sorted(k for k in compared if previous.get(k) != settings[k])
+            differ = sorted(k for k in compared if previous.get(k, LATER_SETTINGS.get(k)) != settings[k])
             if "model_fingerprint" in differ:
                 raise TrainingError(
                     f"--resume: the run in {self.output} trains the model {previous.get('model')}, but "
@@ -292,13 +325,15 @@ class SFTTrainer:
             scan_layers=self.config.scan_layers,
             remat=self.config.remat,
             mesh=mesh,
+            quantization=self.config.quantization(),
         )
 
     def _trainable(self, config: Lfm2VlConfig) -> Trainable:
         keys = tuple(COMPONENTS[name] for name in self.config.trained_components)
         if not self.config.lora_rank:
             return Trainable(config, keys)
-        lora = LoraConfig(self.config.lora_rank, self.config.lora_alpha, tuple(self.config.lora_targets))
+        c = self.config
+        lora = LoraConfig(c.lora_rank, c.lora_alpha, tuple(c.lora_targets), c.lora_dropout)
         return Trainable(config, tuple(k for k in keys if k in ("vision", "text")), lora)
 
     def _optimizer(self, trainable: Trainable) -> tuple[Any, Any]:
@@ -327,19 +362,13 @@ class SFTTrainer:
     def _check_memory(self, trainable: Trainable) -> None:
         """Refuses a run whose params, gradients and optimizer state do not fit the devices."""
         tx, _ = self._optimizer(trainable)
-        abstract = abstract_state(trainable, tx)
-        shardings = state_shardings(trainable, tx, abstract)
-        trainable_shardings, frozen_shardings = trainable.shardings()
-        dtype = trainable.config.runtime.dtypes.params
-        _, frozen = trainable.split(abstract_params(trainable.config, dtype))
-        need = _sharded_bytes(abstract, shardings)  # what trains and its optimizer state
-        need += _sharded_bytes(abstract.params, trainable_shardings)  # its gradients
-        need += _sharded_bytes(frozen, frozen_shardings)
-        have = device_memory_bytes()
+        needs = memory_needs(trainable, tx)
+        need, have = sum(needs.values()), device_memory_bytes()
         if have is not None and need > have:
+            parts = ", ".join(f"{name} {_size(n)}" for name, n in needs.items())
             raise TrainingError(
-                f"params, gradients and optimizer state need {_size(need)} per device "
-                f"(activations not counted) but a device has {_size(have)} available: shard them "
+                f"params, gradients and optimizer state need {_size(need)} per device ({parts}; "
+                f"activations not counted) but a device has {_size(have)} available: shard them "
                 "over more devices (--mesh fsdp=N), freeze components (--freeze) or train LoRA adapters "
                 "(--lora-rank)"
             )
@@ -399,6 +428,10 @@ class SFTTrainer:
         processor.check_model(declared.image_token_id, f"{model_dir / 'config.json'}")
         shards = self._check_batch(mesh, declared)
         self._check_memory(self._trainable(declared))
+        initial_adapters = None
+        if c.init_adapters:  # read and checked before anything is written
+            planned = self._trainable(declared)
+            initial_adapters = load_peft_adapter(c.init_adapters, declared, planned.adapted, planned.lora)
         if self.primary:
             self.output.mkdir(parents=True, exist_ok=True)
             (self.output / RUN_FILE).write_text(json.dumps(settings, indent=2) + "\n")
@@ -417,7 +450,8 @@ class SFTTrainer:
             abstract_placed = abstract_with_shardings(abstract, shardings)
             restored = checkpoints.restore_latest_good(abstract_placed, self.warn)
         if restored is None:
-            start, state, data_state = 0, self._initial_state(trainable, trained, tx, shardings), None
+            state = self._initial_state(trainable, trained, tx, shardings, initial_adapters)
+            start, data_state = 0, None
         else:
             start, state, data_state = restored
             if start > c.steps:
@@ -489,6 +523,7 @@ class SFTTrainer:
             "text": True,
         }
         full_weights = {k: run.trainable.lora is None and k in keys for k in trains}
+        adapters = adapter_sizes(run.trainable.adapted, run.trainable.lora.rank) if run.trainable.lora else {}
         metrics_log = MetricsLog(self.output / METRICS_FILE)
         if self.primary:
             metrics_log.keep_until(run.start)
@@ -520,7 +555,7 @@ class SFTTrainer:
             now = time.perf_counter()
             elapsed, clock = now - clock, now
             tokens = int(counts["row_lengths"].sum()) * jax.process_count()
-            flops = step_flops(config, counts, trains, full_weights)
+            flops = step_flops(config, counts, trains, full_weights, adapters)
             if "skipped" in values and bool(values["skipped"]):
                 skipped.append(step)
                 loss, norm = float(values["loss"]), float(values["grad_norm"])
@@ -598,7 +633,11 @@ class SFTTrainer:
                 tensorboard.close()
         return last
 
-    def _initial_state(self, trainable: Trainable, trained: Params, tx: Any, shardings: Any) -> TrainState:
+    def _initial_state(
+        self, trainable: Trainable, trained: Params, tx: Any, shardings: Any, adapters: Params | None
+    ) -> TrainState:
+        """The state of step 0: the loaded weights, or LoRA adapters (`adapters` as given, else peft's
+        initialisation)."""
         key = jax.random.PRNGKey(self.config.seed)
         if trainable.lora is None:
             # Donated: the loaded weights become the state's without a second copy.
@@ -607,18 +646,21 @@ class SFTTrainer:
             )
             return create(trained)
 
-        def create_lora() -> TrainState:
-            adapters = init_adapters(trainable.adapted, trainable.lora, jax.random.fold_in(key, 1))
-            return TrainState.create(adapters, tx, key)
+        def create_lora(given: Params | None) -> TrainState:
+            if given is None:
+                given = init_adapters(trainable.adapted, trainable.lora, jax.random.fold_in(key, 1))
+            return TrainState.create(given, tx, key)
 
-        return jax.jit(create_lora, out_shardings=shardings)()
+        return jax.jit(create_lora, out_shardings=shardings)(adapters)
 
     def _export(self, run: TrainingRun, final: Path) -> None:
         """RUN_DIR/final: the trained weights (LoRA merged) as a transformers checkpoint, in float32, with
-        the source checkpoint's tokenizer, processor and generation files."""
-        params = jax.jit(run.trainable.assemble)(run.state.params, run.frozen)
+        the source checkpoint's tokenizer, processor and generation files; RUN_DIR/adapter: LoRA's
+        adapters in peft's format."""
+        params = jax.jit(run.trainable.merged)(run.state.params, run.frozen)
+        adapters = run.state.params if run.trainable.lora else None
         if jax.process_count() > 1:
-            params = multihost_utils.process_allgather(params, tiled=True)
+            params, adapters = multihost_utils.process_allgather((params, adapters), tiled=True)
         if self.primary:
             save_hf_checkpoint(
                 final,
@@ -630,5 +672,17 @@ class SFTTrainer:
                 keep_other_files=self.config.keep_other_files,
             )
             self.log(f"trained model: {final}")
+            if adapters is not None:
+                lora, directory = run.trainable.lora, self.output / "adapter"
+                save_peft_adapter(
+                    directory,
+                    run.config,
+                    jax.device_get(adapters),
+                    run.trainable.adapted,
+                    lora,
+                    str(run.model_dir),
+                    self.config.keep_other_files,
+                )
+                self.log(f"LoRA adapters (peft format): {directory}")
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("lfm2vl train: final export")

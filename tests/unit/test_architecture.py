@@ -23,11 +23,12 @@ from tiny_model import tiny_config, tiny_inputs, tiny_params
 
 from lfm2vl_jax.checkpoint.canonical import from_canonical, to_canonical
 from lfm2vl_jax.checkpoint.orbax import load_orbax_checkpoint, save_orbax_checkpoint
-from lfm2vl_jax.config import DTypePolicy
+from lfm2vl_jax.config import DTypePolicy, Quantization
 from lfm2vl_jax.inference.cache import append, init_cache
 from lfm2vl_jax.inference.sampling import SamplingParams
 from lfm2vl_jax.inference.step import decode_step, empty_rows
 from lfm2vl_jax.nn.model import embed_inputs, forward
+from lfm2vl_jax.nn.params import quantize_params
 from lfm2vl_jax.nn.text import embed_tokens, lm_logits, text_forward
 from lfm2vl_jax.parallel.rules import DEFAULT_RULES, ShardingRuleError
 
@@ -58,16 +59,23 @@ def test_both_layouts_compute_the_same_logits_and_convert_losslessly(model):
     jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "per-layer"])
-def test_cached_decode_equals_full_recompute(model, scan_layers):
+@pytest.mark.parametrize(
+    ("scan_layers", "quantization"),
+    [(True, None), (False, None), (False, Quantization("int8")), (True, Quantization("int4", 16))],
+    ids=["scanned", "per-layer", "per-layer-int8", "scanned-int4"],
+)
+def test_cached_decode_equals_full_recompute(model, scan_layers, quantization):
     """Prefill a ragged batch (text row, image row), decode 5 tokens through the cache, and compare each
-    step's logits with a forward pass over prompt + tokens so far."""
+    step's logits with a forward pass over prompt + tokens so far (the same quantized params for both)."""
     config, params, inputs = model
     if not scan_layers:
         config, params = (
             config.with_runtime(scan_layers=False),
             from_canonical(to_canonical(params, config), config.with_runtime(scan_layers=False)),
         )
+    if quantization is not None:
+        config = config.with_runtime(quantization=quantization)
+        params = quantize_params(params, config)
     runtime = config.runtime
     images = [inputs[k] for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes")]
     mask = jnp.asarray(inputs["attention_mask"], bool)
