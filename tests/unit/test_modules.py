@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tiny_model import tiny_config, tiny_inputs, tiny_params
 
-from lfm2vl_jax.inference import engine
+from lfm2vl_jax.inference import engine, step
 from lfm2vl_jax.inference.cache import append
 from lfm2vl_jax.inference.sampling import SamplingParams
 from lfm2vl_jax.nn.model import embed_inputs, forward
@@ -150,9 +150,8 @@ def test_the_cached_step_through_the_modules_equals_the_engines():
     config = tiny_config()
     params, inputs = tiny_params(config), tiny_inputs(config)
     batch = engine.prepare_batch(config, **inputs, pad_id=0)
-    greedy = SamplingParams(do_sample=False)
-    stop = jnp.asarray([7], jnp.int32)
-    state = engine.prefill(
+    rows = batch.input_ids.shape[0]
+    state, first = step.prefill(
         params,
         config,
         batch.input_ids,
@@ -160,20 +159,20 @@ def test_the_cached_step_through_the_modules_equals_the_engines():
         batch.pixel_values,
         batch.pixel_attention_mask,
         batch.spatial_shapes,
-        jax.random.key(0),
-        greedy,
-        stop,
-        jnp.zeros((batch.input_ids.shape[0],), bool),
-        max_len=batch.input_ids.shape[1] + 16,
-        max_new_tokens=16,
-        pad_id=0,
+        None,
+        jnp.zeros((2,), jnp.uint32),
+        SamplingParams(do_sample=False),
+        jnp.full((rows,), 16, jnp.int32),
+        jnp.full((rows, 8), 7, jnp.int32),
+        jnp.zeros((rows,), bool),
+        capacity=batch.input_ids.shape[1] + 16,
     )
-    cache, last = jax.tree.map(jnp.copy, state.cache), state.tokens[:, :1]
-    stepped = engine.decode_step(params, config, state, greedy, stop, 0)
+    cache, last = jax.tree.map(jnp.copy, state.cache), first[:, None]
+    stepped, token = step.decode_step(params, config, state)
     logits, entries = Lfm2VlModel(config).apply(
         {"params": module_params(params)}, last, jnp.ones_like(last), cache=cache
     )
-    np.testing.assert_array_equal(jnp.argmax(logits[:, 0], axis=-1), stepped.tokens[:, 1])
+    np.testing.assert_array_equal(jnp.argmax(logits[:, 0], axis=-1), token)
     ours = append(cache, entries, jnp.ones((last.shape[0],), jnp.int32))
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(stepped.cache), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

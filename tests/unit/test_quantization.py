@@ -21,9 +21,8 @@ from processor_fixtures import reference_dir
 from lfm2vl_jax import Lfm2VlForConditionalGeneration
 from lfm2vl_jax.cli import main
 from lfm2vl_jax.config import ATTENTION, CONV, ConfigError, Quantization, load_config
-from lfm2vl_jax.inference.cache import init_cache
-from lfm2vl_jax.inference.engine import DecodeState, decode_step
 from lfm2vl_jax.inference.sampling import SamplingParams
+from lfm2vl_jax.inference.step import decode_step, empty_rows
 from lfm2vl_jax.nn import quant
 from lfm2vl_jax.nn.params import abstract_params, param_specs, quantize_params, tree_bytes
 from lfm2vl_jax.nn.quant import QuantizedWeight
@@ -179,17 +178,8 @@ def compiled_decode_step(scheme: str) -> tuple[str, tuple]:
     config = dataclasses.replace(config, text=dataclasses.replace(config.text, layer_types=(CONV, ATTENTION)))
     group = 64 if scheme == "int4" else None
     config = config.with_runtime(scan_layers=False, quantization=Quantization(scheme, group))
-    state = jax.eval_shape(
-        lambda: DecodeState(
-            cache=init_cache(config, 1, 256),
-            tokens=jnp.zeros((1, 16), jnp.int32),
-            num_generated=jnp.ones((), jnp.int32),
-            done=jnp.zeros((1,), bool),
-            seen=None,
-            key=jax.random.key(0),
-        )
-    )
-    lowered = decode_step.lower(abstract_params(config), config, state, SamplingParams(), jnp.array([7]), 0)
+    state = jax.eval_shape(lambda: empty_rows(config, 1, 256, SamplingParams(), (2,), per_row=False))
+    lowered = decode_step.lower(abstract_params(config), config, state)
     text_weights = jax.tree.leaves(param_specs(config)["text"], is_leaf=is_quantized)
     return lowered.compile().as_text(), tuple(w.shape for w in text_weights if is_quantized(w))
 
