@@ -53,7 +53,8 @@ def tiny_model() -> tuple[Lfm2VlConfig, Any]:
         ),
         projector_hidden_size=80,
     )
-    return config, init_params(config, jax.random.key(0))
+    # Jitted: one compiled program instead of one per parameter shape.
+    return config, jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
 
 
 def synthetic_batch(config: Lfm2VlConfig, size: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -82,13 +83,15 @@ def train(config: Lfm2VlConfig, params: Any, steps: int, seed: int = 0) -> list[
     """Trains the head for `steps` steps; returns the loss after each."""
     classifier = Classifier(config, num_classes=2)
     batch, labels = synthetic_batch(config, 16, seed)
-    head = classifier.init(jax.random.key(seed), batch)["params"]["head"]
+    head = jax.jit(classifier.init)(jax.random.key(seed), batch)["params"]["head"]  # one program, not per op
     backbone = module_params(params)  # frozen: never differentiated or updated
     optimizer = optax.adam(1e-2)
     state = optimizer.init(head)
 
+    # The frozen weights and the batch are arguments: closed over, they would be constants that XLA
+    # spends the compilation folding through the whole backbone.
     @jax.jit
-    def step(head: Any, state: Any) -> tuple[Any, Any, jax.Array]:
+    def step(head: Any, state: Any, backbone: Any, batch: Any, labels: Any) -> tuple[Any, Any, jax.Array]:
         def loss_fn(head: Any) -> jax.Array:
             logits = classifier.apply({"params": {"backbone": backbone, "head": head}}, batch)
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
@@ -99,7 +102,7 @@ def train(config: Lfm2VlConfig, params: Any, steps: int, seed: int = 0) -> list[
 
     losses = []
     for _ in range(steps):
-        head, state, loss = step(head, state)
+        head, state, loss = step(head, state, backbone, batch, labels)
         losses.append(float(loss))
     return losses
 
