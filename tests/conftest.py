@@ -13,8 +13,10 @@ of a test's time is XLA compiling, a second or more of CPU per program and ~10 s
   one built from `tiny_model.tiny_config()`; never build a model per test, and reuse a config (its
   compiled programs come with it) rather than one a little different.
 - Jit a function once, at module level (`jit_forward = jax.jit(forward, static_argnums=1)`), not inside
-  a test or helper: a fresh `jax.jit` traces again. Draw random weights without eager per-shape programs
-  (`tiny_checkpoints.numpy_params`, or `jax.jit(init_params, static_argnums=0)`).
+  a test or helper: a fresh `jax.jit` traces again. Draw random weights with `tiny_checkpoints.numpy_params`
+  (no compilation) or `tiny_model.tiny_params` of a config other tests use (its per-shape programs are
+  compiled already); a jitted `init_params` is one program, but its ~60 unrolled random draws take ~15 s
+  to compile.
 - Compile only what the assertion needs: a dtype or shape comes from `jax.eval_shape`; run a gradient or
   a training step only if its values are checked. Keep `max_new_tokens`, lengths and batch sizes within
   the ones other tests already use (each new static value is a new program).
