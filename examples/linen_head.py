@@ -82,13 +82,17 @@ def train(config: Lfm2VlConfig, params: Any, steps: int, seed: int = 0) -> list[
     """Trains the head for `steps` steps; returns the loss after each."""
     classifier = Classifier(config, num_classes=2)
     batch, labels = synthetic_batch(config, 16, seed)
-    head = classifier.init(jax.random.key(seed), batch)["params"]["head"]
+    # The head alone (`classifier.init` would also draw, and compile, a whole backbone to throw away).
+    hidden = jnp.zeros((1, config.text.hidden_size), jnp.float32)
+    head = nn.Dense(classifier.num_classes).init(jax.random.key(seed), hidden)["params"]
     backbone = module_params(params)  # frozen: never differentiated or updated
     optimizer = optax.adam(1e-2)
     state = optimizer.init(head)
 
+    # The frozen weights and the batch are arguments: closed over, they would be constants that XLA
+    # spends the compilation folding through the whole backbone.
     @jax.jit
-    def step(head: Any, state: Any) -> tuple[Any, Any, jax.Array]:
+    def step(head: Any, state: Any, backbone: Any, batch: Any, labels: Any) -> tuple[Any, Any, jax.Array]:
         def loss_fn(head: Any) -> jax.Array:
             logits = classifier.apply({"params": {"backbone": backbone, "head": head}}, batch)
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
@@ -99,7 +103,7 @@ def train(config: Lfm2VlConfig, params: Any, steps: int, seed: int = 0) -> list[
 
     losses = []
     for _ in range(steps):
-        head, state, loss = step(head, state)
+        head, state, loss = step(head, state, backbone, batch, labels)
         losses.append(float(loss))
     return losses
 

@@ -1,19 +1,42 @@
 """Test tiers and processor fixtures.
 
-Every test is marked by its folder: `unit` (torch-free, seconds), `parity` (against transformers),
-`multidevice` (8 host devices in a subprocess), `distributed` (a local Ray cluster); `pytest -m unit`
-runs one tier alone.
+Every test is marked by its folder: `unit` (torch-free), `parity` (against transformers), `multidevice`
+(8 host devices in a subprocess), `distributed` (a local Ray cluster); `pytest -m unit` runs one tier alone.
 
 Processor fixtures: checkpoint directories with the stand-in tokenizer, ours and transformers' processors
 on the same files. The builders live in `processor_fixtures.py` (benchmarks reuse them).
+
+Keeping a new test cheap (the suite must stay under 10 minutes on 2 CPU cores; on a tiny model nearly all
+of a test's time is XLA compiling, a second or more of CPU per program and ~10 s for a gradient):
+- Take a model from a session fixture here (`model`/`tiny` for bad-input and file tests, `tiny_checkpoint`
+  for training and anything that needs processor files, `processor`, `checkpoint_450m`) or a module-scoped
+  one built from `tiny_model.tiny_config()`; never build a model per test, and reuse a config (its
+  compiled programs come with it) rather than one a little different.
+- Jit a function once, at module level (`jit_forward = jax.jit(forward, static_argnums=1)`), not inside
+  a test or helper: a fresh `jax.jit` traces again. Draw random weights with `tiny_checkpoints.numpy_params`
+  (no compilation) or `tiny_model.tiny_params` of a config other tests use (its per-shape programs are
+  compiled already); a jitted `init_params` is one program, but its ~60 unrolled random draws take ~15 s
+  to compile.
+- Compile only what the assertion needs: a dtype or shape comes from `jax.eval_shape`; run a gradient or
+  a training step only if its values are checked. Keep `max_new_tokens`, lengths and batch sizes within
+  the ones other tests already use (each new static value is a new program).
+- A subprocess costs a fresh JAX start and recompiles; add one only where a process boundary is the
+  subject (device count, kill/resume, the console script), and pass `training_fixtures.subprocess_env`.
+- The session shares one persistent compilation cache (below), so an identical program built again
+  anywhere, subprocesses included, is loaded instead of compiled; it does not help a program that differs
+  in any shape, dtype, static argument or XLA flag.
+- Check with `pytest --durations=30 FILE`; on a shared machine compare CPU time, not wall time.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
+import jax
 import pytest
 from processor_fixtures import PIXEL_PARITY, make_checkpoint_dir, make_reference_processor
 from tiny_checkpoints import write_tiny_checkpoint
@@ -28,10 +51,24 @@ from training_fixtures import (
 from lfm2vl_jax import Lfm2VlForConditionalGeneration
 from lfm2vl_jax.processing.processor import Lfm2VlProcessor
 
+# One persistent compilation cache for the session, in-process and in every subprocess that sets none of
+# its own: a program compiled once is loaded, not compiled again, wherever a later test builds it anew (a
+# fresh `jax.jit` of the same function, a second trainer, a CLI run in a subprocess). A
+# JAX_COMPILATION_CACHE_DIR of the user's is kept.
+SESSION_COMPILE_CACHE = tempfile.mkdtemp(prefix="lfm2vl-tests-compile-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", SESSION_COMPILE_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
 TIERS = ("unit", "parity", "multidevice", "distributed")
-# The command line's persistent compilation cache stays off in tests (no files in the user's home, every
-# run compiles as before); tests/unit/test_compile_cache.py turns it on where it is the subject.
+# The command line's own persistent compilation cache stays off in tests (no files in the user's home);
+# tests/unit/test_compile_cache.py turns it on where it is the subject.
 os.environ.setdefault("LFM2VL_COMPILE_CACHE", "off")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(SESSION_COMPILE_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

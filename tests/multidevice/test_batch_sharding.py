@@ -1,18 +1,19 @@
 """The continuous-batching engine sharded over 8 host CPU devices (slots over `data`, heads over
 `tensor`) gives every request the tokens it gets on one device (in a subprocess: the device count is
-fixed when jax starts)."""
+fixed when jax starts; compiled without XLA's backend optimisations, as every multidevice run)."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from training_fixtures import subprocess_env
 
-def test_batch_engine_sharded_over_8_devices_matches_one_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+
+def test_batch_engine_sharded_over_8_devices_matches_one_device(tmp_path):
+    env = subprocess_env(tmp_path / "cache", devices=8)
     script = Path(__file__).with_name("batch_sharded_check.py")
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

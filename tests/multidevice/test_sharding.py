@@ -1,11 +1,10 @@
 """Sharded inference: the same `generate` with params and cache sharded over a data x tensor mesh of 8
 host CPU devices gives the same tokens as one device (run in a subprocess: the device count is fixed when
-jax starts)."""
+jax starts; compiled without XLA's backend optimisations, as every multidevice run)."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from reference_models import (
     single,
     tiny_config,
 )
+from training_fixtures import subprocess_env
 
 
 def test_generate_sharded_over_8_devices_matches_one_device(tmp_path):
@@ -36,7 +36,7 @@ def test_generate_sharded_over_8_devices_matches_one_device(tmp_path):
         ),
     ]
     np.savez(tmp_path / "inputs.npz", **ragged_batch(rows))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env(tmp_path / "cache", devices=8)
     script = Path(__file__).with_name("sharded_check.py")
     out = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "model"), str(tmp_path / "inputs.npz")],
