@@ -5,8 +5,8 @@ kernels N(0, 1/fan_in), embeddings and position grid N(0, 1), norm scales 1 + N(
 Real checkpoints have heavier tails (outlier channels), which costs absmax scales more: these numbers are
 a lower bound on the error a real checkpoint sees.
 
-Prompts (fixed): 4 text-only rows of 64 random tokens, and 3 rows with one image each (384x512, 512x512,
-640x360; through our processor, the released 450M processor files): two batches, two programs per model.
+Prompts (fixed): 4 text-only questions and 3 with one image each (384x512, 512x512, 640x360), through
+our processor (the released 450M processor files, the tests' stand-in tokenizer), as one padded batch.
 For every valid position: the logits' relative error (||quantized - float|| / ||float|| per position,
 then the mean and the largest) and top-1 agreement (the argmax is the same token).
 
@@ -37,7 +37,12 @@ from lfm2vl_jax import Lfm2VlForConditionalGeneration, Lfm2VlProcessor  # noqa: 
 from lfm2vl_jax.config import RuntimeConfig, config_from_dict  # noqa: E402
 from lfm2vl_jax.nn.params import ParamSpec, is_spec, param_specs, tree_bytes  # noqa: E402
 
-TEXT_ROWS, TEXT_LENGTH = 4, 64
+TEXTS = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a transformer language model predicts the next token, step by step.",
+    "List five ways to reduce the memory a neural network needs at inference time.",
+    "What is the capital of France, and what is it famous for?",
+)
 IMAGE_SIZES = ((384, 512), (512, 512), (640, 360))
 
 
@@ -56,10 +61,10 @@ def checkpoint_like_params(config, seed: int = 0) -> dict:
     return jax.tree.map(draw, param_specs(config), is_leaf=is_spec)
 
 
-def prompts(processor: Lfm2VlProcessor, vocab: int) -> list[dict]:
-    """Two batches (one program each): text-only rows of random tokens, and one row per image size."""
-    ids = np.random.default_rng(0).integers(1000, min(vocab, 60000), (TEXT_ROWS, TEXT_LENGTH))
-    conversations = [
+def prompts(processor: Lfm2VlProcessor) -> dict:
+    """One batch (one program per model): the text-only questions, then one row per image size."""
+    conversations = [[{"role": "user", "content": [{"type": "text", "text": text}]}] for text in TEXTS]
+    conversations += [
         [
             {
                 "role": "user",
@@ -71,19 +76,17 @@ def prompts(processor: Lfm2VlProcessor, vocab: int) -> list[dict]:
         ]
         for i, (height, width) in enumerate(IMAGE_SIZES)
     ]
-    images = processor.apply_chat_template(
-        conversations, add_generation_prompt=True, tokenize=True, return_dict=True, padding=True
+    return dict(
+        processor.apply_chat_template(
+            conversations, add_generation_prompt=True, tokenize=True, return_dict=True, padding=True
+        )
     )
-    return [{"input_ids": ids, "attention_mask": np.ones_like(ids)}, dict(images)]
 
 
-def compare(reference: list[np.ndarray], logits: list[np.ndarray], masks: list[np.ndarray]) -> dict:
-    errors, agree = [], []
-    for ref, got, mask in zip(reference, logits, masks, strict=True):
-        ref, got = ref[mask], got[mask]  # (valid positions, vocab)
-        errors.append(np.linalg.norm(got - ref, axis=-1) / np.linalg.norm(ref, axis=-1))
-        agree.append(got.argmax(-1) == ref.argmax(-1))
-    errors, agree = np.concatenate(errors), np.concatenate(agree)
+def compare(reference: np.ndarray, logits: np.ndarray, mask: np.ndarray) -> dict:
+    reference, logits = reference[mask], logits[mask]  # (valid positions, vocabulary)
+    errors = np.linalg.norm(logits - reference, axis=-1) / np.linalg.norm(reference, axis=-1)
+    agree = logits.argmax(-1) == reference.argmax(-1)
     return {
         "rel_error_mean": float(errors.mean()),
         "rel_error_max": float(errors.max()),
@@ -120,25 +123,24 @@ def main() -> None:
             processor = Lfm2VlProcessor.from_pretrained(make_checkpoint_dir(Path(tmp), MODELS[name]))
         config = config_from_dict(raw_config(name)).replace(runtime=RuntimeConfig(scan_layers=False))
         model = Lfm2VlForConditionalGeneration(config, checkpoint_like_params(config))
-        rows = prompts(processor, config.text.vocab_size)
+        batch = prompts(processor)
+        mask = batch["attention_mask"].astype(bool)
 
-        masks = [row["attention_mask"].astype(bool) for row in rows]
-
-        def logits_of(m: Lfm2VlForConditionalGeneration, rows: list[dict] = rows) -> list[np.ndarray]:
-            return [np.asarray(m(**row).logits, np.float64) for row in rows]
+        def logits_of(m: Lfm2VlForConditionalGeneration, batch: dict = batch) -> np.ndarray:
+            return np.asarray(m(**batch).logits, np.float64)
 
         start = time.perf_counter()
         reference = logits_of(model)
         result = {
             "float_bytes": tree_bytes(model.params),
-            "prompts": len(rows),
+            "prompts": len(mask),
             "float_forward_s": time.perf_counter() - start,
             "variants": {},
         }
         for label, scheme, group, keep in variants(args):
             quantized = model.quantize(scheme, group, embeddings=not keep)
             result["variants"][label] = {
-                **compare(reference, logits_of(quantized), masks),
+                **compare(reference, logits_of(quantized), mask),
                 "bytes": tree_bytes(quantized.params),
             }
             del quantized
