@@ -11,7 +11,7 @@ For every valid position: the logits' relative error (||quantized - float|| / ||
 then the mean and the largest) and top-1 agreement (the argmax is the same token).
 
     python benchmarks/quant_accuracy.py [--models 450m 1.6b] [--schemes int8 int4] [--group-sizes 32 64 128]
-        (each scheme with the embedding / LM head quantized; at the first group size also kept float)
+        [--float-head-too] (each scheme with the embedding / LM head quantized, and also kept float)
 
 Prints one JSON line, then a table.
 """
@@ -97,14 +97,14 @@ def compare(reference: np.ndarray, logits: np.ndarray, mask: np.ndarray) -> dict
 
 def variants(args: argparse.Namespace) -> list[tuple[str, str, int | None, bool]]:
     """(label, scheme, group size, embeddings kept float): each scheme (int4 at each group size) with the
-    embeddings quantized, and at the first group size also kept float."""
+    embeddings quantized, and with `--float-head-too` at the first group size also kept float."""
     out = []
     for scheme in args.schemes:
         groups = args.group_sizes if scheme == "int4" else [None]
         for group in groups:
             label = scheme + (f"/g{group}" if group else "")
             out.append((label, scheme, group, False))
-            if group == groups[0]:
+            if group == groups[0] and args.float_head_too:
                 out.append((label + " float head", scheme, group, True))
     return out
 
@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["450m"])
     parser.add_argument("--schemes", nargs="+", choices=("int8", "int4"), default=["int8", "int4"])
     parser.add_argument("--group-sizes", nargs="+", type=int, default=[64, 32, 128])
+    parser.add_argument("--float-head-too", action="store_true", help="also keep the embeddings float")
     args = parser.parse_args()
     report = {"benchmark": "quant_accuracy", **machine_description(), "models": {}}
     for name in args.models:
