@@ -131,8 +131,9 @@ class Lfm2VlForConditionalGeneration:
             `dtype`, `mesh` and `scan_layers` are ignored when it is given.
         check_finite: refuse a checkpoint with a NaN or infinite value in any tensor (or one beyond the range
             of `dtype`), naming the first such tensor and its file; False skips this check.
-        quantize: "int8" (one scale per output channel) or "int4" (one per `quant_group_size` inputs,
-            default 64) weight-only quantization of every projection, done as the tensors stream in (peak
+        quantize: "int8" (one scale per output channel) or "int4" (one per `quant_group_size` inputs;
+            default 64, or a smaller divisor of a weight's input width that 64 does not divide) weight-only
+            quantization of every projection, done as the tensors stream in (peak
             host memory near the quantized size plus one float weight); `quantize_embeddings`: the
             embedding / LM head too (else kept in `dtype`). Sets `runtime.quantization` (see `Quantization`).
         """

@@ -177,7 +177,9 @@ class Quantization:
     kept in the params dtype."""
 
     scheme: str
-    group_size: int | None = None  # int4 only; default DEFAULT_INT4_GROUP_SIZE
+    # int4 only. None: DEFAULT_INT4_GROUP_SIZE where it divides a weight's input width, else that width's
+    # largest even divisor below it (SigLIP2-so400m's MLP width 4304: 16); a size given must divide all.
+    group_size: int | None = None
     embeddings: bool = True
 
     def __post_init__(self):
@@ -188,8 +190,8 @@ class Quantization:
                 f"quantization group size {self.group_size!r} is for int4 (int8 has one scale per output "
                 "channel)"
             )
-        if self.scheme == "int4":
-            size = DEFAULT_INT4_GROUP_SIZE if self.group_size is None else self.group_size
+        if self.scheme == "int4" and self.group_size is not None:
+            size = self.group_size
             if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 2 or size % 2:
                 raise ConfigError(f"quantization group size must be an even integer >= 2, got {size!r}")
             object.__setattr__(self, "group_size", int(size))
@@ -199,6 +201,15 @@ class Quantization:
     @property
     def bits(self) -> int:
         return 8 if self.scheme == "int8" else 4
+
+    def group_for(self, width: int) -> int | None:
+        """Inputs per scale of a weight of input width `width` (None: one group, int8), or None when a
+        group size given does not divide it (the caller names the weight)."""
+        if self.scheme == "int8":
+            return width
+        if self.group_size is not None:
+            return self.group_size if width % self.group_size == 0 else None
+        return next((g for g in range(DEFAULT_INT4_GROUP_SIZE, 1, -2) if width % g == 0), None)
 
 
 @dataclasses.dataclass(frozen=True)

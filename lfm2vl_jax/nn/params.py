@@ -251,11 +251,15 @@ def quantized_specs(specs: Params, quantization: Quantization) -> Params:
             return spec
         first, count = axes
         width = math.prod(spec.shape[first : first + count])
-        group = quantization.group_size or width
-        if width % group:
+        group = quantization.group_for(width)
+        if group is None:
+            given = quantization.group_size
             raise ConfigError(
-                f"int4 group size {group} does not divide the input width {width} of weight "
+                f"int4 group size {given} does not divide the input width {width} of weight "
                 f"{_path_name(path)} {spec.shape}: choose a group size that divides it"
+                if given
+                else f"int4 cannot quantize weight {_path_name(path)} {spec.shape}: its input width {width} "
+                "is odd (two values per byte); use int8"
             )
         outer, inner = spec.shape[:first], spec.shape[first + count :]
         outer_axes, inner_axes = spec.axes[:first], spec.axes[first + count :]

@@ -116,6 +116,12 @@ def test_loading_quantizes_as_quantize_does_and_shards(checkpoint, float_model, 
         assert np.abs(got - expected).max() < 0.1 * np.abs(expected).max()
 
 
+def test_default_int4_group_falls_back_to_a_divisor_where_64_does_not_divide(float_model):
+    params = float_model.quantize("int4").params
+    assert params["text"]["blocks"][0][0][0]["mlp"]["down"].group_size == 64  # input width 128
+    assert params["projector"]["fc2"]["kernel"].group_size == 48  # input width 48
+
+
 def test_embeddings_kept_in_float_by_option(float_model):
     quantized = float_model.quantize("int8", embeddings=False)
     assert not is_quantized(quantized.params["text"]["embed"])
