@@ -30,7 +30,8 @@ def measure(new_tokens: int, slots: int) -> dict[str, float]:
     """Tokens/s of each case, in this process (the tree it was started from)."""
     import numpy as np
 
-    sys.path.insert(0, str(HERE.parent))
+    tree = Path(os.environ.get("BENCH_CORE_TREE", HERE.parents[1]))
+    sys.path.insert(0, str(tree / "benchmarks"))  # the tree's own model builder, against its own package
     from bench_batch import build_model
 
     model = build_model("small")

@@ -40,6 +40,7 @@ from .sampling import SEED_RANGE, SamplingParams, seed_key
 from .step import (
     Rows,
     decode_steps,
+    decode_steps_on,
     embed_prompts,
     encode_images,
     grow_capacity,
@@ -612,8 +613,9 @@ class BatchEngine:
             for row, (slot, (tag, item)) in enumerate(zip(slots, group, strict=True)):
                 turn.running[slot] = _Running(tag, item, [], first, row)
 
-    def _dispatch_decode(self, turn: _Turn) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Starts decoding (asynchronously) until enough slots are free for the requests at hand."""
+    def _dispatch_decode(self, turn: _Turn) -> tuple[jax.Array, jax.Array, jax.Array, np.ndarray | None]:
+        """Starts decoding (asynchronously) until enough slots are free for the requests at hand. Returns
+        the tokens, steps run, done flags, and the slots the tokens' rows are (None: every slot)."""
         coming = bool(turn.pending or not turn.exhausted)
         if turn.ready:  # come back when a few slots are free (one, up to 16 slots): few idle slot-steps
             max_steps, refill = self.chunk, len(turn.free) + min(len(turn.ready), max(1, self.slots // 16))
@@ -623,21 +625,40 @@ class BatchEngine:
             max_steps, refill = self.chunk, self.slots + 1
         max_steps = min(max_steps, self.chunk)  # the token buffer holds `chunk` steps
         self._match_penalty_table(item.ready for item in turn.running.values())
-        self._state, tokens, steps = decode_steps(
+        busy = sorted(turn.running)
+        rows = bucket(len(busy), per_doubling=1)  # powers of two: few programs
+        if self.model.mesh is not None or rows >= self.slots:
+            self._state, tokens, steps = decode_steps(
+                self.model.params,
+                self.config,
+                self._state,
+                np.int32(max_steps),
+                np.int32(refill),
+                chunk=self.chunk,
+            )
+            return tokens, steps, self._state.done, None
+        # Only the busy slots (padded with free ones) are decoded: a step then costs their rows, not all.
+        chosen = np.asarray(busy + turn.free[: rows - len(busy)], np.int32)
+        self._state, tokens, steps = decode_steps_on(
             self.model.params,
             self.config,
             self._state,
+            chosen,
             np.int32(max_steps),
-            np.int32(refill),
+            np.int32(refill - (self.slots - rows)),  # the slots outside `chosen` are all free
             chunk=self.chunk,
         )
-        return tokens, steps, self._state.done
+        return tokens, steps, self._state.done, chosen
 
     def _collect_tokens(
-        self, turn: _Turn, tokens: jax.Array, steps: jax.Array, done: jax.Array
+        self, turn: _Turn, tokens: jax.Array, steps: jax.Array, done: jax.Array, slots: np.ndarray | None
     ) -> list[tuple[Any, BatchResult]]:
-        """Waits for the decode program; appends each slot's new tokens; frees and returns the finished."""
+        """Waits for the decode program; appends each slot's new tokens (rows of `slots`, or of every
+        slot); frees and returns the finished."""
         tokens, steps, done = np.asarray(tokens), int(steps), np.asarray(done)
+        if slots is not None:
+            rows, tokens = tokens, np.full((self.slots, tokens.shape[1]), -1, np.int32)
+            tokens[slots] = rows
         self.stats.decode_steps += steps
         self.stats.busy_slot_steps += int((tokens[:, :steps] >= 0).sum())
         finished = []

@@ -434,19 +434,14 @@ def decode_step(params: Params, config: Lfm2VlConfig, state: Rows) -> tuple[Rows
     return _constrain(config, state), token
 
 
-@functools.partial(jax.jit, static_argnames=("config", "chunk"), donate_argnames=("state",))
-def decode_steps(
+def _decode_loop(
     params: Params,
     config: Lfm2VlConfig,
     state: Rows,
     max_steps: jax.Array,
     return_at_free: jax.Array,
-    *,
     chunk: int,
 ) -> tuple[Rows, jax.Array, jax.Array]:
-    """Decode steps until `max_steps` (<= chunk) are done, every row is done, or `return_at_free` rows are
-    (to be refilled). Returns the state, the tokens (B, chunk) each row produced at each step (-1 where
-    none) and the number of steps run."""
     rows = state.last.shape[0]
 
     def running(carry: tuple) -> jax.Array:
@@ -461,5 +456,71 @@ def decode_steps(
         return state, tokens, index + 1
 
     tokens = jnp.full((rows, chunk), -1, jnp.int32)
-    state, tokens, steps = jax.lax.while_loop(running, step, (state, tokens, jnp.zeros((), jnp.int32)))
+    return jax.lax.while_loop(running, step, (state, tokens, jnp.zeros((), jnp.int32)))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "chunk"), donate_argnames=("state",))
+def decode_steps(
+    params: Params,
+    config: Lfm2VlConfig,
+    state: Rows,
+    max_steps: jax.Array,
+    return_at_free: jax.Array,
+    *,
+    chunk: int,
+) -> tuple[Rows, jax.Array, jax.Array]:
+    """Decode steps until `max_steps` (<= chunk) are done, every row is done, or `return_at_free` rows are
+    (to be refilled). Returns the state, the tokens (B, chunk) each row produced at each step (-1 where
+    none) and the number of steps run."""
+    state, tokens, steps = _decode_loop(params, config, state, max_steps, return_at_free, chunk)
     return _constrain(config, state), tokens, steps
+
+
+def _rows_of(config: Lfm2VlConfig, state: Rows, rows: jax.Array) -> Rows:
+    """The sub-state of rows `rows` (R,): every per-row array gathered along its batch axis."""
+    layout = cache_layout(config, state.last.shape[0], state.cache.capacity)
+    blocks = jax.tree.map(
+        lambda spec, x: jnp.take(x, rows, axis=spec[1].index("batch")),
+        layout,
+        state.cache.blocks,
+        is_leaf=is_layout,
+    )
+    rest = jax.tree.map(lambda x: x[rows], state.replace(cache=None))
+    return rest.replace(cache=state.cache.replace(blocks=blocks, lengths=state.cache.lengths[rows]))
+
+
+def _put_rows(config: Lfm2VlConfig, state: Rows, rows: jax.Array, sub: Rows) -> Rows:
+    """`state` with rows `rows` (R,) replaced by those of `sub` (R rows), in place."""
+    layout = cache_layout(config, state.last.shape[0], state.cache.capacity)
+
+    def put(spec: tuple, held: jax.Array, new: jax.Array) -> jax.Array:
+        index: list[Any] = [slice(None)] * held.ndim
+        index[spec[1].index("batch")] = rows
+        return held.at[tuple(index)].set(new)
+
+    blocks = jax.tree.map(put, layout, state.cache.blocks, sub.cache.blocks, is_leaf=is_layout)
+    rest = jax.tree.map(
+        lambda held, new: held.at[rows].set(new), state.replace(cache=None), sub.replace(cache=None)
+    )
+    lengths = state.cache.lengths.at[rows].set(sub.cache.lengths)
+    return rest.replace(cache=state.cache.replace(blocks=blocks, lengths=lengths))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "chunk"), donate_argnames=("state",))
+def decode_steps_on(
+    params: Params,
+    config: Lfm2VlConfig,
+    state: Rows,
+    rows: jax.Array,
+    max_steps: jax.Array,
+    return_at_free: jax.Array,
+    *,
+    chunk: int,
+) -> tuple[Rows, jax.Array, jax.Array]:
+    """`decode_steps` over rows `rows` (R,) of the state only (the busy slots, padded with distinct free
+    ones): they are gathered once, decoded, and written back, so that a step computes R rows, not every
+    slot. `return_at_free` counts the free rows among them. Returns the state and the tokens (R, chunk)."""
+    sub, tokens, steps = _decode_loop(
+        params, config, _rows_of(config, state, rows), max_steps, return_at_free, chunk
+    )
+    return _constrain(config, _put_rows(config, state, rows, sub)), tokens, steps

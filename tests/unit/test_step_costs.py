@@ -36,24 +36,26 @@ def request(model, i: int, **options) -> dict:
     return {"id": i, "inputs": inputs, "max_new_tokens": 6, "seed": i, "eos_token_id": [], **options}
 
 
-def decode_spy() -> tuple[list[bool], object]:
-    """A stand-in for the engine's decode calls, recording whether each ran with a table of seen tokens."""
+def spy_on_decoding(monkeypatch) -> list[bool]:
+    """Records, for each decode call of the engine (every slot, or the busy ones), whether it ran with a
+    table of seen tokens."""
+    from lfm2vl_jax.inference import batching
+
     calls = []
-    original = step.decode_steps
+    for name in ("decode_steps", "decode_steps_on"):
+        original = getattr(step, name)
 
-    def spy(params, config, state, *args, **kwargs):
-        calls.append(state.seen is not None)
-        return original(params, config, state, *args, **kwargs)
+        def spy(params, config, state, *args, original=original, **kwargs):
+            calls.append(state.seen is not None)
+            return original(params, config, state, *args, **kwargs)
 
-    return calls, spy
+        monkeypatch.setattr(batching, name, spy)
+    return calls
 
 
 def test_the_engine_carries_a_penalty_table_only_while_a_request_asks_for_one(model, monkeypatch):
-    from lfm2vl_jax.inference import batching
-
     engine = model.batch_engine(slots=3, chunk=4, max_length=64, prefill_batch=1, workers=1)
-    calls, spy = decode_spy()
-    monkeypatch.setattr(batching, "decode_steps", spy)
+    calls = spy_on_decoding(monkeypatch)
     plain = [request(model, i) for i in range(3)]
     engine.generate(plain)
     assert calls and not any(calls)  # penalty-free requests: no (slots, vocab) table in any step
@@ -113,3 +115,25 @@ def test_the_engine_refuses_slots_and_lengths_it_could_never_hold(model):
         x.size * x.dtype.itemsize for x in jax.tree.leaves(init_cache(model.config, rows, capacity))
     )
     assert decoding_bytes(model.config, rows, capacity, penalty=False) >= expected
+
+
+def test_the_engine_decodes_only_its_busy_slots(model, monkeypatch):
+    """With one request in eight slots a step computes one row (gathered, decoded, written back), and the
+    request still gets `generate`'s tokens for it alone."""
+    from lfm2vl_jax.inference import batching
+
+    rows = []
+    original = step.decode_steps_on
+
+    def spy(params, config, state, chosen, *args, **kwargs):
+        rows.append(len(chosen))
+        return original(params, config, state, chosen, *args, **kwargs)
+
+    monkeypatch.setattr(batching, "decode_steps_on", spy)
+    item = request(model, 1, repetition_penalty=1.3)
+    [result] = model.batch_engine(slots=8, chunk=4, max_length=64).generate([item])
+    assert rows and set(rows) == {1}
+    alone = model.generate(
+        **item["inputs"], max_new_tokens=6, seed=1, eos_token_id=[], repetition_penalty=1.3
+    )
+    assert result.token_ids == alone[0].tolist()
