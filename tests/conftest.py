@@ -1,12 +1,17 @@
 """Test tiers and processor fixtures.
 
-Every test is marked by its folder: `unit` (torch-free), `parity` (against transformers), `multidevice`
-(8 host devices in a subprocess), `distributed` (a local Ray cluster); `pytest -m unit` runs one tier alone.
+Every test is marked by its folder: `unit` (torch-free checks of one piece: a function, a layer, a file
+format, an option), `integration` (torch-free runs of whole programs: the model's gradients and cached
+decoding, training runs, the batch engine, the server, the command line), `parity` (against transformers),
+`multidevice` (8 host devices in a subprocess), `distributed` (a local Ray cluster); `pytest -m unit` runs
+one tier alone. The suite runs on one pytest-xdist worker per core (`-n auto --dist loadfile` in
+pyproject.toml: a module stays on one worker, with its fixtures and compiled programs); `-n 0` runs in
+this process (for a debugger).
 
 Processor fixtures: checkpoint directories with the stand-in tokenizer, ours and transformers' processors
 on the same files. The builders live in `processor_fixtures.py` (benchmarks reuse them).
 
-Keeping a new test cheap (the suite must stay under 10 minutes on 2 CPU cores; on a tiny model nearly all
+Keeping a new test cheap (the suite must stay under 10 minutes on 2 CPU cores and `-m unit` under 90 s; on a tiny model nearly all
 of a test's time is XLA compiling, a second or more of CPU per program and ~10 s for a gradient):
 - Take a model from a session fixture here (`model`/`tiny` for bad-input and file tests, `tiny_checkpoint`
   for training and anything that needs processor files, `processor`, `checkpoint_450m`) or a module-scoped
@@ -55,20 +60,31 @@ from lfm2vl_jax.processing.processor import Lfm2VlProcessor
 # its own: a program compiled once is loaded, not compiled again, wherever a later test builds it anew (a
 # fresh `jax.jit` of the same function, a second trainer, a CLI run in a subprocess). A
 # JAX_COMPILATION_CACHE_DIR of the user's is kept.
-SESSION_COMPILE_CACHE = tempfile.mkdtemp(prefix="lfm2vl-tests-compile-")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", SESSION_COMPILE_CACHE)
+# pytest-xdist's workers inherit the directory the controlling process made (and removes at the end).
+WORKER = "PYTEST_XDIST_WORKER" in os.environ
+SESSION_COMPILE_CACHE = None if WORKER else tempfile.mkdtemp(prefix="lfm2vl-tests-compile-")
+if SESSION_COMPILE_CACHE:
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", SESSION_COMPILE_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
-TIERS = ("unit", "parity", "multidevice", "distributed")
+TIERS = ("unit", "integration", "parity", "multidevice", "distributed")
 # The command line's own persistent compilation cache stays off in tests (no files in the user's home);
 # tests/unit/test_compile_cache.py turns it on where it is the subject.
 os.environ.setdefault("LFM2VL_COMPILE_CACHE", "off")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    shutil.rmtree(SESSION_COMPILE_CACHE, ignore_errors=True)
+    if SESSION_COMPILE_CACHE:
+        shutil.rmtree(SESSION_COMPILE_CACHE, ignore_errors=True)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto` (the default, pyproject.toml): one worker per core, at most one per 8 GB of memory (a
+    worker holding a 450M-shape model and its compiled programs peaks near 8 GB)."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(1, min(os.cpu_count() or 1, memory // (8 << 30)))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -154,6 +170,15 @@ def reference_training_run(tmp_path_factory, tiny_checkpoint, training_data) -> 
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return out
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if WORKER:  # what this worker measured goes to the controlling process, which prints the summary
+        session.config.workeroutput["pixel_parity"] = dict(PIXEL_PARITY)
+
+
+def pytest_testnodedown(node, error) -> None:
+    PIXEL_PARITY.update(getattr(node, "workeroutput", {}).get("pixel_parity", {}))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -134,15 +134,19 @@ def test_each_request_gets_the_tokens_generate_gives_it_alone(model):
 
 
 def test_no_recompilation_once_the_shapes_have_been_seen(model):
-    """A second workload of other prompts, seeds and limits in the same buckets compiles nothing: the
-    decode program's shape is the slots', prefill programs are per bucket. (One request per prefill and
-    one worker, so that the groups, and hence the buckets, do not depend on thread timing.)"""
+    """A second workload of other prompts, seeds and limits in the same buckets compiles no prefill,
+    insert or full decode program: those are per bucket. (One request per prefill and one worker, so
+    that the groups, and hence the buckets, do not depend on thread timing.) The one shape that does
+    depend on timing is how many slots are busy when a decode run starts (the engine decodes only
+    those, in power-of-two buckets): a count the first workload never met compiles its busy-slot
+    decode program, and nothing else may compile."""
     batch = engine(model, max_length=64, prefill_batch=1, workers=1)
     batch.generate(workload(model, seed=1))
     second = workload(model, seed=2)
     counter = CompileCounter()
     results = batch.generate(second)
-    assert counter.count == 0
+    assert set(counter.names) <= {"decode_steps_on"}, counter.names
+    assert counter.count <= 2  # busy-slot buckets of 3 slots: 1 and 2 (3 busy decodes every slot)
     assert [r.token_ids for r in results] == [generate_alone(model, r) for r in second]
 
 
