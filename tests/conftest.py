@@ -11,8 +11,9 @@ this process (for a debugger).
 Processor fixtures: checkpoint directories with the stand-in tokenizer, ours and transformers' processors
 on the same files. The builders live in `processor_fixtures.py` (benchmarks reuse them).
 
-Keeping a new test cheap (the suite must stay under 10 minutes on 2 CPU cores and `-m unit` under 90 s; on a tiny model nearly all
-of a test's time is XLA compiling, a second or more of CPU per program and ~10 s for a gradient):
+Keeping a new test cheap (the suite must stay under 10 minutes on 2 CPU cores and `-m unit` under 90 s;
+on a tiny model nearly all of a test's time is XLA compiling, a second or more of CPU per program and
+~10 s for a gradient):
 - Take a model from a session fixture here (`model`/`tiny` for bad-input and file tests, `tiny_checkpoint`
   for training and anything that needs processor files, `processor`, `checkpoint_450m`) or a module-scoped
   one built from `tiny_model.tiny_config()`; never build a model per test, and reuse a config (its
@@ -56,6 +57,18 @@ from training_fixtures import (
 from lfm2vl_jax import Lfm2VlForConditionalGeneration
 from lfm2vl_jax.processing.processor import Lfm2VlProcessor
 
+# XLA's CPU backend compiles with LLVM at -O0 in the tests, in-process (set before JAX starts its
+# backend) and in every subprocess (as `training_fixtures.subprocess_env` always did): it cuts the suite's
+# CPU time by about a quarter, nearly all of it compiling. HLO passes, hence fusions, kernel counts and
+# copies, are the same as users'; float results differ in the last bits (about 1e-6 relative on the tiny
+# model), far inside every tolerance here, and tests/integration/test_compile_mode.py checks this mode
+# against the default one. LFM2VL_TESTS_XLA_OPT=default keeps XLA's default.
+TEST_XLA_FLAG = "--xla_backend_optimization_level=0"
+if os.environ.get("LFM2VL_TESTS_XLA_OPT") != "default" and "optimization_level" not in os.environ.get(
+    "XLA_FLAGS", ""
+):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAG}".strip()
+
 # One persistent compilation cache for the session, in-process and in every subprocess that sets none of
 # its own: a program compiled once is loaded, not compiled again, wherever a later test builds it anew (a
 # fresh `jax.jit` of the same function, a second trainer, a CLI run in a subprocess). A
@@ -71,7 +84,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 TIERS = ("unit", "integration", "parity", "multidevice", "distributed")
 # The command line's own persistent compilation cache stays off in tests (no files in the user's home);
-# tests/unit/test_compile_cache.py turns it on where it is the subject.
+# tests/integration/test_compile_cache.py turns it on where it is the subject.
 os.environ.setdefault("LFM2VL_COMPILE_CACHE", "off")
 
 

@@ -3,7 +3,7 @@ equal to the product with the dequantized weight, quantized as the checkpoint st
 `model.quantize` does (and sharded), exported dequantized, one error per bad option, and a decode step at
 the real 450M widths that never writes a full-size dequantized weight.
 
-(Quantized cached decoding against a quantized full recompute: tests/unit/test_architecture.py.)
+(Quantized cached decoding against a quantized full recompute: tests/integration/test_architecture.py.)
 """
 
 from __future__ import annotations
