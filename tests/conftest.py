@@ -57,18 +57,6 @@ from training_fixtures import (
 from lfm2vl_jax import Lfm2VlForConditionalGeneration
 from lfm2vl_jax.processing.processor import Lfm2VlProcessor
 
-# XLA's CPU backend compiles with LLVM at -O0 in the tests, in-process (set before JAX starts its
-# backend) and in every subprocess (as `training_fixtures.subprocess_env` always did): it cuts the suite's
-# CPU time by about a quarter, nearly all of it compiling. HLO passes, hence fusions, kernel counts and
-# copies, are the same as users'; float results differ in the last bits (about 1e-6 relative on the tiny
-# model), far inside every tolerance here, and tests/integration/test_compile_mode.py checks this mode
-# against the default one. LFM2VL_TESTS_XLA_OPT=default keeps XLA's default.
-TEST_XLA_FLAG = "--xla_backend_optimization_level=0"
-if os.environ.get("LFM2VL_TESTS_XLA_OPT") != "default" and "optimization_level" not in os.environ.get(
-    "XLA_FLAGS", ""
-):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAG}".strip()
-
 # One persistent compilation cache for the session, in-process and in every subprocess that sets none of
 # its own: a program compiled once is loaded, not compiled again, wherever a later test builds it anew (a
 # fresh `jax.jit` of the same function, a second trainer, a CLI run in a subprocess). A
@@ -98,6 +86,25 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     worker holding a 450M-shape model and its compiled programs peaks near 8 GB)."""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return max(1, min(os.cpu_count() or 1, memory // (8 << 30)))
+
+
+# Tiers whose programs XLA compiles as users' are: the comparisons with transformers, whose tolerances are
+# set for that mode. Every other tier compiles with `jax_disable_most_optimizations` (LLVM at -O0 and no
+# expensive LLVM passes; JAX's own test suite uses it), as `training_fixtures.subprocess_env`'s
+# subprocesses always did: it cuts the suite's CPU time by about a fifth, nearly all of it compiling. HLO
+# passes, hence fusions, kernel counts and copies, are the same; float results differ in the last bits
+# (tests/integration/test_compile_mode.py holds the two modes together).
+USERS_COMPILE_MODE_TIERS = ("parity",)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def compile_mode(request: pytest.FixtureRequest) -> None:
+    """Sets the module's compile mode; a change clears JAX's in-memory caches, so that no program compiled
+    in one mode runs in the other (the persistent cache keys the modes apart)."""
+    fast = Path(request.node.fspath).parent.name not in USERS_COMPILE_MODE_TIERS
+    if jax.config.read("jax_disable_most_optimizations") != fast:
+        jax.clear_caches()
+        jax.config.update("jax_disable_most_optimizations", fast)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

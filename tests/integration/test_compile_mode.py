@@ -1,41 +1,52 @@
-"""The tests compile with LLVM at -O0 (tests/conftest.py); users' programs at XLA's default. The two differ
-only in float rounding: the tiny model's logits and every loss gradient agree within 1e-5 of each
-tensor's largest value (float32 rounding through six layers; measured up to 6e-6, where the parity tests
-allow 1e-5 for logits and 1e-4 for gradients; key biases, whose gradient is rounding noise, within 1e-5
-of the whole gradient's largest), and greedy tokens are the same."""
+"""Tests outside the parity tier compile with `jax_disable_most_optimizations` (tests/conftest.py); users'
+programs, and the parity tier's, with XLA's default optimization. The two differ only in float rounding:
+the tiny model's logits and every loss gradient agree within 1e-5 of each tensor's largest value
+(float32 rounding through six layers; measured up to 6e-6, where the parity tests allow 1e-5 for logits
+and 1e-4 for gradients; key biases, whose gradient is rounding noise, within 1e-5 of the whole gradient's
+largest), and greedy tokens are the same."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
+import jax
+import jax.numpy as jnp
 import numpy as np
-from compile_mode_check import outputs
-from conftest import TEST_XLA_FLAG
-from training_fixtures import subprocess_env
+from tiny_checkpoints import numpy_params
+from tiny_model import tiny_config, tiny_inputs
 
-HERE = Path(__file__).resolve().parent
+from lfm2vl_jax import Lfm2VlForConditionalGeneration
+from lfm2vl_jax.nn.model import causal_lm_loss, forward
 
 
-def test_the_tests_compile_mode_computes_what_the_default_one_does(tmp_path):
-    assert TEST_XLA_FLAG in os.environ.get("XLA_FLAGS", "")  # this process runs the tests' mode
-    env = subprocess_env(tmp_path / "cache") | {"XLA_FLAGS": ""}  # XLA's default optimization
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env["PYTHONPATH"]])
-    saved = tmp_path / "default.npz"
-    done = subprocess.run(
-        [sys.executable, str(HERE / "compile_mode_check.py"), str(saved)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    default, ours = np.load(saved), outputs()
-    assert sorted(default.files) == sorted(ours) and len(ours) > 40
+def outputs() -> dict[str, np.ndarray]:
+    """Logits, loss gradients (by parameter path) and greedy tokens of the tiny model, compiled afresh."""
+    jax.clear_caches()
+    config = tiny_config()
+    params = jax.tree.map(jnp.asarray, numpy_params(config, 0))
+    inputs = tiny_inputs(config)
+
+    def loss(p):
+        return causal_lm_loss(forward(p, config, **inputs), jnp.asarray(inputs["input_ids"]))
+
+    logits = jax.jit(forward, static_argnums=1)(params, config, **inputs)
+    gradients = jax.jit(jax.grad(loss))(params)
+    tokens = Lfm2VlForConditionalGeneration(config, params).generate(**inputs, max_new_tokens=6)
+    named = {f"grad {jax.tree_util.keystr(p)}": x for p, x in jax.tree.leaves_with_path(gradients)}
+    return {"logits": np.asarray(logits), "tokens": np.asarray(tokens), **jax.device_get(named)}
+
+
+def test_the_tests_compile_mode_computes_what_the_default_one_does():
+    assert jax.config.read("jax_disable_most_optimizations")  # this tier runs in the tests' mode
+    ours = outputs()
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        default = outputs()
+    finally:
+        jax.config.update("jax_disable_most_optimizations", True)
+        jax.clear_caches()
+    assert sorted(default) == sorted(ours) and len(ours) > 40
     np.testing.assert_array_equal(ours["tokens"], default["tokens"])
-    largest_gradient = max(np.abs(default[name]).max() for name in default.files if name.startswith("grad"))
+    assert any(not np.array_equal(ours[name], default[name]) for name in ours)  # the flag takes effect
+    largest_gradient = max(np.abs(value).max() for name, value in default.items() if name.startswith("grad"))
     for name, value in ours.items():
         # A key bias's gradient is zero in exact arithmetic (softmax ignores a shift shared by all keys):
         # both modes give rounding noise, held to the scale of the whole gradient.
