@@ -3,7 +3,7 @@ programs, and the parity tier's, with XLA's default optimization. The two differ
 the tiny model's logits and every loss gradient agree within 1e-5 of each tensor's largest value
 (float32 rounding through six layers; measured up to 6e-6, where the parity tests allow 1e-5 for logits
 and 1e-4 for gradients; key biases, whose gradient is rounding noise, within 1e-5 of the whole gradient's
-largest), and greedy tokens are the same."""
+largest)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,11 @@ import numpy as np
 from tiny_checkpoints import numpy_params
 from tiny_model import tiny_config, tiny_inputs
 
-from lfm2vl_jax import Lfm2VlForConditionalGeneration
 from lfm2vl_jax.nn.model import causal_lm_loss, forward
 
 
 def outputs() -> dict[str, np.ndarray]:
-    """Logits, loss gradients (by parameter path) and greedy tokens of the tiny model, compiled afresh."""
-    jax.clear_caches()
+    """Logits and loss gradients (by parameter path) of the tiny model."""
     config = tiny_config()
     params = jax.tree.map(jnp.asarray, numpy_params(config, 0))
     inputs = tiny_inputs(config)
@@ -29,14 +27,14 @@ def outputs() -> dict[str, np.ndarray]:
 
     logits = jax.jit(forward, static_argnums=1)(params, config, **inputs)
     gradients = jax.jit(jax.grad(loss))(params)
-    tokens = Lfm2VlForConditionalGeneration(config, params).generate(**inputs, max_new_tokens=6)
     named = {f"grad {jax.tree_util.keystr(p)}": x for p, x in jax.tree.leaves_with_path(gradients)}
-    return {"logits": np.asarray(logits), "tokens": np.asarray(tokens), **jax.device_get(named)}
+    return {"logits": np.asarray(logits), **jax.device_get(named)}
 
 
 def test_the_tests_compile_mode_computes_what_the_default_one_does():
     assert jax.config.read("jax_disable_most_optimizations")  # this tier runs in the tests' mode
     ours = outputs()
+    jax.clear_caches()  # JAX's in-memory caches do not key the mode: compile the same programs afresh
     jax.config.update("jax_disable_most_optimizations", False)
     try:
         default = outputs()
@@ -44,7 +42,6 @@ def test_the_tests_compile_mode_computes_what_the_default_one_does():
         jax.config.update("jax_disable_most_optimizations", True)
         jax.clear_caches()
     assert sorted(default) == sorted(ours) and len(ours) > 40
-    np.testing.assert_array_equal(ours["tokens"], default["tokens"])
     assert any(not np.array_equal(ours[name], default[name]) for name in ours)  # the flag takes effect
     largest_gradient = max(np.abs(value).max() for name, value in default.items() if name.startswith("grad"))
     for name, value in ours.items():
