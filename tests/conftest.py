@@ -44,6 +44,7 @@ from pathlib import Path
 
 import jax
 import pytest
+from compile_modes import use_fast_compile
 from processor_fixtures import PIXEL_PARITY, make_checkpoint_dir, make_reference_processor
 from tiny_checkpoints import write_tiny_checkpoint
 from training_fixtures import (
@@ -99,12 +100,8 @@ USERS_COMPILE_MODE_TIERS = ("parity",)
 
 @pytest.fixture(autouse=True, scope="module")
 def compile_mode(request: pytest.FixtureRequest) -> None:
-    """Sets the module's compile mode; a change clears JAX's in-memory caches, so that no program compiled
-    in one mode runs in the other (the persistent cache keys the modes apart)."""
-    fast = Path(request.node.fspath).parent.name not in USERS_COMPILE_MODE_TIERS
-    if jax.config.read("jax_disable_most_optimizations") != fast:
-        jax.clear_caches()
-        jax.config.update("jax_disable_most_optimizations", fast)
+    """Sets the module's compile mode (`compile_modes.use_fast_compile`)."""
+    use_fast_compile(Path(request.node.fspath).parent.name not in USERS_COMPILE_MODE_TIERS)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -39,7 +39,8 @@ def model() -> Lfm2VlForConditionalGeneration:
 
 
 def engine(model, **options):
-    """Three slots and short decode runs throughout: one decode program for every test."""
+    """Three slots and short decode runs throughout: the same decode programs (one per busy-slot count)
+    for every test."""
     return model.batch_engine(slots=3, chunk=4, **options)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from compile_modes import FLAG, use_fast_compile
 from tiny_checkpoints import numpy_params
 from tiny_model import tiny_config, tiny_inputs
 
@@ -32,15 +33,13 @@ def outputs() -> dict[str, np.ndarray]:
 
 
 def test_the_tests_compile_mode_computes_what_the_default_one_does():
-    assert jax.config.read("jax_disable_most_optimizations")  # this tier runs in the tests' mode
+    assert jax.config.read(FLAG)  # this tier runs in the tests' mode
     ours = outputs()
-    jax.clear_caches()  # JAX's in-memory caches do not key the mode: compile the same programs afresh
-    jax.config.update("jax_disable_most_optimizations", False)
+    use_fast_compile(False)  # the same programs compiled afresh in the default mode
     try:
         default = outputs()
     finally:
-        jax.config.update("jax_disable_most_optimizations", True)
-        jax.clear_caches()
+        use_fast_compile(True)
     assert sorted(default) == sorted(ours) and len(ours) > 40
     assert any(not np.array_equal(ours[name], default[name]) for name in ours)  # the flag takes effect
     largest_gradient = max(np.abs(value).max() for name, value in default.items() if name.startswith("grad"))
