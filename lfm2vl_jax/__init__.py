@@ -14,6 +14,9 @@ from .parallel.rules import DEFAULT_RULES, ShardingRules
 from .processing.image_processor import Lfm2VlImageProcessor, ProcessorError
 from .processing.processor import Lfm2VlProcessor
 from .processing.tool_calls import ToolCallError, parse_tool_calls
+from .xla_flags import prefer_memory_scheduler
+
+prefer_memory_scheduler()  # before JAX starts its backends: see xla_flags.py
 
 __all__ = [
     "DEFAULT_RULES",

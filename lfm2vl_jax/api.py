@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -41,6 +42,7 @@ from .nn.model import (
 )
 from .nn.params import Params, param_shardings, quantize_params
 from .parallel.sharding import batch_sharding
+from .xla_flags import FLAG, memory_scheduler_on
 
 # The plain forward pass, jitted here, at its entry point (the config is static: it picks the program).
 _forward = jax.jit(forward, static_argnames=("config", "any_mask"))
@@ -97,6 +99,13 @@ class Lfm2VlForConditionalGeneration:
         if generation_config is not None and not isinstance(generation_config, dict):
             raise ConfigError(f"generation_config must be a dict, got a {type(generation_config).__name__}")
         self.generation_config = generation_config or {}
+        if config.runtime.quantization is not None and jax.default_backend() == "cpu" and not memory_scheduler_on():
+            warnings.warn(
+                "quantized weights on a CPU with XLA's concurrency-ordered programs: a per-layer program holds "
+                "every weight dequantized in float32 at once, and decodes slower than float32. Import "
+                f"lfm2vl_jax before JAX runs anything, or set XLA_FLAGS={FLAG}=false (see lfm2vl_jax/xla_flags.py)",
+                stacklevel=2,
+            )
         self.source_dir = source_dir  # the checkpoint directory it was loaded from, if any
 
     @property

@@ -1,7 +1,8 @@
 """Weight-only quantization (`nn.quant`): each weight rounded to its nearest level, the quantized product
 equal to the product with the dequantized weight, quantized as the checkpoint streams in exactly as
-`model.quantize` does (and sharded), exported dequantized, one error per bad option, and a decode step at
-the real 450M widths that never writes a full-size dequantized weight.
+`model.quantize` does (and sharded), exported dequantized, one error per bad option, a decode step at the
+real 450M widths that never writes a full-size dequantized weight nor holds many chunks at once, and the
+XLA flag that keeps it so (`xla_flags.py`).
 
 (Quantized cached decoding against a quantized full recompute: tests/integration/test_architecture.py.)
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +21,7 @@ import pytest
 from hlo_stats import computations
 from processor_fixtures import reference_dir
 
-from lfm2vl_jax import Lfm2VlForConditionalGeneration
+from lfm2vl_jax import Lfm2VlForConditionalGeneration, xla_flags
 from lfm2vl_jax.cli import main
 from lfm2vl_jax.config import ATTENTION, CONV, ConfigError, Quantization, load_config
 from lfm2vl_jax.inference.sampling import SamplingParams
@@ -27,6 +30,7 @@ from lfm2vl_jax.nn import quant
 from lfm2vl_jax.nn.params import abstract_params, param_specs, quantize_params, tree_bytes
 from lfm2vl_jax.nn.quant import QuantizedWeight
 from lfm2vl_jax.parallel.mesh import make_mesh
+from lfm2vl_jax.xla_flags import FLAG
 
 RNG = np.random.default_rng(0)
 
@@ -128,6 +132,35 @@ def test_embeddings_kept_in_float_by_option(float_model):
     assert is_quantized(quantized.params["text"]["blocks"][0][0][0]["mlp"]["down"])
 
 
+def test_xla_flags_turn_the_concurrency_order_off_unless_the_user_or_a_started_jax_says(monkeypatch):
+    monkeypatch.setattr(xla_flags, "_backends_started", lambda: False)
+    for before, after in [
+        ("", f"{FLAG}=false"),
+        ("--xla_force_host_platform_device_count=8", f"--xla_force_host_platform_device_count=8 {FLAG}=false"),
+        (f"{FLAG}=true", f"{FLAG}=true"),  # the user's value wins
+    ]:
+        monkeypatch.setenv("XLA_FLAGS", before)
+        xla_flags.prefer_memory_scheduler()
+        assert os.environ["XLA_FLAGS"] == after
+        assert xla_flags.memory_scheduler_on() == after.endswith("=false")
+    monkeypatch.setattr(xla_flags, "_backends_started", lambda: True)  # too late: XLA read its flags
+    monkeypatch.setenv("XLA_FLAGS", "")
+    xla_flags.prefer_memory_scheduler()
+    assert os.environ["XLA_FLAGS"] == ""
+    monkeypatch.setenv("XLA_FLAGS", f"{FLAG}=false {FLAG}")  # XLA's parser: the last one wins
+    assert not xla_flags.memory_scheduler_on()
+
+
+def test_a_quantized_model_warns_where_xla_orders_cpu_programs_for_concurrency(float_model, monkeypatch):
+    assert xla_flags.memory_scheduler_on()  # importing lfm2vl_jax set it, before the tests started JAX
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        float_model.quantize("int8")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    with pytest.warns(UserWarning, match="holds every weight dequantized in float32 at once"):
+        float_model.quantize("int8")
+
+
 def test_a_quantized_model_exports_its_dequantized_weights(float_model, tmp_path):
     quantized = float_model.quantize("int4", 16)
     exported = Lfm2VlForConditionalGeneration.from_pretrained(
@@ -177,9 +210,10 @@ def test_command_line_quantizes_and_refuses_bad_options_before_writing(checkpoin
 
 
 @functools.cache
-def compiled_decode_step(scheme: str) -> tuple[str, tuple]:
+def compiled_decode_step(scheme: str) -> tuple[str, tuple, int]:
     """The 450M decode step at its real widths and vocabulary (two layers: a conv and an attention one),
-    quantized, compiled from shapes; and the float shapes of its quantized weights, whole."""
+    quantized, compiled from shapes; the float shapes of its quantized weights, whole; and the bytes of
+    its temporaries (XLA's buffer assignment)."""
     config = load_config(reference_dir("lfm2-vl-450m"))
     config = dataclasses.replace(config, text=dataclasses.replace(config.text, layer_types=(CONV, ATTENTION)))
     group = 64 if scheme == "int4" else None
@@ -187,7 +221,9 @@ def compiled_decode_step(scheme: str) -> tuple[str, tuple]:
     state = jax.eval_shape(lambda: empty_rows(config, 1, 256, SamplingParams(), (2,), per_row=False))
     lowered = decode_step.lower(abstract_params(config), config, state)
     text_weights = jax.tree.leaves(param_specs(config)["text"], is_leaf=is_quantized)
-    return lowered.compile().as_text(), tuple(w.shape for w in text_weights if is_quantized(w))
+    compiled = lowered.compile()
+    weights = tuple(w.shape for w in text_weights if is_quantized(w))
+    return compiled.as_text(), weights, compiled.memory_analysis().temp_size_in_bytes
 
 
 def float_buffers(hlo: str) -> set[tuple[int, ...]]:
@@ -207,10 +243,16 @@ def whole(weight: tuple[int, ...]) -> set[tuple[int, ...]]:
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_decode_step_never_writes_a_full_size_dequantized_weight(scheme, monkeypatch):
-    hlo, weights = compiled_decode_step(scheme)
+    hlo, weights, temporaries = compiled_decode_step(scheme)
     assert len(weights) == 13  # conv in/out, attention q/k/v/o, 2 x MLP gate/up/down, the tied embedding
     written = float_buffers(hlo)
     assert not [w for w in weights if whole(w) & written]
+    # Nor holds the chunks of many weights at once: about one dequantized chunk is live at a time (the
+    # largest: CPU_HEAD_ROWS rows of the LM head). XLA's concurrency-ordered CPU programs (which importing
+    # lfm2vl_jax turns off, see xla_flags.py) held them all: 411 MB here, against 17 MB.
+    hidden, intermediate = weights[-1][1], max(w[-1] for w in weights[:-1])
+    largest_chunk = 4 * max(quant.CPU_HEAD_ROWS * hidden, quant.CPU_CHUNK * intermediate)
+    assert temporaries < 2 * largest_chunk, (temporaries, largest_chunk)
     # The control: dequantizing each weight whole writes it out in full before the dot. (Traces are cached
     # by function and arguments, not by the module constants: cleared before and after.)
     if scheme == "int8":
@@ -218,7 +260,7 @@ def test_decode_step_never_writes_a_full_size_dequantized_weight(scheme, monkeyp
             patch.setattr(quant, "CPU_CHUNK", 1 << 20)
             patch.setattr(quant, "CPU_HEAD_ROWS", 1 << 20)
             jax.clear_caches()
-            unchunked, _ = compiled_decode_step.__wrapped__(scheme)
+            unchunked, *_ = compiled_decode_step.__wrapped__(scheme)
         jax.clear_caches()
         written = float_buffers(unchunked)
         assert [w for w in weights if whole(w) & written] == list(weights)
