@@ -99,11 +99,12 @@ class Lfm2VlForConditionalGeneration:
         if generation_config is not None and not isinstance(generation_config, dict):
             raise ConfigError(f"generation_config must be a dict, got a {type(generation_config).__name__}")
         self.generation_config = generation_config or {}
-        if config.runtime.quantization is not None and jax.default_backend() == "cpu" and not memory_scheduler_on():
+        quantized_on_cpu = config.runtime.quantization is not None and jax.default_backend() == "cpu"
+        if quantized_on_cpu and not memory_scheduler_on():
             warnings.warn(
-                "quantized weights on a CPU with XLA's concurrency-ordered programs: a per-layer program holds "
-                "every weight dequantized in float32 at once, and decodes slower than float32. Import "
-                f"lfm2vl_jax before JAX runs anything, or set XLA_FLAGS={FLAG}=false (see lfm2vl_jax/xla_flags.py)",
+                "quantized weights on a CPU with XLA's concurrency-ordered programs: a per-layer program "
+                "holds every weight dequantized in float32 at once, and decodes slower than float32. Import "
+                f"lfm2vl_jax before JAX runs anything, or set XLA_FLAGS={FLAG}=false (see xla_flags.py)",
                 stacklevel=2,
             )
         self.source_dir = source_dir  # the checkpoint directory it was loaded from, if any

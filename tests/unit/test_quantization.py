@@ -134,9 +134,10 @@ def test_embeddings_kept_in_float_by_option(float_model):
 
 def test_xla_flags_turn_the_concurrency_order_off_unless_the_user_or_a_started_jax_says(monkeypatch):
     monkeypatch.setattr(xla_flags, "_backends_started", lambda: False)
+    devices = "--xla_force_host_platform_device_count=8"
     for before, after in [
         ("", f"{FLAG}=false"),
-        ("--xla_force_host_platform_device_count=8", f"--xla_force_host_platform_device_count=8 {FLAG}=false"),
+        (devices, f"{devices} {FLAG}=false"),
         (f"{FLAG}=true", f"{FLAG}=true"),  # the user's value wins
     ]:
         monkeypatch.setenv("XLA_FLAGS", before)
