@@ -14,9 +14,10 @@ XLA stores `jnp.int4` one value per byte on a CPU.
 The product (`quantized_einsum`): XLA's CPU dot does not fuse a producer into its operands, so a weight
 dequantized whole is written out in full (float32) before the dot, every call. On a CPU the contracted axis
 is cut into chunks of at most `CPU_CHUNK` inputs: each chunk is dequantized (one fused convert-and-scale)
-into a buffer a fraction of the weight's size and multiplied, and the partial products summed. Other
-backends fuse the dequantization into the matrix product (one chunk). See docs/design.md for the measured
-alternatives.
+into a buffer a fraction of the weight's size and multiplied, and the partial products summed, each chunk
+ordered after the previous product. Other backends fuse the dequantization into the matrix product (one
+chunk). The CPU compiler must order programs depth-first for the chunks not to pile up: see
+`lfm2vl_jax/xla_flags.py`, and docs/design.md for the measured alternatives.
 """
 
 from __future__ import annotations
@@ -100,24 +101,38 @@ def _unpack(packed: jax.Array, axis: int) -> jax.Array:
     return pairs.reshape(*packed.shape[:axis], -1, *packed.shape[axis + 1 :])
 
 
-def _dequantize(w: QuantizedWeight, start: int, size: int, dtype: Any) -> jax.Array:
-    """Inputs `start .. start+size` of the contracted axis, dequantized to `dtype`."""
+def _chunk(w: QuantizedWeight, start: int, size: int) -> QuantizedWeight:
+    """Inputs `start .. start+size` of the contracted axis, still quantized (a weight of `size` inputs)."""
+    if start == 0 and size == w.shape[w.axis]:
+        return w
     axis = w.values.ndim + w.axis
     per_byte = 8 // w.bits
     values = jax.lax.slice_in_dim(w.values, start // per_byte, (start + size) // per_byte, axis=axis)
-    if w.bits == 4:
-        values = _unpack(values, axis)
-    if w.group_size >= w.shape[w.axis]:  # one group: its scale broadcasts
-        return values.astype(dtype) * w.scales.astype(dtype)
-    group = w.group_size
-    scales = jax.lax.slice_in_dim(w.scales, start // group, (start + size) // group, axis=axis)
-    grouped = values.reshape(*values.shape[:axis], size // group, group, *values.shape[axis + 1 :])
-    return (grouped.astype(dtype) * jnp.expand_dims(scales.astype(dtype), axis + 1)).reshape(values.shape)
+    if w.group_size >= w.shape[w.axis]:  # one group: its scale broadcasts over any chunk
+        return w.replace(values=values, group_size=size)
+    scales = jax.lax.slice_in_dim(w.scales, start // w.group_size, (start + size) // w.group_size, axis=axis)
+    return w.replace(values=values, scales=scales)
 
 
 def dequantize(w: QuantizedWeight, dtype: Any = jnp.float32) -> jax.Array:
     """The whole weight in `dtype`, in its quantized (merged-input) shape."""
-    return _dequantize(w, 0, w.shape[w.axis], dtype)
+    axis = w.values.ndim + w.axis
+    values = _unpack(w.values, axis) if w.bits == 4 else w.values
+    if w.group_size >= w.shape[w.axis]:  # one group: its scale broadcasts
+        return values.astype(dtype) * w.scales.astype(dtype)
+    group = w.group_size
+    grouped = values.reshape(*values.shape[:axis], -1, group, *values.shape[axis + 1 :])
+    return (grouped.astype(dtype) * jnp.expand_dims(w.scales.astype(dtype), axis + 1)).reshape(values.shape)
+
+
+def _after(dependency: Any, w: QuantizedWeight) -> QuantizedWeight:
+    """On a CPU, `w` made to wait for `dependency` (the previous partial product), so that each chunk is
+    dequantized just before its product: int8 batch-1 decoding of the 450M went from 14.6 to 23.0 tokens/s
+    (the barrier is gone from the compiled program; the order it set stays). Elsewhere `w`: the
+    dequantization fuses into the product, no buffer to order."""
+    if jax.default_backend() != "cpu":
+        return w
+    return jax.lax.optimization_barrier((dependency, w))[1]
 
 
 def dequantize_on_host(w: QuantizedWeight) -> np.ndarray:
@@ -164,26 +179,19 @@ def quantized_einsum(
         raise ValueError(f"{equation!r} does not contract the quantized axis {w.axis} alone")
     if w.axis == -1 and len(w_axes) == 2:  # an embedding as the LM head (V, D): chunks of rows, joined
         rows = _row_chunk(w.shape[0])
-        parts = [
-            jnp.einsum(
-                equation,
-                x,
-                dequantize(
-                    w.replace(values=w.values[start : start + rows], scales=w.scales[start : start + rows]),
-                    x.dtype,
-                ),
-                preferred_element_type=preferred_element_type,
-            )
-            for start in range(0, w.shape[0], rows)
-        ]
-        return jnp.concatenate(parts, axis=output.index(w_axes[0]) - len(output))
+        parts = [x]
+        for start in range(0, w.shape[0], rows):
+            block = w.replace(values=w.values[start : start + rows], scales=w.scales[start : start + rows])
+            block = dequantize(_after(parts[-1], block), x.dtype)
+            parts.append(jnp.einsum(equation, x, block, preferred_element_type=preferred_element_type))
+        return jnp.concatenate(parts[1:], axis=output.index(w_axes[0]) - len(output))
     x_axis = x.ndim + x_axes.index(letter) - len(x_axes)  # the letter sits after any ellipsis
     width = w.shape[w.axis]
     size = chunk_size(width, w)
     total = None
     for start in range(0, width, size):
         part = x if size == width else jax.lax.slice_in_dim(x, start, start + size, axis=x_axis)
-        weight = _dequantize(w, start, size, x.dtype)
+        weight = dequantize(_after(x if total is None else total, _chunk(w, start, size)), x.dtype)
         y = jnp.einsum(equation, part, weight, preferred_element_type=preferred_element_type)
         total = y if total is None else total + y
     return total
