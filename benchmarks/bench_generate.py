@@ -346,13 +346,19 @@ def print_table(report: dict) -> None:
     for name, r in report["models"].items():
         layouts = list(r["layouts"])
         hf = r.get("transformers")
-        head = f"{name:<6}{'workload':<28}" + "".join(f"{layout:>12}" for layout in layouts)
+        width = max(12, *(len(layout) + 2 for layout in layouts))  # "int8 float head" is 15 characters
+        head = f"{name:<6}{'workload':<28}" + "".join(f"{layout:>{width}}" for layout in layouts)
         print("\n" + head + (f"{'transformers':>14}{'ours/hf':>9}" if hf else ""))
 
         def row(
-            label: str, values: list, reference: float | None, higher_is_better: bool, name: str = name
+            label: str,
+            values: list,
+            reference: float | None,
+            higher_is_better: bool,
+            name: str = name,
+            width: int = width,
         ) -> None:
-            line = f"{name:<6}{label:<28}" + "".join(f"{v:>12.3f}" for v in values)
+            line = f"{name:<6}{label:<28}" + "".join(f"{v:>{width}.3f}" for v in values)
             if reference is not None:
                 ratio = values[0] / reference if higher_is_better else reference / values[0]
                 line += f"{reference:>14.3f}{ratio:>9.2f}"
