@@ -64,6 +64,7 @@ def test_each_weight_is_rounded_to_its_nearest_level(bits, group, levels):
     ("equation", "shape", "first", "count", "x_shape"),
     [
         ("btd,dnh->btnh", (1024, 4, 8), 0, 1, (2, 3, 1024)),  # chunked on a CPU: 2 x 512 inputs
+        ("btd,dn->btn", (1040, 8), 0, 1, (2, 3, 1040)),  # 512 + 512 + the 16 left (1040 = 16 x 65)
         ("bte,ed->btd", (4, 16, 24), 0, 2, (2, 3, 64)),  # an attention output kernel, its (N, H) merged
         ("...d,vd->...v", (8200, 64), 1, 1, (2, 3, 64)),  # the tied head: 3 chunks of vocabulary rows
     ],
@@ -79,6 +80,19 @@ def test_quantized_product_equals_the_product_with_the_dequantized_weight(
         got = quant.quantized_einsum(equation, x, w)
     # The same products summed in chunks: float32 rounding.
     assert float(jnp.abs(got - expected).max()) <= 1e-5 * float(jnp.abs(expected).max())
+
+
+def test_cpu_chunks_hold_the_most_whole_groups_that_fit():
+    # The 1.6B vision MLP's 4304 inputs (16 x 269) in int4 groups of 16: 8 chunks of 512 and one of 208,
+    # not 269 chunks of 16 (a divisor of the width), which made its image prefill 5x slower.
+    for bits, group, width, chunk in [
+        (4, 16, 4304, 512),
+        (4, 48, 4304 * 3, 480),
+        (8, None, 4304, 512),
+        (8, None, 48, 48),
+    ]:
+        w = quant.quantize(np.ones((width, 2), np.float32), bits, group, 0, 1)
+        assert quant.chunk_size(width, w) == chunk
 
 
 @pytest.fixture(scope="module")
