@@ -79,7 +79,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 # docs/design.md, "Layers": bottom first. A part imports only from the layers below its own.
 LAYERS = [
-    {"errors", "memory", "compile_cache"},
+    {"errors", "memory", "compile_cache", "xla_flags"},
     {"parallel"},
     {"config"},
     {"kernels"},
