@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import os
 import warnings
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -148,16 +149,22 @@ def test_embeddings_kept_in_float_by_option(float_model):
 
 def test_xla_flags_turn_the_concurrency_order_off_unless_the_user_or_a_started_jax_says(monkeypatch):
     monkeypatch.setattr(xla_flags, "_backends_started", lambda: False)
-    devices = "--xla_force_host_platform_device_count=8"
+    devices = "--xla_force_host_platform_device_count="
     for before, after in [
         ("", f"{FLAG}=false"),
-        (devices, f"{devices} {FLAG}=false"),
+        (f"{devices}1", f"{devices}1 {FLAG}=false"),
+        (f"{devices}8", f"{devices}8"),  # several CPU devices: their collectives stopped meeting
         (f"{FLAG}=true", f"{FLAG}=true"),  # the user's value wins
     ]:
         monkeypatch.setenv("XLA_FLAGS", before)
         xla_flags.prefer_memory_scheduler()
         assert os.environ["XLA_FLAGS"] == after
         assert xla_flags.memory_scheduler_on() == after.endswith("=false")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    with monkeypatch.context() as patch:  # several CPU devices asked for through JAX's config
+        patch.setattr(xla_flags, "jax", SimpleNamespace(config=SimpleNamespace(jax_num_cpu_devices=8)))
+        xla_flags.prefer_memory_scheduler()
+    assert os.environ["XLA_FLAGS"] == ""
     monkeypatch.setattr(xla_flags, "_backends_started", lambda: True)  # too late: XLA read its flags
     monkeypatch.setenv("XLA_FLAGS", "")
     xla_flags.prefer_memory_scheduler()
