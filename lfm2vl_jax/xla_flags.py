@@ -24,6 +24,9 @@ import re
 import jax
 
 FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
+# XLA aborts the process on a flag it does not know, so the flag is set only on the jaxlib releases it was
+# checked on (newer ones: a quantized model on a CPU warns, naming the flag).
+CHECKED_JAXLIB = ((0, 10),)
 
 
 def _backends_started() -> bool:
@@ -32,17 +35,24 @@ def _backends_started() -> bool:
     return xla_bridge.backends_are_initialized()
 
 
+def _flag_known() -> bool:
+    from jaxlib import version
+
+    return tuple(int(part) for part in version.__version__.split(".")[:2]) in CHECKED_JAXLIB
+
+
 def _several_cpu_devices(flags: str) -> bool:
     counts = re.findall(r"--xla_force_host_platform_device_count=(\d+)", flags)
     return (bool(counts) and int(counts[-1]) > 1) or jax.config.jax_num_cpu_devices > 1
 
 
 def prefer_memory_scheduler() -> None:
-    """Adds `FLAG=false` to XLA_FLAGS unless the backends have started, XLA_FLAGS names the flag, or
-    several CPU devices are asked for."""
+    """Adds `FLAG=false` to XLA_FLAGS unless the backends have started, XLA_FLAGS names the flag,
+    several CPU devices are asked for, or this jaxlib was not checked to know the flag."""
     flags = os.environ.get("XLA_FLAGS", "")
-    if FLAG not in flags and not _several_cpu_devices(flags) and not _backends_started():
-        os.environ["XLA_FLAGS"] = f"{flags} {FLAG}=false".strip()
+    if FLAG in flags or _several_cpu_devices(flags) or not _flag_known() or _backends_started():
+        return
+    os.environ["XLA_FLAGS"] = f"{flags} {FLAG}=false".strip()
 
 
 def memory_scheduler_on() -> bool:

@@ -165,6 +165,10 @@ def test_xla_flags_turn_the_concurrency_order_off_unless_the_user_or_a_started_j
         patch.setattr(xla_flags, "jax", SimpleNamespace(config=SimpleNamespace(jax_num_cpu_devices=8)))
         xla_flags.prefer_memory_scheduler()
     assert os.environ["XLA_FLAGS"] == ""
+    with monkeypatch.context() as patch:  # a jaxlib the flag was not checked on: it might abort on it
+        patch.setattr(xla_flags, "CHECKED_JAXLIB", ())
+        xla_flags.prefer_memory_scheduler()
+    assert os.environ["XLA_FLAGS"] == ""
     monkeypatch.setattr(xla_flags, "_backends_started", lambda: True)  # too late: XLA read its flags
     monkeypatch.setenv("XLA_FLAGS", "")
     xla_flags.prefer_memory_scheduler()
