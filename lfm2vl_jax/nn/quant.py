@@ -175,12 +175,12 @@ def quantized_einsum(
         raise ValueError(f"{equation!r} does not contract the quantized axis {w.axis} alone")
     if w.axis == -1 and len(w_axes) == 2:  # an embedding as the LM head (V, D): chunks of rows, joined
         rows = _row_chunk(w.shape[0])
-        parts = [x]
+        parts = []
         for start in range(0, w.shape[0], rows):
             block = w.replace(values=w.values[start : start + rows], scales=w.scales[start : start + rows])
-            block = dequantize(_after(parts[-1], block), x.dtype)
+            block = dequantize(_after(parts[-1] if parts else x, block), x.dtype)
             parts.append(jnp.einsum(equation, x, block, preferred_element_type=preferred_element_type))
-        return jnp.concatenate(parts[1:], axis=output.index(w_axes[0]) - len(output))
+        return jnp.concatenate(parts, axis=output.index(w_axes[0]) - len(output))
     x_axis = x.ndim + x_axes.index(letter) - len(x_axes)  # the letter sits after any ellipsis
     width = w.shape[w.axis]
     step = chunk_size(width, w)
